@@ -1,0 +1,33 @@
+"""One attention entry point for the model: `attention(q, k, v, ..., impl=...)`.
+
+`reference` is the dense oracle, `blockwise` the single-device flash-style tiling, `ring` the
+`shard_map` ring over the mesh's `sp` axis. All take the same arguments and agree numerically.
+"""
+
+from __future__ import annotations
+
+from lwm_jax.attention.reference import reference_attention
+from lwm_jax.config import ATTENTION_IMPLS
+
+
+def attention(q, k, v, *, segment_ids=None, positions=None, causal: bool = True,
+              impl: str = "reference", block_size: int = 512):
+    """Returns `[batch, seq, q_heads, head_dim]` attention output in `q.dtype`.
+
+    `q: [batch, seq, q_heads, head_dim]`, `k, v: [batch, seq, kv_heads, head_dim]` (GQA: q_heads a
+    multiple of kv_heads), `segment_ids, positions: [batch, seq]` int32. `ring` runs over the mesh
+    set with `jax.set_mesh` and expects tokens in the zigzag layout (`attention.layout`).
+    """
+    if impl == "reference":
+        return reference_attention(q, k, v, segment_ids=segment_ids, positions=positions, causal=causal)
+    if impl == "blockwise":
+        from lwm_jax.attention.blockwise import blockwise_attention
+
+        return blockwise_attention(q, k, v, segment_ids=segment_ids, positions=positions,
+                                   causal=causal, block_size=block_size)
+    if impl == "ring":
+        from lwm_jax.attention.ring import ring_attention
+
+        return ring_attention(q, k, v, segment_ids=segment_ids, positions=positions,
+                              causal=causal, block_size=block_size)
+    raise ValueError(f"attention impl={impl!r} is not one of {ATTENTION_IMPLS}")

@@ -1,0 +1,222 @@
+"""The `lwm-jax` command: one sub-command per job, each a thin layer over the library.
+
+JAX is imported only inside command handlers, after `--cpu-devices` has set `XLA_FLAGS`, because
+the number of simulated CPU devices is fixed when JAX initialises.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from lwm_jax.errors import UserError
+
+
+def _print_result(args, result: dict, lines: list[str]) -> None:
+    """Prints human-readable lines, or with `--json` one JSON object as the last line."""
+    if getattr(args, "json", False):
+        print(json.dumps(result))
+    else:
+        print("\n".join(lines))
+
+
+def _mesh(args):
+    """The mesh named by `--mesh` (None when absent)."""
+    if not getattr(args, "mesh", None):
+        return None
+    from lwm_jax.config import MeshConfig
+    from lwm_jax.parallel.mesh import make_mesh
+
+    return make_mesh(MeshConfig.parse(args.mesh))
+
+
+def _runtime(args) -> dict:
+    runtime = {}
+    if getattr(args, "attention", None):
+        runtime["attention"] = args.attention
+    if getattr(args, "dtype", None):
+        runtime["dtype"] = args.dtype
+    return runtime
+
+
+# Handlers ---------------------------------------------------------------------------------------
+
+
+def cmd_theta(args) -> int:
+    from lwm_jax.model.rope import theta_for
+
+    if args.context <= 0 or args.orig_context <= 0 or args.base <= 0 or args.head_dim <= 2:
+        raise UserError("--context, --orig-context and --base must be positive and --head-dim > 2")
+    theta = theta_for(args.method, args.context, args.base, args.head_dim, args.orig_context)
+    _print_result(args, {"theta": theta, "method": args.method, "context": args.context},
+                  [f"{args.method} theta for context {args.context:,}: {theta:,.0f}"])
+    return 0
+
+
+def cmd_import_hf(args) -> int:
+    from lwm_jax.convert.hf import import_hf
+    from lwm_jax.train.checkpoint import model_metadata, save_model
+
+    model = import_hf(args.hf_dir, mesh=_mesh(args))
+    path = save_model(args.ckpt, model, model_metadata(model.config, source=os.path.abspath(args.hf_dir)),
+                      overwrite=args.force)
+    cfg = model.config
+    _print_result(args, {"checkpoint": str(path), "params": cfg.num_params, "rope_theta": cfg.rope_theta},
+                  [f"imported {cfg.num_params:,} params (theta {cfg.rope_theta:,.0f}) into {path}"])
+    return 0
+
+
+def cmd_export_hf(args) -> int:
+    from lwm_jax.convert.hf import export_hf, parse_size
+    from lwm_jax.train.checkpoint import load_model
+
+    max_shard = parse_size(args.max_shard_size)
+    model, meta = load_model(args.ckpt)
+    out = export_hf(model, args.out_dir, dtype=args.dtype, tokenizer_dir=args.tokenizer,
+                    max_position_embeddings=meta.get("max_position_embeddings"),
+                    max_shard_bytes=max_shard, force=args.force)
+    _print_result(args, {"out_dir": str(out), "dtype": args.dtype},
+                  [f"wrote Hugging Face model ({args.dtype}) to {out}"])
+    return 0
+
+
+def cmd_eval_ppl(args) -> int:
+    from lwm_jax.eval.perplexity import load_tokens, mean_nll
+    from lwm_jax.train.checkpoint import load_model, read_metadata
+
+    vocab = read_metadata(args.ckpt)["model"]["vocab_size"]
+    tokens = load_tokens(args.tokens, vocab)
+    mesh = _mesh(args)
+    if args.attention == "ring" and mesh is None:
+        raise UserError("--attention ring needs a mesh with an sp axis, e.g. --mesh dp=2,sp=4")
+    import jax
+
+    with jax.set_mesh(mesh) if mesh is not None else _nullcontext():
+        model, _ = load_model(args.ckpt, mesh=mesh, **_runtime(args))
+        nll, count = mean_nll(model, tokens, mesh=mesh)
+    _print_result(args, {"mean_nll": nll, "tokens": count},
+                  [f"mean NLL {nll:.6f} over {count:,} predicted tokens (perplexity {_exp(nll):.3f})"])
+    return 0
+
+
+def _exp(x: float) -> float:
+    import math
+
+    return math.exp(min(x, 700.0))
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+# Parser -----------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lwm-jax",
+        description="Extend Llama-3 context to a million tokens: progressive RoPE-theta training "
+                    "with ring attention on JAX.")
+    parser.add_argument("--cpu-devices", type=int, metavar="N",
+                        help="simulate N CPU devices (for meshes on a laptop); set before JAX starts")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("theta", help="RoPE theta for a target context length",
+                       description="Computes the RoPE base (theta) for a target context from the "
+                                   "scaling-law rule b**(ln(L/2pi)/ln(L0/2pi)) (what Gradient used) "
+                                   "or the NTK-aware rule b*(L/L0)**(d/(d-2)).")
+    p.add_argument("--context", type=int, required=True, help="target context length L in tokens")
+    p.add_argument("--base", type=float, default=500_000.0, help="original theta b (default 500000)")
+    p.add_argument("--head-dim", type=int, default=128, help="attention head dim d (default 128)")
+    p.add_argument("--orig-context", type=int, default=8192, help="original context L0 (default 8192)")
+    p.add_argument("--method", choices=("scaling-law", "ntk"), default="scaling-law",
+                   help="formula (default scaling-law)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_theta)
+
+    p = sub.add_parser("import-hf", help="Hugging Face Llama folder -> lwm-jax orbax checkpoint",
+                       description="Reads config.json and safetensors weights (single or sharded "
+                                   "with model.safetensors.index.json) and writes an orbax checkpoint "
+                                   "with metadata. Pickle (.bin) weights are refused.")
+    p.add_argument("hf_dir", help="Hugging Face model folder")
+    p.add_argument("ckpt", help="output checkpoint folder (must not exist or be empty)")
+    p.add_argument("--mesh", help="shard params while importing, e.g. fsdp=8")
+    p.add_argument("--force", action="store_true", help="write into a non-empty checkpoint folder")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_import_hf)
+
+    p = sub.add_parser("export-hf", help="lwm-jax checkpoint -> Hugging Face Llama folder",
+                       description="Writes safetensors (sharded past --max-shard-size, with an "
+                                   "index), config.json with the checkpoint's rope_theta and "
+                                   "max_position_embeddings, generation_config.json and, with "
+                                   "--tokenizer, the tokenizer files.")
+    p.add_argument("ckpt", help="checkpoint folder (latest step is used)")
+    p.add_argument("out_dir", help="output folder (must not exist or be empty unless --force)")
+    p.add_argument("--dtype", choices=("bfloat16", "float32", "float16"), default="bfloat16",
+                   help="weight dtype in the safetensors files (default bfloat16)")
+    p.add_argument("--tokenizer", metavar="DIR", help="copy tokenizer.json / tokenizer_config.json from DIR")
+    p.add_argument("--max-shard-size", default="5GB", help="split weights into files of at most this size")
+    p.add_argument("--force", action="store_true", help="write into a non-empty folder")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_export_hf)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint (ppl)")
+    evals = p.add_subparsers(dest="eval_command", required=True, metavar="EVAL")
+    e = evals.add_parser("ppl", help="mean next-token NLL on token sequences",
+                         description="Mean next-token negative log-likelihood of CKPT on the "
+                                     "[batch, seq] int token ids in --tokens FILE.npy.")
+    e.add_argument("ckpt", help="checkpoint folder")
+    e.add_argument("--tokens", required=True, metavar="FILE.npy", help="int token ids [batch, seq]")
+    e.add_argument("--attention", choices=("reference", "blockwise", "ring"),
+                   help="attention implementation (default: the checkpoint's)")
+    e.add_argument("--mesh", help="device mesh, e.g. dp=2,sp=4 (product = device count)")
+    e.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (default: the checkpoint's)")
+    e.add_argument("--json", action="store_true", help="print one JSON object")
+    e.set_defaults(func=cmd_eval_ppl)
+
+    _register_optional(sub)
+    return parser
+
+
+def _register_optional(sub) -> None:
+    """Adds command groups that live next to their library code."""
+    import importlib.util
+
+    if importlib.util.find_spec("lwm_jax.data.commands") is not None:
+        from lwm_jax.data import commands as data_commands
+
+        data_commands.register(sub)
+
+
+def set_cpu_devices(n: int) -> None:
+    """Makes JAX simulate `n` CPU devices; JAX refuses if its backends already started."""
+    import jax
+
+    try:
+        jax.config.update("jax_num_cpu_devices", n)
+    except RuntimeError as err:
+        raise UserError(f"--cpu-devices must be applied before JAX initialises ({err})") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.cpu_devices is not None:
+            if args.cpu_devices < 1:
+                raise UserError(f"--cpu-devices={args.cpu_devices} must be >= 1")
+            set_cpu_devices(args.cpu_devices)
+        return args.func(args)
+    except UserError as err:
+        print(f"lwm-jax: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

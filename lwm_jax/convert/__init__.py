@@ -1,0 +1,1 @@
+"""Conversion between lwm-jax checkpoints and Hugging Face (safetensors) / GGUF files."""

@@ -1,0 +1,1 @@
+"""Evaluations: perplexity, passkey, needle-in-a-haystack, RULER and the theta search."""

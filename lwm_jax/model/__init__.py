@@ -1,0 +1,1 @@
+"""The Flax NNX Llama-3 model and its rotary position embedding."""

@@ -1,0 +1,1 @@
+"""Training: loss, optimizer, train step, orbax checkpoints and the stage runner."""

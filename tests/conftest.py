@@ -1,0 +1,56 @@
+"""Test session setup: 8 simulated CPU devices (set before JAX starts) and tiny HF model factories."""
+
+import os
+
+os.environ["XLA_FLAGS"] = " ".join(
+    [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
+    + ["--xla_force_host_platform_device_count=8"])
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def llama3_tokenizer_dir() -> Path:
+    """The real Llama-3 tokenizer folder (env LWM_LLAMA3_TOKENIZER wins)."""
+    return Path(os.environ.get("LWM_LLAMA3_TOKENIZER", ROOT.parent / "shared" / "llama3-tokenizer"))
+
+
+def make_hf_llama(out_dir: Path, *, seed: int = 0, vocab_size: int = 256, hidden_size: int = 64,
+                  intermediate_size: int = 160, num_layers: int = 2, num_heads: int = 4,
+                  num_kv_heads: int = 1, tie: bool = False, rope_theta: float = 500_000.0,
+                  rope_scaling: dict | None = None, max_position_embeddings: int = 8192):
+    """Saves a random `transformers.LlamaForCausalLM` (float32) to `out_dir`; returns the model."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+        head_dim=hidden_size // num_heads, rms_norm_eps=1e-5, rope_theta=rope_theta,
+        rope_scaling=rope_scaling, max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=tie, bos_token_id=0, eos_token_id=1, initializer_range=0.1,
+        attn_implementation="eager")
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # non-trivial norm weights so a swapped norm cannot pass
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+    model.save_pretrained(out_dir)
+    return model
+
+
+@pytest.fixture
+def hf_llama(tmp_path):
+    """A factory: `hf_llama(**kwargs) -> (hf_dir, torch_model)`."""
+    counter = iter(range(1000))
+
+    def make(**kwargs):
+        out = tmp_path / f"hf{next(counter)}"
+        return out, make_hf_llama(out, **kwargs)
+
+    return make
