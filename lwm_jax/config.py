@@ -84,6 +84,9 @@ class ModelConfig:
         _check(self.rope_theta > 0 and math.isfinite(self.rope_theta),
                f"rope_theta={self.rope_theta} must be a positive number")
         _check(self.rms_norm_eps > 0, f"rms_norm_eps={self.rms_norm_eps} must be > 0")
+        for token in (self.bos_token_id, *self.eos_token_id):
+            _check(0 <= token < self.vocab_size,
+                   f"special token id {token} (bos_token_id/eos_token_id) is outside vocab_size={self.vocab_size}")
         _check(self.dtype in DTYPES, f"dtype={self.dtype!r} is not one of {DTYPES}")
         _check(self.remat in REMAT_POLICIES, f"remat={self.remat!r} is not one of {REMAT_POLICIES}")
         _check(self.attention in ATTENTION_IMPLS,
@@ -261,6 +264,11 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
         (elem,) = typing.get_args(tp)
         return [_convert(elem, v, f"{where}[{i}]") for i, v in enumerate(value)]
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads `1e6` (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         _check(isinstance(value, (int, float)) and not isinstance(value, bool),
                f"{where}={value!r} must be a number")
         return float(value)

@@ -86,13 +86,12 @@ def load_model(path: str | Path, step: int | None = None, mesh=None,
     abstract = nnx.eval_shape(lambda: Llama(config, nnx.Rngs(0)))
     graphdef, abstract_params, rest = nnx.split(abstract, nnx.Param, ...)
     if mesh is not None:
-        abstract_params = state_shardings(mesh, abstract_params)
-        target = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype,
-                                                             sharding=v.get_value()),
-                              abstract_params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+        shardings = jax.tree.leaves(state_shardings(mesh, abstract_params))
     else:
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract_params)
+        shardings = [jax.sharding.SingleDeviceSharding(jax.devices()[0])] * len(jax.tree.leaves(abstract_params))
+    leaves, treedef = jax.tree.flatten(abstract_params)
+    target = treedef.unflatten([jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+                                for x, s in zip(leaves, shardings)])
     manager, step = _manager_and_step(path, step)
     with manager:
         restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))

@@ -1,0 +1,36 @@
+# make demo: set up .venv and run the main job on the embedded CPU default.
+# make test: set up .venv with the test extra and run the test suite.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+
+.PHONY: demo test test-all bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip
+
+$(VENV)/.installed-base: pyproject.toml | $(PY)
+	$(PIP) install -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml | $(PY)
+	$(PIP) install -e '.[test]'
+	touch $@ $(VENV)/.installed-base
+
+demo: $(VENV)/.installed-base
+	$(PY) scripts/demo.py
+
+test: $(VENV)/.installed-test
+	$(PY) -m pytest -q --durations=15 -m "not slow"
+
+test-all: $(VENV)/.installed-test
+	$(PY) -m pytest -q --durations=15
+
+bench: $(VENV)/.installed-test
+	$(PY) scripts/bench_attention.py
+	$(PY) scripts/bench_data.py
+
+clean:
+	rm -rf $(VENV) demo_out .pytest_cache

@@ -1,0 +1,59 @@
+"""The `lwm-jax` command: theta values, --help everywhere, --cpu-devices and sharded evaluation."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from lwm_jax.cli import build_parser, main
+
+
+def _run(*argv):
+    proc = subprocess.run([sys.executable, "-m", "lwm_jax.cli", *argv], capture_output=True, text=True, timeout=300)
+    return proc
+
+
+@pytest.mark.parametrize("argv,theta", [
+    (["--context", "1048576"], 3_580_165_449), (["--context", "262144"], 283_461_213),
+    (["--context", "1048576", "--method", "ntk"], 69_123_823)])
+def test_theta_command(argv, theta, capsys):
+    assert main(["theta", *argv, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert abs(result["theta"] - theta) <= 1 and result["context"] == int(argv[1])
+
+
+def _all_commands(parser, prefix=()):
+    for action in parser._actions:  # noqa: SLF001 - argparse has no public walk
+        if hasattr(action, "choices") and isinstance(action.choices, dict):
+            for name, sub in action.choices.items():
+                yield (*prefix, name)
+                yield from _all_commands(sub, (*prefix, name))
+
+
+def test_every_command_has_help(capsys):
+    commands = list(_all_commands(build_parser()))
+    assert ("theta",) in commands and ("eval", "ppl") in commands
+    for command in commands:
+        with pytest.raises(SystemExit) as exit_info:
+            main([*command, "--help"])
+        assert exit_info.value.code == 0
+        assert "usage: lwm-jax" in capsys.readouterr().out
+
+
+def test_console_script_and_cpu_devices(tmp_path, hf_llama):
+    hf_dir, _ = hf_llama(num_kv_heads=2)
+    tokens = np.random.default_rng(0).integers(0, 256, size=(4, 64))
+    np.save(tmp_path / "t.npy", tokens)
+    assert _run("import-hf", str(hf_dir), str(tmp_path / "c")).returncode == 0
+    single = _run("eval", "ppl", str(tmp_path / "c"), "--tokens", str(tmp_path / "t.npy"), "--json")
+    sharded = _run("--cpu-devices", "8", "eval", "ppl", str(tmp_path / "c"), "--tokens", str(tmp_path / "t.npy"),
+                   "--mesh", "dp=2,fsdp=2,tp=2", "--json")
+    assert single.returncode == 0 and sharded.returncode == 0, sharded.stderr
+    a, b = (json.loads(p.stdout.splitlines()[-1])["mean_nll"] for p in (single, sharded))
+    assert abs(a - b) <= 1e-5
+    bad = _run("--cpu-devices", "4", "eval", "ppl", str(tmp_path / "c"), "--tokens", str(tmp_path / "t.npy"),
+               "--mesh", "dp=2,sp=4")
+    assert bad.returncode == 2 and "needs 8 devices but 4 are available" in bad.stderr
+    assert "Traceback" not in bad.stderr

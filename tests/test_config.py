@@ -1,0 +1,61 @@
+"""Config dataclasses: YAML loading, overrides, HF config.json both ways, and validation messages."""
+
+import pytest
+
+from lwm_jax.config import MeshConfig, ModelConfig, apply_overrides, load_model_config, to_dict, from_dict
+from lwm_jax.errors import UserError
+from tests.conftest import ROOT
+
+
+def test_llama3_8b_yaml_has_the_seed_shapes():
+    cfg = load_model_config(ROOT / "configs/models/llama3_8b.yaml")
+    assert (cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads,
+            cfg.head_dim, cfg.vocab_size, cfg.rope_theta) == (32, 4096, 14336, 32, 8, 128, 128256, 500000.0)
+    assert cfg.num_params == 8_030_261_248  # Meta-Llama-3-8B's published parameter count
+
+
+def test_overrides_are_typed():
+    cfg = load_model_config(ROOT / "configs/models/tiny.yaml", ["num_layers=2", "remat=none", "rope_theta=1e6"])
+    assert (cfg.num_layers, cfg.remat, cfg.rope_theta) == (2, "none", 1e6)
+    with pytest.raises(UserError, match="num_layers='two' must be an integer"):
+        load_model_config(ROOT / "configs/models/tiny.yaml", ["num_layers=two"])
+    with pytest.raises(UserError, match="unknown config key"):
+        load_model_config(ROOT / "configs/models/tiny.yaml", ["num_layer=2"])
+    assert apply_overrides({"a": {"b": 1}}, ["a.c=x"]) == {"a": {"b": 1, "c": "x"}}
+
+
+def test_hf_config_round_trip():
+    cfg = load_model_config(ROOT / "configs/models/llama3_8b.yaml")
+    back = ModelConfig.from_hf(cfg.to_hf(), dtype=cfg.dtype, attention=cfg.attention,
+                               attention_block_size=cfg.attention_block_size)
+    assert back == cfg
+    assert from_dict(ModelConfig, to_dict(cfg)) == cfg
+
+
+def test_transformers_5_rope_parameters_are_read():
+    hf = ModelConfig().to_hf()
+    del hf["rope_theta"], hf["rope_scaling"]
+    hf["rope_parameters"] = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
+                             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    cfg = ModelConfig.from_hf(hf)
+    assert cfg.rope_theta == 5e5 and cfg.rope_scaling.factor == 8.0
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"num_heads": 6, "num_kv_heads": 4}, "num_heads=6 must be divisible by num_kv_heads=4"),
+    ({"rope_theta": 0.0}, "rope_theta=0.0 must be a positive number"),
+    ({"attention": "flash"}, "attention='flash' is not one of"),
+    ({"bos_token_id": 999_999}, "special token id 999999"),
+])
+def test_invalid_model_config(changes, message):
+    with pytest.raises(UserError, match=message):
+        ModelConfig(**changes)
+
+
+def test_mesh_parse_and_resolve():
+    assert MeshConfig.parse("dp=2,sp=4").shape == (2, 1, 4, 1)
+    assert MeshConfig.parse("dp=-1,sp=4").resolve(8).shape == (2, 1, 4, 1)
+    with pytest.raises(UserError, match="needs 8 devices but 4 are available"):
+        MeshConfig.parse("dp=2,sp=4").resolve(4)
+    with pytest.raises(UserError, match="bad mesh item"):
+        MeshConfig.parse("xp=2")
