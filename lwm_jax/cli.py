@@ -101,6 +101,29 @@ def cmd_eval_ppl(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from lwm_jax.config import load_recipe
+    from lwm_jax.train.runner import train
+
+    recipe = load_recipe(args.recipe, args.set or [])
+    profile = None
+    if args.profile:
+        start, sep, end = args.profile.partition(":")
+        if not (sep and start.isdigit() and end.isdigit() and int(start) < int(end)):
+            raise UserError(f"--profile {args.profile!r} must be START:END step numbers with START < END")
+        profile = (int(start), int(end))
+    workdir = args.workdir or f"runs/{recipe.name}"
+    summaries = train(recipe, workdir, only_stage=args.stage, profile=profile)
+    lines = [f"{'stage':>8} {'seq_len':>9} {'theta':>15} {'steps':>6} {'final loss':>11} {'tokens/s':>10}"]
+    for s in summaries:
+        loss = f"{s['final_loss']:.4f}" if s.get("final_loss") is not None else "-"
+        tps = f"{s['tokens_per_s']:,.0f}" if s.get("tokens_per_s") else "-"
+        lines.append(f"{s['stage']:>8} {s['seq_len']:>9,} {s['rope_theta']:>15,.0f} {s['steps']:>6} {loss:>11} {tps:>10}")
+    lines.append(f"workdir: {workdir}")
+    _print_result(args, {"workdir": str(workdir), "stages": summaries}, lines)
+    return 0
+
+
 def _exp(x: float) -> float:
     import math
 
@@ -179,6 +202,21 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (default: the checkpoint's)")
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.set_defaults(func=cmd_eval_ppl)
+
+    p = sub.add_parser("train", help="run a progressive context-extension recipe",
+                       description="Trains the stages of RECIPE in order (each from the previous stage's "
+                                   "final params, with its own seq_len and RoPE theta). The whole recipe is "
+                                   "checked against the devices before anything compiles. Rerunning the same "
+                                   "command resumes an unfinished stage exactly and skips finished ones. "
+                                   "Writes WORKDIR/metrics.jsonl, TensorBoard events and orbax checkpoints.")
+    p.add_argument("recipe", help="recipe YAML, e.g. configs/recipes/demo_cpu.yaml")
+    p.add_argument("--stage", metavar="NAME", help="run only this stage (its init source must exist)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a recipe key, e.g. --set stages.base.steps=3 --set model.remat=none")
+    p.add_argument("--workdir", metavar="DIR", help="run folder (default runs/<recipe name>)")
+    p.add_argument("--profile", metavar="START:END", help="write a JAX profiler trace of these steps to WORKDIR/profile")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_train)
 
     _register_optional(sub)
     return parser

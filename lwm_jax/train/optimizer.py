@@ -1,0 +1,40 @@
+"""AdamW with global-norm clipping and a warmup + constant/cosine/linear schedule, from config.
+
+Weight decay skips the RMSNorm scales (as the Hugging Face trainer EasyContext used does).
+"""
+
+from __future__ import annotations
+
+import jax
+import optax
+
+from lwm_jax.config import OptimizerConfig
+
+
+def make_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
+    """Learning rate by step: linear warmup, then constant, cosine or linear decay to min_lr_ratio."""
+    decay_steps = max(total_steps - cfg.warmup_steps, 1)
+    end = cfg.lr * cfg.min_lr_ratio
+    if cfg.schedule == "constant":
+        after = optax.constant_schedule(cfg.lr)
+    elif cfg.schedule == "cosine":
+        after = optax.cosine_decay_schedule(cfg.lr, decay_steps, alpha=cfg.min_lr_ratio)
+    else:
+        after = optax.linear_schedule(cfg.lr, end, decay_steps)
+    if cfg.warmup_steps == 0:
+        return after
+    warmup = optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps)
+    return optax.join_schedules([warmup, after], [cfg.warmup_steps])
+
+
+def _decay_mask(params):
+    """True for weights that get weight decay (everything but norm scales)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: not any("norm" in str(getattr(k, "key", k)) for k in path), params)
+
+
+def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
+    parts = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm > 0 else []
+    parts.append(optax.adamw(make_schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                             weight_decay=cfg.weight_decay, mask=_decay_mask))
+    return optax.chain(*parts)

@@ -1,0 +1,126 @@
+"""The jitted train step: gradient accumulation over micro-batches, chunked loss, AdamW update,
+a guard against non-finite steps, all sharded by the logical-axis rules.
+
+Params and optimizer state are plain nested dicts of arrays (orbax- and optax-friendly), sharded
+over `fsdp` and `sp`. A batch is `[grad_accum, batch, seq]` with batch over `(dp, fsdp)` and seq
+over `sp`; micro-batches run one at a time in a `lax.scan`, so only one micro-batch of activations
+is alive. The loss is the loss-weighted mean NLL over every token of the global step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from lwm_jax.config import ModelConfig
+from lwm_jax.model.llama import Llama
+from lwm_jax.parallel.mesh import logical_to_spec, state_shardings
+from lwm_jax.train.loss import chunked_cross_entropy
+
+BATCH_KEYS = ("inputs", "positions", "segment_ids", "targets", "loss_weights")
+
+
+def abstract_model(config: ModelConfig):
+    """(graphdef, abstract Param state) of a Llama, without allocating weights."""
+    return nnx.split(nnx.eval_shape(lambda: Llama(config, nnx.Rngs(0))))
+
+
+def init_params(config: ModelConfig, seed: int, mesh: Mesh) -> dict:
+    """Random params (pure dict), created directly in their shardings."""
+    def init():
+        return nnx.to_pure_dict(nnx.state(Llama(config, nnx.Rngs(seed))))
+
+    return jax.jit(init, out_shardings=param_shardings(config, mesh))()
+
+
+def param_shardings(config: ModelConfig, mesh: Mesh) -> dict:
+    _, abstract = abstract_model(config)
+    return nnx.to_pure_dict(state_shardings(mesh, abstract))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Sharding of `[grad_accum, batch, seq]` arrays."""
+    return NamedSharding(mesh, P(None, *logical_to_spec(("batch", "length"), mesh)))
+
+
+def opt_state_shardings(tx: optax.GradientTransformation, params_shardings: dict, abstract_params: dict,
+                        mesh: Mesh):
+    """Optimizer-state shardings: moments like their params, counters replicated."""
+    abstract_state = jax.eval_shape(tx.init, abstract_params)
+    replicated = NamedSharding(mesh, P())
+    return optax.tree_map_params(tx, lambda _, s: s, abstract_state, params_shardings,
+                                 transform_non_params=lambda _: replicated)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepFunctions:
+    """The compiled-on-first-call functions of one stage."""
+
+    init_opt_state: Any
+    train_step: Any
+    params_shardings: dict
+    opt_shardings: Any
+    batch_sharding: NamedSharding
+
+
+def build_step(config: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh,
+               loss_chunk: int = 2048, document_mask: bool = False) -> StepFunctions:
+    """Jitted `init_opt_state(params)` and `train_step(params, opt_state, batch)` for one stage.
+
+    `train_step` returns `(params, opt_state, metrics)` with metrics `loss`, `grad_norm`, `tokens`
+    (summed loss weights) and `finite` (False when the update was skipped).
+    """
+    graphdef, abstract = abstract_model(config)
+    abstract_params = nnx.to_pure_dict(abstract)
+    p_shardings = param_shardings(config, mesh)
+    o_shardings = opt_state_shardings(tx, p_shardings, abstract_params, mesh)
+    b_sharding = batch_sharding(mesh)
+    replicated = NamedSharding(mesh, P())
+
+    def nll_sum(params, micro):
+        state = jax.tree.map(lambda x: x, abstract)
+        nnx.replace_by_pure_dict(state, params)
+        model = nnx.merge(graphdef, state)
+        segment_ids = micro["segment_ids"] if document_mask else None
+        hidden = model.hidden(micro["inputs"], micro["positions"], segment_ids)
+        return chunked_cross_entropy(hidden, model.output_weights(), micro["targets"],
+                                     micro["loss_weights"], loss_chunk)
+
+    def train_step(params, opt_state, batch):
+        zeros = jax.tree.map(jnp.zeros_like, params)
+
+        def micro_step(carry, micro):
+            grads, nll, weight = carry
+            (micro_nll, micro_weight), micro_grads = jax.value_and_grad(nll_sum, has_aux=True)(params, micro)
+            grads = jax.tree.map(jnp.add, grads, micro_grads)
+            return (grads, nll + micro_nll, weight + micro_weight), None
+
+        (grads, nll, weight), _ = jax.lax.scan(micro_step, (zeros, 0.0, 0.0), batch)
+        denom = jnp.maximum(weight, 1.0)
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        loss = nll / denom
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, new_opt_state = tx.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731 - skip a non-finite step
+        params = jax.tree.map(keep, new_params, params)
+        opt_state = jax.tree.map(keep, new_opt_state, opt_state)
+        return params, opt_state, {"loss": loss, "grad_norm": grad_norm, "tokens": weight, "finite": finite}
+
+    batch_shardings = {k: b_sharding for k in BATCH_KEYS}
+    metric_shardings = {k: replicated for k in ("loss", "grad_norm", "tokens", "finite")}
+    return StepFunctions(
+        init_opt_state=jax.jit(tx.init, in_shardings=(p_shardings,), out_shardings=o_shardings),
+        train_step=jax.jit(train_step, in_shardings=(p_shardings, o_shardings, batch_shardings),
+                           out_shardings=(p_shardings, o_shardings, metric_shardings), donate_argnums=(0, 1)),
+        params_shardings=p_shardings,
+        opt_shardings=o_shardings,
+        batch_sharding=b_sharding,
+    )
