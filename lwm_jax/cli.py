@@ -69,14 +69,17 @@ def cmd_import_hf(args) -> int:
 
 
 def cmd_export_hf(args) -> int:
-    from lwm_jax.convert.hf import export_hf, parse_size
+    from lwm_jax.convert.hf import export_hf, parse_size, stage_checkpoint, write_model_card
     from lwm_jax.train.checkpoint import load_model
 
     max_shard = parse_size(args.max_shard_size)
-    model, meta = load_model(args.ckpt)
+    ckpt, card = (stage_checkpoint(args.ckpt, args.stage) if args.stage else (args.ckpt, None))
+    model, meta = load_model(ckpt)
     out = export_hf(model, args.out_dir, dtype=args.dtype, tokenizer_dir=args.tokenizer,
                     max_position_embeddings=meta.get("max_position_embeddings"),
                     max_shard_bytes=max_shard, force=args.force)
+    if card is not None:
+        write_model_card(out, card, meta)
     _print_result(args, {"out_dir": str(out), "dtype": args.dtype},
                   [f"wrote Hugging Face model ({args.dtype}) to {out}"])
     return 0
@@ -121,6 +124,15 @@ def cmd_train(args) -> int:
         lines.append(f"{s['stage']:>8} {s['seq_len']:>9,} {s['rope_theta']:>15,.0f} {s['steps']:>6} {loss:>11} {tps:>10}")
     lines.append(f"workdir: {workdir}")
     _print_result(args, {"workdir": str(workdir), "stages": summaries}, lines)
+    return 0
+
+
+def cmd_export_gguf(args) -> int:
+    from lwm_jax.convert.gguf import export_checkpoint
+
+    r = export_checkpoint(args.ckpt, args.out, args.tokenizer, type=args.type, force=args.force)
+    _print_result(args, r, [f"wrote {r['type']} GGUF ({r['tensors']} tensors, {r['file_bytes'] / 2**20:,.1f} MiB) to "
+                            f"{r['path']}: context {r['context_length']:,}, rope base {r['rope_theta']:,.0f}"])
     return 0
 
 
@@ -179,8 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "index), config.json with the checkpoint's rope_theta and "
                                    "max_position_embeddings, generation_config.json and, with "
                                    "--tokenizer, the tokenizer files.")
-    p.add_argument("ckpt", help="checkpoint folder (latest step is used)")
+    p.add_argument("ckpt", help="checkpoint folder (latest step is used), or a train workdir with --stage")
     p.add_argument("out_dir", help="output folder (must not exist or be empty unless --force)")
+    p.add_argument("--stage", metavar="NAME", help="CKPT is a train workdir: export this stage's last checkpoint "
+                                                   "and write a model card (README.md) with its seq_len and theta")
     p.add_argument("--dtype", choices=("bfloat16", "float32", "float16"), default="bfloat16",
                    help="weight dtype in the safetensors files (default bfloat16)")
     p.add_argument("--tokenizer", metavar="DIR", help="copy tokenizer.json / tokenizer_config.json from DIR")
@@ -203,6 +217,22 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.set_defaults(func=cmd_eval_ppl)
 
+    p = sub.add_parser("export-gguf", help="lwm-jax checkpoint -> GGUF file for llama.cpp",
+                       description="Writes one GGUF file for llama.cpp (llama architecture): the weights "
+                                   "(f32, f16 or q8_0; norms stay f32), context length = the checkpoint's "
+                                   "max_position_embeddings, rope freq base = its theta, and the Llama-3 "
+                                   "tokenizer from DIR (BPE tokens, merges, special ids, chat template). "
+                                   "The file is written under a temporary name and renamed when complete.")
+    p.add_argument("ckpt", help="checkpoint folder (latest step is used)")
+    p.add_argument("out", metavar="OUT.gguf", help="output file (must not exist unless --force)")
+    p.add_argument("--tokenizer", metavar="DIR", required=True,
+                   help="Hugging Face tokenizer folder (tokenizer.json, tokenizer_config.json) matching the model's vocab")
+    p.add_argument("--type", choices=("f32", "f16", "q8_0"), default="f16",
+                   help="weight type of the matrices (default f16); q8_0 is 8-bit, about half of f16's size")
+    p.add_argument("--force", action="store_true", help="overwrite OUT.gguf if it exists")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_export_gguf)
+
     p = sub.add_parser("train", help="run a progressive context-extension recipe",
                        description="Trains the stages of RECIPE in order (each from the previous stage's "
                                    "final params, with its own seq_len and RoPE theta). The whole recipe is "
@@ -218,18 +248,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_train)
 
-    _register_optional(sub)
+    _register_groups(sub)
     return parser
 
 
-def _register_optional(sub) -> None:
-    """Adds command groups that live next to their library code."""
-    import importlib.util
+def _register_groups(sub) -> None:
+    """Adds command groups that live next to their library code (`data prepare`, `data sample`)."""
+    from lwm_jax.data import commands as data_commands
 
-    if importlib.util.find_spec("lwm_jax.data.commands") is not None:
-        from lwm_jax.data import commands as data_commands
-
-        data_commands.register(sub)
+    data_commands.register(sub)
 
 
 def set_cpu_devices(n: int) -> None:

@@ -1,0 +1,181 @@
+"""`lwm-jax data prepare`: reads raw inputs once, tokenizes them in grain workers, packs each
+source into seq_len+1 sequences and writes per-source array_record shards plus a manifest, so
+training reads finished sequences and never waits on tokenization.
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+import shutil
+import time
+from pathlib import Path
+
+import grain
+
+from lwm_jax import __version__
+from lwm_jax.data.config import PrepareConfig
+from lwm_jax.data.manifest import FORMAT, MANIFEST, VERSION, write_manifest
+from lwm_jax.data.packing import SequencePacker
+from lwm_jax.data.sources import SKIP_REASONS, plan_inputs
+from lwm_jax.data.tokenize import TokenizeUnit, load_tokenizer_info
+from lwm_jax.errors import UserError
+
+SHARD_DIR = "shards"
+WRITER_OPTIONS = "group_size:1,uncompressed"  # one sequence per chunk, no decompression: fast random reads
+
+
+class _ShardWriter:
+    """array_record shards of one source, a new file every `shard_tokens` tokens."""
+
+    def __init__(self, out_dir: Path, stem: str, shard_tokens: int):
+        self.out_dir, self.stem, self.shard_tokens = out_dir, stem, shard_tokens
+        self.files: list[str] = []
+        self._writer = None
+        self._tokens = 0
+
+    def write(self, record: bytes, tokens: int) -> None:
+        from array_record.python.array_record_module import ArrayRecordWriter
+
+        if self._writer is None or self._tokens >= self.shard_tokens:
+            self.close()
+            name = f"{SHARD_DIR}/{self.stem}-{len(self.files):05d}.array_record"
+            self._writer = ArrayRecordWriter(str(self.out_dir / name), WRITER_OPTIONS)
+            self.files.append(name)
+            self._tokens = 0
+        self._writer.write(record)
+        self._tokens += tokens
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+def _check_out_dir(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output {out} exists and is not a folder")
+    if out.exists() and any(out.iterdir()):
+        ours = (out / MANIFEST).exists() or (out / SHARD_DIR).is_dir()
+        if not overwrite:
+            raise UserError(f"output folder {out} is not empty; pass --overwrite to replace a prepared dataset "
+                            "there, or choose a new folder")
+        if not ours:
+            raise UserError(f"output folder {out} is not empty and holds no prepared dataset; refusing to "
+                            "overwrite it (choose a new or empty folder)")
+
+
+def _absl_flags_parsed() -> None:
+    """grain's worker processes read absl flags, which fail unless parsed (google/grain#1355)."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def _stem(name: str, taken: set[str]) -> str:
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", name) or "source"
+    base, k = stem, 1
+    while stem in taken:
+        k += 1
+        stem = f"{base}_{k}"
+    taken.add(stem)
+    return stem
+
+
+def prepare(inputs: list[str], tokenizer: str | Path, out: str | Path, config: PrepareConfig, *,
+            overwrite: bool = False, progress: bool = False) -> dict:
+    """Tokenizes and packs `inputs` into `out`; returns the manifest (also written to `out`).
+
+    Checks the tokenizer, every input and the output folder before any work (`UserError`). Bad
+    records and zero-byte or corrupt files are skipped and counted under `skipped`.
+    """
+    from tqdm import tqdm
+
+    info = load_tokenizer_info(tokenizer)
+    plan = plan_inputs(list(inputs))
+    out = Path(out).expanduser()
+    _check_out_dir(out, overwrite)
+    if overwrite:
+        (out / MANIFEST).unlink(missing_ok=True)
+        shutil.rmtree(out / SHARD_DIR, ignore_errors=True)
+    (out / SHARD_DIR).mkdir(parents=True, exist_ok=True)
+
+    start = time.perf_counter()
+    ds = grain.MapDataset.source(list(plan.units)).map(TokenizeUnit(info, config))
+    if config.workers > 0:
+        _absl_flags_parsed()
+        it = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=1)).mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=config.workers, per_worker_buffer_size=1))
+    else:
+        it = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=2))
+
+    counts: collections.Counter = collections.Counter()
+    packers: dict[tuple[str, str], SequencePacker] = {}
+    writers: dict[tuple[str, str], _ShardWriter] = {}
+    names: dict[tuple[str, str], str] = {}
+    stats: dict[tuple[str, str], collections.Counter] = {}
+    stems: set[str] = set()
+    total_tokens = 0
+    bar = tqdm(total=len(plan.units), unit="unit", desc="prepare", disable=not progress, dynamic_ncols=True)
+    iterator = iter(it)
+    try:
+        for result in iterator:
+            counts.update(result["counts"])
+            for key, part in result["sources"].items():
+                if key not in packers:
+                    name, kind = key
+                    taken = {n for k, n in names.items() if k[0] == name}
+                    names[key] = name if not taken else f"{name}-{kind}"
+                    packers[key] = SequencePacker(config.seq_len, info.eos_id, with_mask=kind == "chat")
+                    writers[key] = _ShardWriter(out, _stem(names[key], stems), config.shard_tokens)
+                    stats[key] = collections.Counter()
+                st = stats[key]
+                st["documents"] += part["documents"]
+                st["content_tokens"] += part["content_tokens"]
+                st["kept_documents"] += len(part["lengths"])
+                st["kept_tokens"] += len(part["tokens"])
+                total_tokens += len(part["tokens"])
+                for record in packers[key].add(part["tokens"], part["lengths"], part["mask"]):
+                    writers[key].write(record, config.seq_len + 1)
+            bar.update(1)
+            bar.set_postfix(tokens=f"{total_tokens:,}", refresh=False)
+        for key, packer in packers.items():
+            for record in packer.finish():
+                writers[key].write(record, config.seq_len + 1)
+    finally:
+        bar.close()
+        for writer in writers.values():
+            writer.close()
+        if hasattr(iterator, "close"):
+            iterator.close()
+    seconds = time.perf_counter() - start
+
+    sources = {}
+    for key, packer in packers.items():
+        st = stats[key]
+        if packer.tokens_out != st["kept_tokens"]:  # packing must neither lose nor duplicate tokens
+            raise RuntimeError(f"packing lost tokens for {names[key]}: {st['kept_tokens']} in, "
+                               f"{packer.tokens_out} out")
+        sources[names[key]] = {
+            "kind": key[1], "documents": st["documents"], "content_tokens": st["content_tokens"],
+            "kept_documents": st["kept_documents"], "kept_tokens": st["kept_tokens"],
+            "sequences": packer.sequences, "padding_tokens": packer.padding, "shards": writers[key].files}
+    corrupt = sorted(k.split(":", 1)[1] for k in counts if k.startswith("corrupt_file:"))
+    skipped = {r: counts.get(r, 0) for r in SKIP_REASONS}
+    skipped["empty_files"] = len(plan.empty_files)
+    manifest = {
+        "format": FORMAT, "version": VERSION, "lwm_jax_version": __version__,
+        "seq_len": config.seq_len, "seed": config.seed, "pad_id": info.eos_id,
+        "tokenizer": info.to_manifest(),
+        "prepare_config": {k: getattr(config, k) for k in config.__dataclass_fields__},
+        "inputs": [str(i) for i in inputs], "files": len(plan.files), "units": len(plan.units),
+        "valid_records": counts.get("valid_records", 0), "skipped": skipped,
+        "empty_files": list(plan.empty_files), "corrupt_files": corrupt,
+        "sources": sources,
+        "totals": {"kept_tokens": sum(s["kept_tokens"] for s in sources.values()),
+                   "sequences": sum(s["sequences"] for s in sources.values()),
+                   "seconds": round(seconds, 3)},
+    }
+    write_manifest(out, manifest)
+    return manifest
