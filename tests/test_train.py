@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 import yaml
@@ -71,8 +72,9 @@ def _losses(workdir: Path) -> dict:
 
 
 def test_two_stages_chain_and_resume_after_kill(tmp_path, prepared):
+    from lwm_jax.config import MeshConfig, ModelConfig, from_dict
+    from lwm_jax.parallel.mesh import make_mesh
     from lwm_jax.train.checkpoint import read_metadata, restore_params
-    from lwm_jax.config import from_dict, ModelConfig
 
     recipe = write_recipe(tmp_path / "r.yaml", prepared)
     full = _cli("train", str(recipe), "--workdir", str(tmp_path / "full"), "--json")
@@ -88,10 +90,21 @@ def test_two_stages_chain_and_resume_after_kill(tmp_path, prepared):
     assert meta["rope_theta"] == pytest.approx(10000 ** (np.log(128 / (2 * np.pi)) / np.log(32 / (2 * np.pi))))
     base_cfg = from_dict(ModelConfig, read_metadata(tmp_path / "full/stages/base/checkpoints")["model"])
     base_final = restore_params(tmp_path / "full/stages/base/checkpoints", base_cfg, step=4)
-    l2 = np.sqrt(sum(float(np.sum(np.square(np.asarray(x, np.float64)))) for x in
-                     __import__("jax").tree.leaves(base_final)))
+    l2 = np.sqrt(sum(float(np.sum(np.square(np.asarray(x, np.float64)))) for x in jax.tree.leaves(base_final)))
     start = json.loads((tmp_path / "full/stages/long/start.json").read_text())
     assert start["param_l2"] == pytest.approx(l2, rel=1e-12)
+    # Written on dp=2,sp=4; restores onto another mesh with the same values.
+    other = restore_params(tmp_path / "full/stages/base/checkpoints", base_cfg,
+                           make_mesh(MeshConfig(fsdp=4, tp=2)), step=4)
+    for a, b in zip(jax.tree.leaves(base_final), jax.tree.leaves(other)):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+
+    # The last stage exports to HF with a model card carrying its length and theta.
+    assert main(["export-hf", str(tmp_path / "full"), str(tmp_path / "hf"), "--stage", "long", "--dtype", "float32"]) == 0
+    config = json.loads((tmp_path / "hf/config.json").read_text())
+    assert config["max_position_embeddings"] == 128 and config["rope_theta"] == meta["rope_theta"]
+    card = (tmp_path / "hf/README.md").read_text()
+    assert "stage `long`" in card and "128 tokens" in card
 
     # Kill -9 in the middle of the first stage, then rerun the same command.
     work = tmp_path / "killed"
@@ -134,6 +147,7 @@ def _error(capsys, argv) -> str:
     ("stages.long.init_from=hf:/nonexistent", "does not exist"),
     ("stages.base.rope_theta=-5", "rope_theta=-5 must be > 0"),
     ("stages.base.init_from=previous", "first stage"),
+    ("model.vocab_size=256", "uses a tokenizer with 512 ids"),
 ])
 def test_bad_recipes_fail_before_compile(tmp_path, prepared, capsys, override, message):
     recipe = write_recipe(tmp_path / "r.yaml", prepared)

@@ -106,3 +106,22 @@ def test_non_finite_step_is_skipped():
         params, opt_state, metrics = fns.train_step(params, opt_state, batch)
     assert not bool(metrics["finite"])
     assert _max_diff(before, jax.device_get(params)) == 0.0
+
+
+def _loss_temp_bytes(seq, vocab, embed=64, chunk=512):
+    def loss(hidden, w, targets, weights):
+        nll, count = chunked_cross_entropy(hidden, w, targets, weights, chunk_size=chunk)
+        return nll / count
+
+    args = (jax.ShapeDtypeStruct((1, seq, embed), jnp.float32), jax.ShapeDtypeStruct((embed, vocab), jnp.float32),
+            jax.ShapeDtypeStruct((1, seq), jnp.int32), jax.ShapeDtypeStruct((1, seq), jnp.float32))
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(*args).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
+def test_loss_memory_holds_one_chunk_of_logits():
+    vocab, chunk = 8192, 512
+    chunk_logits = chunk * vocab * 4
+    small, large = _loss_temp_bytes(4096, vocab, chunk=chunk), _loss_temp_bytes(16384, vocab, chunk=chunk)
+    assert large < 4 * chunk_logits  # full logits at 16K would be 32x one chunk
+    assert large - small < 0.1 * (16384 - 4096) * vocab * 4  # growth is O(seq*embed), not O(seq*vocab)

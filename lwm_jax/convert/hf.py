@@ -272,3 +272,55 @@ def export_hf(model: Llama, out_dir: str | Path, *, dtype: str = "bfloat16", max
             if (tokenizer_dir / fname).is_file():
                 shutil.copy2(tokenizer_dir / fname, out_dir / fname)
     return out_dir
+
+
+def stage_checkpoint(workdir: str | Path, stage: str) -> tuple[Path, dict]:
+    """(checkpoint folder, recipe record) of `stage` in a `lwm-jax train` workdir."""
+    workdir = Path(workdir)
+    recipe_file = workdir / "recipe.json"
+    if not recipe_file.is_file():
+        raise UserError(f"{workdir} is not a train workdir (no recipe.json); drop --stage to export a checkpoint")
+    record = json.loads(recipe_file.read_text())
+    names = [s["name"] for s in record["recipe"]["stages"]]
+    if stage not in names:
+        raise UserError(f"recipe {record['name']!r} has no stage {stage!r} (stages: {', '.join(names)})")
+    ckpt = workdir / "stages" / stage / "checkpoints"
+    if not ckpt.is_dir():
+        raise UserError(f"stage {stage} of {workdir} has no checkpoints yet; train it first")
+    return ckpt, record
+
+
+def write_model_card(out_dir: Path, record: dict, metadata: dict) -> Path:
+    """Writes README.md for an exported stage: its length, theta, training step and the recipe."""
+    import yaml
+
+    recipe = record["recipe"]
+    stage = next(s for s in recipe["stages"] if s["name"] == metadata["stage"])
+    rows = "\n".join(f"| {s['name']} | {s['seq_len']:,} | {s['rope_theta']} | {s['batch_size']} | "
+                      f"{s['grad_accum']} | {s['steps']} |" for s in recipe["stages"])
+    text = f"""---
+tags: [llama-3, long-context, lwm-jax]
+---
+# {record['name']} — stage {metadata['stage']}
+
+Exported by lwm-jax from stage `{metadata['stage']}` of recipe `{record['name']}` at step {metadata.get('step')}.
+
+- context length (`max_position_embeddings`): {metadata['max_position_embeddings']:,} tokens
+- RoPE theta (`rope_theta`): {metadata['rope_theta']:,.0f}
+- stage: seq_len {stage['seq_len']:,}, batch {stage['batch_size']} x grad_accum {stage['grad_accum']}, {stage['steps']} steps
+- recipe fingerprint: {record['fingerprint']}
+
+## Stages of the recipe
+
+| stage | seq_len | rope_theta | batch | grad_accum | steps |
+|---|---|---|---|---|---|
+{rows}
+
+## Recipe
+
+```yaml
+{yaml.safe_dump(recipe, sort_keys=False)}```
+"""
+    path = out_dir / "README.md"
+    path.write_text(text)
+    return path

@@ -51,15 +51,21 @@ def measured_matmul_flops(n: int = 1024, repeats: int = 5) -> float:
     return 2.0 * n**3 / best
 
 
-def peak_flops_per_device(override_tflops: float | None = None) -> tuple[float, str]:
-    """(peak FLOP/s per device, where the figure came from)."""
+def peak_flops(override_tflops: float | None = None) -> tuple[float, str]:
+    """(peak FLOP/s of all local devices together, where the figure came from).
+
+    Accelerators: the per-device table value (or the override) times the device count. CPU: the
+    measured matmul rate of the machine, since simulated CPU devices share the same cores.
+    """
+    devices = jax.devices()
     if override_tflops:
-        return override_tflops * 1e12, "configured"
-    kind = jax.devices()[0].device_kind
-    for name, flops in PEAK_FLOPS.items():
-        if name.lower() in kind.lower():
-            return flops, f"table ({name})"
-    return measured_matmul_flops(), f"measured matmul rate ({kind})"
+        return override_tflops * 1e12 * len(devices), "configured"
+    kind = devices[0].device_kind
+    if devices[0].platform != "cpu":
+        for name, flops in PEAK_FLOPS.items():
+            if name.lower() in kind.lower():
+                return flops * len(devices), f"table ({name} x {len(devices)})"
+    return measured_matmul_flops(), f"measured float32 matmul rate ({kind})"
 
 
 class MetricsWriter:

@@ -109,6 +109,19 @@ def _check_stage(where: str, stage: StageConfig, model: ModelConfig, mesh: MeshC
         raise UserError(f"{where}.seq_len={stage.seq_len} must be divisible by sp={mesh.sp}")
 
 
+def _check_data(recipe: RecipeConfig, plan: StagePlan) -> None:
+    """The stage's prepared data exists, matches its seq_len, and its token ids fit the model's vocab."""
+    from lwm_jax.data.manifest import load_manifest
+    from lwm_jax.data.pipeline import load_prepared
+
+    load_prepared(recipe.data, plan.stage.seq_len)
+    for directory in recipe.data.resolved_paths(plan.stage.seq_len):
+        vocab = load_manifest(directory)["tokenizer"]["vocab_size"]
+        if vocab > plan.model.vocab_size:
+            raise UserError(f"prepared dataset {directory} uses a tokenizer with {vocab} ids but the model's "
+                            f"vocab_size is {plan.model.vocab_size}")
+
+
 def recipe_fingerprint(recipe: RecipeConfig) -> str:
     data = to_dict(dataclasses.replace(recipe, data=None))
     data["data"] = to_dict(recipe.data) if recipe.data is not None else None
@@ -214,7 +227,7 @@ def run_stage(plan: StagePlan, recipe: RecipeConfig, workdir: Path, writer, prof
     from lwm_jax.data.pipeline import build_iterator
     from lwm_jax.parallel.mesh import make_mesh
     from lwm_jax.train.checkpoint import TrainCheckpointer, model_metadata, params_target
-    from lwm_jax.train.metrics import flops_per_token, peak_flops_per_device
+    from lwm_jax.train.metrics import flops_per_token, peak_flops
     from lwm_jax.train.optimizer import make_optimizer, make_schedule
     from lwm_jax.train.step import build_step
 
@@ -229,7 +242,7 @@ def run_stage(plan: StagePlan, recipe: RecipeConfig, workdir: Path, writer, prof
                                      save_interval=stage.checkpoint_every)
     metadata = model_metadata(plan.model, stage=plan.name, seq_len=stage.seq_len, recipe=recipe.name,
                               recipe_fingerprint=recipe_fingerprint(recipe), seed=recipe.seed)
-    peak, peak_source = peak_flops_per_device(recipe.peak_tflops)
+    peak, peak_source = peak_flops(recipe.peak_tflops)
     flops = flops_per_token(plan.model, stage.seq_len)
     is_main = jax.process_index() == 0
 
@@ -274,7 +287,7 @@ def run_stage(plan: StagePlan, recipe: RecipeConfig, workdir: Path, writer, prof
                 record = {"stage": plan.name, "step": done, "loss": float(metrics["loss"]),
                           "grad_norm": float(metrics["grad_norm"]), "lr": float(schedule(step)),
                           "tokens_per_s": tokens_per_s,
-                          "mfu": tokens_per_s * flops / (peak * jax.device_count()),
+                          "mfu": tokens_per_s * flops / peak,
                           "trained_tokens": float(metrics["tokens"]), "finite": bool(metrics["finite"]),
                           "step_s": elapsed}
                 writer.write(record, global_step)
@@ -323,11 +336,9 @@ def train(recipe: RecipeConfig, workdir: str | Path, only_stage: str | None = No
         recipe.stage(only_stage)
     if recipe.data is None or not recipe.data.paths:
         raise UserError("recipe has no data.paths (prepared datasets from `lwm-jax data prepare`)")
-    from lwm_jax.data.pipeline import load_prepared
-
     for plan in plans:
         if only_stage in (None, plan.name):
-            load_prepared(recipe.data, plan.stage.seq_len)  # fails now, not after earlier stages ran
+            _check_data(recipe, plan)  # fails now, not after earlier stages ran
     prepare_workdir(workdir, recipe)
     writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
     summaries, global_step = [], 0
