@@ -15,7 +15,9 @@ from lwm_jax.errors import UserError
 
 
 def _print_result(args, result: dict, lines: list[str]) -> None:
-    """Prints human-readable lines, or with `--json` one JSON object as the last line."""
+    """Prints human-readable lines, or with `--json` one JSON object as the last line (process 0 only)."""
+    if "jax" in sys.modules and sys.modules["jax"].process_index() != 0:
+        return
     if getattr(args, "json", False):
         print(json.dumps(result))
     else:
@@ -131,8 +133,51 @@ def cmd_export_gguf(args) -> int:
     from lwm_jax.convert.gguf import export_checkpoint
 
     r = export_checkpoint(args.ckpt, args.out, args.tokenizer, type=args.type, force=args.force)
-    _print_result(args, r, [f"wrote {r['type']} GGUF ({r['tensors']} tensors, {r['file_bytes'] / 2**20:,.1f} MiB) to "
-                            f"{r['path']}: context {r['context_length']:,}, rope base {r['rope_theta']:,.0f}"])
+    size = r["file_bytes"] / 2**20
+    _print_result(args, r, [f"wrote {r['type']} GGUF ({r['tensors']} tensors, {size:,.1f} MiB) to {r['path']}: "
+                            f"context {r['context_length']:,}, rope base {r['rope_theta']:,.0f}"])
+    return 0
+
+
+def cmd_plan(args) -> int:
+    import dataclasses
+    import subprocess
+
+    from lwm_jax.config import load_recipe
+    from lwm_jax.plan import HARDWARE, aot_memory, plan_recipe_stages
+
+    recipe = load_recipe(args.recipe, args.set or [])
+    if args.aot_worker:  # one stage, in a process started with --cpu-devices = its device count
+        print(json.dumps(aot_memory(recipe, args.stage, args.devices)))
+        return 0
+    if args.hardware not in HARDWARE:
+        raise UserError(f"--hardware {args.hardware!r} is not one of {sorted(HARDWARE)}")
+    hw = HARDWARE[args.hardware]
+    changes = {k: v for k, v in (("memory_gib", args.device_memory), ("peak_tflops", args.peak_tflops),
+                                  ("efficiency", args.efficiency)) if v is not None}
+    hw = dataclasses.replace(hw, **changes)
+    stages = plan_recipe_stages(recipe, hw, args.devices, args.stage)
+    if args.aot:
+        for stage in stages:
+            cmd = [sys.executable, "-m", "lwm_jax.cli", "--cpu-devices", str(stage["devices"]), "plan", args.recipe,
+                   "--stage", stage["name"], "--aot-worker"] + [a for kv in (args.set or []) for a in ("--set", kv)]
+            if args.devices:
+                cmd += ["--devices", str(args.devices)]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise UserError(f"AOT compile of stage {stage['name']} failed: {proc.stderr.strip().splitlines()[-1]}")
+            aot = json.loads(proc.stdout.strip().splitlines()[-1])
+            stage["aot_memory_bytes_per_device"] = aot["total"]
+            stage["aot_memory"] = aot
+    gib = 2**30
+    lines = [f"{hw.name}: {hw.memory_gib:g} GiB, {hw.peak_tflops:g} TFLOP/s at {hw.efficiency:.0%} efficiency",
+             f"{'stage':>7} {'seq_len':>10} {'devices':>7} {'GiB/device':>10} {'aot GiB':>8} {'fits':>5} "
+             f"{'step s':>8} {'minutes':>8}"]
+    for s in stages:
+        aot = f"{s['aot_memory_bytes_per_device'] / gib:.2f}" if "aot_memory_bytes_per_device" in s else "-"
+        lines.append(f"{s['name']:>7} {s['seq_len']:>10,} {s['devices']:>7} {s['memory_bytes_per_device'] / gib:>10.2f} "
+                     f"{aot:>8} {'yes' if s['fits'] else 'NO':>5} {s['step_s']:>8.1f} {s['estimated_minutes']:>8.1f}")
+    _print_result(args, {"hardware": dataclasses.asdict(hw), "stages": stages}, lines)
     return 0
 
 
@@ -160,6 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "with ring attention on JAX.")
     parser.add_argument("--cpu-devices", type=int, metavar="N",
                         help="simulate N CPU devices (for meshes on a laptop); set before JAX starts")
+    group = parser.add_argument_group("multi-host (one process per host; TPU VMs and SLURM are detected)")
+    group.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0's coordinator")
+    group.add_argument("--num-processes", type=int, metavar="N", help="number of processes in the run")
+    group.add_argument("--process-id", type=int, metavar="I", help="this process's index, 0..N-1")
+    group.add_argument("--heartbeat-timeout", type=int, default=60, metavar="S",
+                       help="exit with an error when another process is silent this long (default 60)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("theta", help="RoPE theta for a target context length",
@@ -226,7 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ckpt", help="checkpoint folder (latest step is used)")
     p.add_argument("out", metavar="OUT.gguf", help="output file (must not exist unless --force)")
     p.add_argument("--tokenizer", metavar="DIR", required=True,
-                   help="Hugging Face tokenizer folder (tokenizer.json, tokenizer_config.json) matching the model's vocab")
+                   help="Hugging Face tokenizer folder (tokenizer.json, tokenizer_config.json); "
+                        "its vocab must match the model's")
     p.add_argument("--type", choices=("f32", "f16", "q8_0"), default="f16",
                    help="weight type of the matrices (default f16); q8_0 is 8-bit, about half of f16's size")
     p.add_argument("--force", action="store_true", help="overwrite OUT.gguf if it exists")
@@ -247,6 +299,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", metavar="START:END", help="write a JAX profiler trace of these steps to WORKDIR/profile")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("plan", help="memory and time per stage and device, on paper or compiled",
+                       description="Per stage and device: params, optimizer state, gradients, activations kept "
+                                   "by the remat policy, ring buffers, the loss chunk, the total and whether it "
+                                   "fits; estimated step time from FLOPs and link bandwidths. --aot compiles the "
+                                   "real train step for each stage's mesh on simulated CPU devices (nothing runs) "
+                                   "and reports XLA's per-device memory next to the analytic figure.")
+    p.add_argument("recipe", help="recipe YAML")
+    p.add_argument("--stage", metavar="NAME", help="plan only this stage")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe key")
+    p.add_argument("--devices", type=int, metavar="N", help="device count for every stage (default: each stage's mesh)")
+    p.add_argument("--hardware", default="L40S", help="device kind: L40S (default), H100, A100, 'TPU v5p'")
+    p.add_argument("--device-memory", type=float, metavar="GIB", help="override the device memory")
+    p.add_argument("--peak-tflops", type=float, metavar="F", help="override the dense bf16 peak per device")
+    p.add_argument("--efficiency", type=float, metavar="X", help="fraction of peak reached (default 0.4)")
+    p.add_argument("--aot", action="store_true", help="also compile each stage with XLA (slow for large meshes)")
+    p.add_argument("--aot-worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_plan)
 
     _register_groups(sub)
     return parser
@@ -277,6 +348,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.cpu_devices < 1:
                 raise UserError(f"--cpu-devices={args.cpu_devices} must be >= 1")
             set_cpu_devices(args.cpu_devices)
+        from lwm_jax.parallel.distributed import initialize
+
+        initialize(args.coordinator, args.num_processes, args.process_id, args.heartbeat_timeout)
         return args.func(args)
     except UserError as err:
         print(f"lwm-jax: error: {err}", file=sys.stderr)

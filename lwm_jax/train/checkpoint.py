@@ -9,7 +9,6 @@ processes) restores onto any other.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -141,10 +140,20 @@ class TrainCheckpointer:
             force=True)
 
     def restore(self, step: int, params_target, opt_target, data_iterator):
-        """Restores `(params, opt_state, metadata)` and the data iterator's position in place."""
+        """Restores `(params, opt_state, metadata)` and the data iterator's position in place.
+
+        Each process restores its own iterator file; when the process count changed, any saved
+        file serves, since the pipeline's stream (and so its position) does not depend on it.
+        """
         restored = self.manager.restore(step, args=ocp.args.Composite(
             params=ocp.args.StandardRestore(params_target), opt_state=ocp.args.StandardRestore(opt_target),
-            data=grain.checkpoint.CheckpointRestore(data_iterator), metadata=ocp.args.JsonRestore()))
+            metadata=ocp.args.JsonRestore()))
+        data_dir = Path(self.manager.directory) / str(step) / "data"
+        own = data_dir / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        saved = sorted(data_dir.glob("process_*-of-*.json"))
+        if not own.is_file() and not saved:
+            raise UserError(f"checkpoint step {step} in {self.manager.directory} has no data-iterator state")
+        data_iterator.set_state((own if own.is_file() else saved[0]).read_bytes())
         return restored["params"], restored["opt_state"], dict(restored["metadata"])
 
     def wait(self) -> None:
@@ -154,5 +163,3 @@ class TrainCheckpointer:
         self.manager.close()
 
 
-def read_json(path: Path) -> dict[str, Any] | None:
-    return json.loads(path.read_text()) if path.is_file() else None

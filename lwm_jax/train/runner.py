@@ -69,10 +69,16 @@ def _init_source(stage: StageConfig, recipe: RecipeConfig) -> ModelConfig:
     return source
 
 
-def plan_recipe(recipe: RecipeConfig, num_devices: int) -> list[StagePlan]:
-    """Resolves theta, mesh and model per stage and checks everything that can fail before compiling."""
+def plan_recipe(recipe: RecipeConfig, num_devices: int | None, check_sources: bool = True) -> list[StagePlan]:
+    """Resolves theta, mesh and model per stage and checks everything that can fail before compiling.
+
+    `num_devices=None` sizes each stage by its own mesh (which then may not use -1), as the planner
+    does for recipes whose stages run on different clusters. `check_sources=False` skips looking at
+    init folders (planning on a machine that does not hold the weights).
+    """
     plans = []
-    previous = _init_source(recipe.stages[0], recipe)
+    first = recipe.stages[0]
+    previous = _init_source(first, recipe) if check_sources else recipe.model
     prev_theta, prev_len = previous.rope_theta, previous.max_position_embeddings
     for index, stage in enumerate(recipe.stages):
         where = f"stages.{stage.name}"
@@ -82,9 +88,12 @@ def plan_recipe(recipe: RecipeConfig, num_devices: int) -> list[StagePlan]:
             theta = float(stage.rope_theta)
         if not (theta > 0 and math.isfinite(theta)):
             raise UserError(f"{where}.rope_theta resolves to {theta}; it must be > 0")
-        if index > 0 and stage.init_from != "previous":
+        if check_sources and index > 0 and stage.init_from != "previous":
             _init_source(stage, recipe)  # checks the folder exists and its shapes match
-        mesh = (stage.mesh or recipe.mesh).resolve(num_devices)
+        mesh_cfg = stage.mesh or recipe.mesh
+        if num_devices is None and -1 in mesh_cfg.shape:
+            raise UserError(f"{where}: mesh {mesh_cfg.spec()} has a -1 axis; give the device count (--devices)")
+        mesh = mesh_cfg.resolve(num_devices if num_devices is not None else math.prod(mesh_cfg.shape))
         model = recipe.model.replace(rope_theta=theta, max_position_embeddings=stage.seq_len,
                                      remat=stage.remat or recipe.model.remat)
         _check_stage(where, stage, model, mesh)
@@ -123,28 +132,40 @@ def _check_data(recipe: RecipeConfig, plan: StagePlan) -> None:
 
 
 def recipe_fingerprint(recipe: RecipeConfig) -> str:
+    """Hash of what the recipe computes; meshes are left out, so a run may resume on another mesh."""
     data = to_dict(dataclasses.replace(recipe, data=None))
     data["data"] = to_dict(recipe.data) if recipe.data is not None else None
+    data.pop("mesh")
+    for stage in data["stages"]:
+        stage.pop("mesh")
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def prepare_workdir(workdir: Path, recipe: RecipeConfig) -> None:
-    """Creates the workdir, or checks that an existing one was made by this same recipe."""
+    """Creates the workdir, or checks that an existing one was made by this same recipe.
+
+    Process 0 checks and writes `recipe.json`; the others wait for it at a barrier.
+    """
     marker = workdir / "recipe.json"
     fingerprint = recipe_fingerprint(recipe)
-    if marker.is_file():
-        saved = json.loads(marker.read_text())
-        if saved.get("fingerprint") != fingerprint:
-            raise UserError(f"workdir {workdir} was made by a different recipe ({saved.get('name')!r}, "
-                            f"fingerprint {saved.get('fingerprint')} vs {fingerprint}); use another --workdir")
-        return
-    if workdir.exists() and any(workdir.iterdir()):
-        raise UserError(f"workdir {workdir} is not empty and holds no recipe.json; use another --workdir")
     if jax.process_index() == 0:
-        workdir.mkdir(parents=True, exist_ok=True)
-        data = to_dict(dataclasses.replace(recipe, data=None))
-        data["data"] = to_dict(recipe.data) if recipe.data is not None else None
-        marker.write_text(json.dumps({"name": recipe.name, "fingerprint": fingerprint, "recipe": data}, indent=2))
+        if marker.is_file():
+            saved = json.loads(marker.read_text())
+            if saved.get("fingerprint") != fingerprint:
+                raise UserError(f"workdir {workdir} was made by a different recipe ({saved.get('name')!r}, "
+                                f"fingerprint {saved.get('fingerprint')} vs {fingerprint}); use another --workdir")
+        elif workdir.exists() and any(workdir.iterdir()):
+            raise UserError(f"workdir {workdir} is not empty and holds no recipe.json; use another --workdir")
+        else:
+            workdir.mkdir(parents=True, exist_ok=True)
+            data = to_dict(dataclasses.replace(recipe, data=None))
+            data["data"] = to_dict(recipe.data) if recipe.data is not None else None
+            marker.write_text(json.dumps({"name": recipe.name, "fingerprint": fingerprint, "recipe": data},
+                                         indent=2))
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("lwm-jax workdir ready")
 
 
 class _Preemption:
@@ -185,13 +206,15 @@ def _local_batch(batch: dict[str, np.ndarray], plan: StagePlan) -> dict[str, np.
 
 
 def _global_batch(local: dict[str, np.ndarray], sharding, plan: StagePlan) -> dict[str, jax.Array]:
-    shape_of = lambda v: (plan.stage.grad_accum, plan.stage.batch_size, v.shape[-1])  # noqa: E731
-    return {k: jax.make_array_from_process_local_data(sharding, v, shape_of(v)) for k, v in local.items()}
+    """Global `[A, B, seq]` arrays from this process's rows (all of seq, its share of B)."""
+    shape = (plan.stage.grad_accum, plan.stage.batch_size, plan.stage.seq_len)
+    return {k: jax.make_array_from_process_local_data(sharding, v, shape) for k, v in local.items()}
 
 
 def _param_l2(params) -> float:
-    return float(math.sqrt(sum(float(np.sum(np.square(np.asarray(jax.device_get(x), np.float64))))
-                               for x in jax.tree.leaves(params))))
+    """L2 norm of all params (per-array sums on device, total in float64 on the host)."""
+    sums = jax.jit(lambda tree: [jax.numpy.sum(jax.numpy.square(x)) for x in jax.tree.leaves(tree)])(params)
+    return float(math.sqrt(sum(float(x) for x in jax.device_get(sums))))
 
 
 def _initial_params(plan: StagePlan, recipe: RecipeConfig, workdir: Path, mesh):
@@ -225,6 +248,7 @@ def run_stage(plan: StagePlan, recipe: RecipeConfig, workdir: Path, writer, prof
               global_step: int) -> tuple[dict[str, Any], int]:
     """Trains one stage to its last step (resuming if it has checkpoints); returns its summary."""
     from lwm_jax.data.pipeline import build_iterator
+    from lwm_jax.parallel.distributed import data_share
     from lwm_jax.parallel.mesh import make_mesh
     from lwm_jax.train.checkpoint import TrainCheckpointer, model_metadata, params_target
     from lwm_jax.train.metrics import flops_per_token, peak_flops
@@ -236,8 +260,6 @@ def run_stage(plan: StagePlan, recipe: RecipeConfig, workdir: Path, writer, prof
     opt_cfg = stage.optimizer_config
     tx = make_optimizer(opt_cfg, stage.steps)
     schedule = make_schedule(opt_cfg, stage.steps)
-    data_iter = build_iterator(recipe.data, seq_len=stage.seq_len, global_batch_size=stage.batch_size * stage.grad_accum,
-                               seed=recipe.seed)
     checkpointer = TrainCheckpointer(stage_dir / "checkpoints", keep=stage.keep_checkpoints,
                                      save_interval=stage.checkpoint_every)
     metadata = model_metadata(plan.model, stage=plan.name, seq_len=stage.seq_len, recipe=recipe.name,
@@ -248,6 +270,10 @@ def run_stage(plan: StagePlan, recipe: RecipeConfig, workdir: Path, writer, prof
 
     with jax.set_mesh(mesh):
         fns = build_step(plan.model, tx, mesh, recipe.loss_chunk, document_mask=recipe.data.document_mask)
+        share, shares = data_share(fns.batch_sharding, (stage.grad_accum, stage.batch_size, stage.seq_len), 1)
+        data_iter = build_iterator(recipe.data, seq_len=stage.seq_len, seed=recipe.seed,
+                                   global_batch_size=stage.batch_size * stage.grad_accum,
+                                   process_index=share, process_count=shares)
         start = checkpointer.latest_step()
         if start is not None:
             p_target = params_target(plan.model, mesh)
@@ -260,10 +286,11 @@ def run_stage(plan: StagePlan, recipe: RecipeConfig, workdir: Path, writer, prof
             start = 0
             params = _initial_params(plan, recipe, workdir, mesh)
             opt_state = fns.init_opt_state(params)
+            param_l2 = _param_l2(params)  # a collective: every process computes it
             if is_main:
                 stage_dir.mkdir(parents=True, exist_ok=True)
                 (stage_dir / START_FILE).write_text(json.dumps({
-                    "init_from": stage.init_from, "param_l2": _param_l2(params), "rope_theta": plan.model.rope_theta,
+                    "init_from": stage.init_from, "param_l2": param_l2, "rope_theta": plan.model.rope_theta,
                     "seq_len": stage.seq_len}, indent=2))
         log(f"stage {plan.name}: seq_len {stage.seq_len:,}, theta {plan.model.rope_theta:,.0f}, "
             f"mesh {plan.mesh.spec()}, {stage.steps} steps of {stage.tokens_per_step:,} tokens")

@@ -1,0 +1,195 @@
+"""Memory and time planner: per stage and per device, what a recipe needs, on paper and (with
+`--aot`) as XLA compiles it on simulated CPU devices (nothing runs).
+
+The analytic model counts, per device: float32 params, AdamW moments and gradients under the
+logical sharding rules; the layer inputs the remat policy keeps (one `[batch, seq, embed]` per
+layer for `full`, plus the saved matmul outputs for `dots` policies); one layer's recomputed
+working set; the ring's KV blocks in flight and float32 accumulators; one loss chunk of logits;
+and the batch. Step time is FLOPs (the MFU convention of `train.metrics`, plus the recompute of
+`full` remat) at the given peak and efficiency, against the ring's KV traffic and the FSDP weight
+gathers at the given link bandwidths; the larger of compute and communication is taken (they
+overlap).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import numpy as np
+
+from lwm_jax.config import MESH_AXES, MeshConfig, ModelConfig, RecipeConfig
+from lwm_jax.parallel.mesh import LOGICAL_RULES
+
+GIB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class Hardware:
+    """One device kind: memory, dense bf16 peak, link bandwidths (GB/s, one direction)."""
+
+    name: str = "L40S"
+    memory_gib: float = 48.0
+    peak_tflops: float = 362.0
+    efficiency: float = 0.4  # fraction of peak a well-tuned step reaches
+    intra_node_gbps: float = 32.0  # PCIe 4.0 x16 (L40S has no NVLink)
+    inter_node_gbps: float = 50.0  # 400 Gb/s per node
+    devices_per_node: int = 8
+
+
+HARDWARE = {
+    "L40S": Hardware(),
+    "H100": Hardware("H100", 80.0, 989.0, 0.4, 450.0, 50.0, 8),
+    "A100": Hardware("A100", 80.0, 312.0, 0.4, 300.0, 25.0, 8),
+    "TPU v5p": Hardware("TPU v5p", 95.0, 459.0, 0.45, 200.0, 200.0, 4),
+}
+
+
+def _shard_factor(logical_axes: tuple[str | None, ...], mesh: MeshConfig) -> int:
+    sizes = dict(zip(MESH_AXES, mesh.shape))
+    used: set[str] = set()
+    factor = 1
+    for name in logical_axes:
+        rule = LOGICAL_RULES.get(name) if name else None
+        for axis in (rule,) if isinstance(rule, str) else tuple(rule or ()):
+            if axis not in used:
+                used.add(axis)
+                factor *= sizes[axis]
+    return factor
+
+
+def param_bytes_per_device(model: ModelConfig, mesh: MeshConfig) -> int:
+    """Float32 param bytes one device holds under the logical sharding rules."""
+    d, hd, f, v, L = model.hidden_size, model.head_dim, model.intermediate_size, model.vocab_size, model.num_layers
+    shapes = [
+        ((v, d), ("vocab", "embed")),
+        ((L, d, model.num_heads, hd), ("layers", "embed", "heads", "head_dim")),
+        ((L, d, model.num_kv_heads, hd), ("layers", "embed", "kv_heads", "head_dim")),
+        ((L, d, model.num_kv_heads, hd), ("layers", "embed", "kv_heads", "head_dim")),
+        ((L, model.num_heads, hd, d), ("layers", "heads", "head_dim", "embed")),
+        ((L, d, f), ("layers", "embed", "mlp")),
+        ((L, d, f), ("layers", "embed", "mlp")),
+        ((L, f, d), ("layers", "mlp", "embed")),
+        ((L, d), ("layers", "norm")),
+        ((L, d), ("layers", "norm")),
+        ((d,), ("norm",)),
+    ]
+    if not model.tie_word_embeddings:
+        shapes.append(((d, v), ("embed", "vocab")))
+    return sum(4 * math.prod(shape) // _shard_factor(axes, mesh) for shape, axes in shapes)
+
+
+def memory_per_device(model: ModelConfig, mesh: MeshConfig, seq_len: int, batch_size: int, grad_accum: int,
+                      loss_chunk: int) -> dict[str, int]:
+    """Analytic bytes per device by component (see the module docstring)."""
+    dt = np.dtype(model.dtype).itemsize
+    d, hd, f, L = model.hidden_size, model.head_dim, model.intermediate_size, model.num_layers
+    hq, hkv = model.num_heads // mesh.tp, model.num_kv_heads // mesh.tp
+    b = max(batch_size // (mesh.dp * mesh.fsdp), 1)
+    s = seq_len // mesh.sp
+    tokens = b * s
+    params = param_bytes_per_device(model, mesh)
+    saved_per_layer = {"full": d, "offload": d, "dots": d + hd * (2 * hq + 2 * hkv) + 2 * f + d,
+                       "dots_no_batch": d + hd * (2 * hq + 2 * hkv) + 2 * f + d,
+                       "none": 3 * d + hd * (3 * hq + 2 * hkv) + 4 * f}[model.remat]
+    activations = L * tokens * saved_per_layer * dt
+    # One layer recomputed in the backward pass: its forward values and their cotangents.
+    layer_work = 2 * tokens * (3 * d + hd * (2 * hq + 2 * hkv) + 3 * f) * dt
+    # Ring: KV block held + in flight (fwd); KV + dK/dV in flight and float32 accumulators (bwd).
+    ring = tokens * hkv * hd * (4 * dt + 4 * 4) + tokens * hq * (hd + 1) * 4 * 2
+    chunk = min(loss_chunk, seq_len) // mesh.sp if seq_len >= loss_chunk else s
+    loss = 3 * b * chunk * (model.vocab_size // mesh.tp) * 4
+    batch = 5 * grad_accum * tokens * 4
+    out = {"params": params, "optimizer": 2 * params, "gradients": params * (2 if grad_accum > 1 else 1),
+           "activations": activations, "layer_recompute": layer_work, "ring_buffers": ring,
+           "loss_chunk": loss, "batch": batch}
+    out["total"] = sum(out.values())
+    return out
+
+
+def step_seconds(model: ModelConfig, mesh: MeshConfig, seq_len: int, batch_size: int, grad_accum: int,
+                 hw: Hardware) -> dict[str, float]:
+    """Estimated seconds per optimizer step: compute vs. ring and FSDP communication."""
+    from lwm_jax.train.metrics import flops_per_token
+
+    devices = math.prod(mesh.shape)
+    tokens = seq_len * batch_size * grad_accum
+    recompute = 8 / 6 if model.remat in ("full", "offload") else 1.0
+    flops = flops_per_token(model, seq_len) * tokens * recompute
+    compute = flops / (devices * hw.peak_tflops * 1e12 * hw.efficiency)
+    dt = np.dtype(model.dtype).itemsize
+    b = max(batch_size // (mesh.dp * mesh.fsdp), 1)
+    kv_bytes = b * (seq_len // mesh.sp) * 2 * (model.num_kv_heads // mesh.tp) * model.head_dim * dt
+    # Per layer: KV around the ring forward, KV + dK/dV backward (and the forward again under remat).
+    passes = 3 + (1 if recompute > 1 else 0)
+    ring_bytes = model.num_layers * passes * (mesh.sp - 1) * kv_bytes * grad_accum
+    link = hw.inter_node_gbps if mesh.sp > hw.devices_per_node else hw.intra_node_gbps
+    ring = ring_bytes / (link * 1e9)
+    shards = mesh.fsdp * mesh.sp
+    weights = param_bytes_per_device(model, mesh) * shards * dt / 4
+    fsdp_bytes = 3 * weights * (shards - 1) / shards * grad_accum  # gather fwd, gather bwd, reduce-scatter
+    fsdp_link = hw.inter_node_gbps if shards > hw.devices_per_node else hw.intra_node_gbps
+    fsdp = fsdp_bytes / (fsdp_link * 1e9) if shards > 1 else 0.0
+    return {"compute_s": compute, "ring_s": ring, "fsdp_s": fsdp, "step_s": max(compute, ring + fsdp),
+            "flops": flops}
+
+
+def plan_stage(model: ModelConfig, mesh: MeshConfig, seq_len: int, batch_size: int, grad_accum: int, steps: int,
+               loss_chunk: int, hw: Hardware) -> dict[str, Any]:
+    memory = memory_per_device(model, mesh, seq_len, batch_size, grad_accum, loss_chunk)
+    time = step_seconds(model, mesh, seq_len, batch_size, grad_accum, hw)
+    return {"memory": memory, "memory_bytes_per_device": memory["total"],
+            "fits": memory["total"] <= hw.memory_gib * GIB, "step_s": time["step_s"], "time": time,
+            "estimated_minutes": time["step_s"] * steps / 60}
+
+
+def plan_recipe_stages(recipe: RecipeConfig, hw: Hardware, devices: int | None = None,
+                       only_stage: str | None = None) -> list[dict[str, Any]]:
+    """One analytic plan per stage, each on its own mesh (or all on `devices`)."""
+    from lwm_jax.train.runner import plan_recipe
+
+    out = []
+    for plan in plan_recipe(recipe, devices, check_sources=False):
+        if only_stage not in (None, plan.name):
+            continue
+        stage = plan.stage
+        result = plan_stage(plan.model, plan.mesh, stage.seq_len, stage.batch_size, stage.grad_accum, stage.steps,
+                            recipe.loss_chunk, hw)
+        out.append({"name": plan.name, "seq_len": stage.seq_len, "devices": math.prod(plan.mesh.shape),
+                    "mesh": plan.mesh.spec(), "remat": plan.model.remat, **result})
+    return out
+
+
+def aot_memory(recipe: RecipeConfig, stage_name: str, devices: int | None = None) -> dict[str, int]:
+    """XLA's per-device memory of the stage's real train step, compiled for its mesh, never run.
+
+    Needs as many (simulated) devices as the stage's mesh has; the CLI starts a process per stage
+    with `--cpu-devices` set accordingly.
+    """
+    import jax
+
+    from lwm_jax.parallel.mesh import make_mesh
+    from lwm_jax.train.checkpoint import params_target
+    from lwm_jax.train.optimizer import make_optimizer
+    from lwm_jax.train.runner import plan_recipe
+    from lwm_jax.train.step import BATCH_KEYS, build_step
+
+    plan = next(p for p in plan_recipe(recipe, devices, check_sources=False) if p.name == stage_name)
+    stage = plan.stage
+    mesh = make_mesh(plan.mesh, devices=jax.devices()[: math.prod(plan.mesh.shape)])
+    tx = make_optimizer(stage.optimizer_config, stage.steps)
+    with jax.set_mesh(mesh):
+        fns = build_step(plan.model, tx, mesh, recipe.loss_chunk, document_mask=recipe.data.document_mask)
+        p_abs = params_target(plan.model, mesh)
+        o_abs = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                             jax.eval_shape(tx.init, p_abs), fns.opt_shardings)
+        shape = (stage.grad_accum, stage.batch_size, stage.seq_len)
+        b_abs = {k: jax.ShapeDtypeStruct(shape, np.float32 if k == "loss_weights" else np.int32,
+                                         sharding=fns.batch_sharding) for k in BATCH_KEYS}
+        compiled = fns.train_step.lower(p_abs, o_abs, b_abs).compile()
+    mem = compiled.memory_analysis()
+    total = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+             - mem.alias_size_in_bytes)
+    return {"total": int(total), "arguments": int(mem.argument_size_in_bytes), "outputs": int(mem.output_size_in_bytes),
+            "temp": int(mem.temp_size_in_bytes), "alias": int(mem.alias_size_in_bytes)}
