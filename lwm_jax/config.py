@@ -481,11 +481,11 @@ def recipe_dict(path: str | Path, overrides: list[str] = ()) -> dict[str, Any]:
         if parts[0] == "stages":
             _check(len(parts) >= 3 and parts[1] in stage_names,
                    f"override {item!r}: expected stages.<name>.<key> with name in {sorted(stage_names)}")
+    if isinstance(raw.get("model"), str):
+        raw["model"] = {"base": raw["model"]}  # so `model.KEY=VALUE` overrides apply on top of the file
     raw = apply_overrides(raw, list(overrides))
     raw["stages"] = list(raw["stages"].values())
     model = raw.get("model")
-    if isinstance(model, str):
-        model = {"base": model}
     _check(isinstance(model, dict), "recipe `model` must be a model YAML path or a mapping")
     if "base" in model:
         base = Path(model["base"])

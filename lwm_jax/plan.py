@@ -99,7 +99,7 @@ def memory_per_device(model: ModelConfig, mesh: MeshConfig, seq_len: int, batch_
     # Ring: KV block held + in flight (fwd); KV + dK/dV in flight and float32 accumulators (bwd).
     ring = tokens * hkv * hd * (4 * dt + 4 * 4) + tokens * hq * (hd + 1) * 4 * 2
     chunk = min(loss_chunk, seq_len) // mesh.sp if seq_len >= loss_chunk else s
-    loss = 3 * b * chunk * (model.vocab_size // mesh.tp) * 4
+    loss = 2 * b * chunk * (model.vocab_size // mesh.tp) * 4  # float32 logits and their cotangent
     batch = 5 * grad_accum * tokens * 4
     out = {"params": params, "optimizer": 2 * params, "gradients": params * (2 if grad_accum > 1 else 1),
            "activations": activations, "layer_recompute": layer_work, "ring_buffers": ring,

@@ -59,3 +59,14 @@ def test_mesh_parse_and_resolve():
         MeshConfig.parse("dp=2,sp=4").resolve(4)
     with pytest.raises(UserError, match="bad mesh item"):
         MeshConfig.parse("xp=2")
+
+
+def test_recipe_overrides_reach_a_model_given_by_path():
+    from lwm_jax.config import load_recipe
+
+    recipe = load_recipe(ROOT / "configs/recipes/gradient_1048k.yaml",
+                         ["model.remat=none", "stages.65K.steps=3", "mesh.dp=2"])
+    assert recipe.model.remat == "none" and recipe.model.num_layers == 32
+    assert recipe.stage("65K").steps == 3 and recipe.mesh.dp == 2
+    with pytest.raises(UserError, match="expected stages.<name>.<key>"):
+        load_recipe(ROOT / "configs/recipes/gradient_1048k.yaml", ["stages.nope.steps=3"])
