@@ -91,18 +91,229 @@ def cmd_eval_ppl(args) -> int:
     from lwm_jax.eval.perplexity import load_tokens, mean_nll
     from lwm_jax.train.checkpoint import load_model, read_metadata
 
-    vocab = read_metadata(args.ckpt)["model"]["vocab_size"]
-    tokens = load_tokens(args.tokens, vocab)
+    if (args.tokens is None) == (args.data is None):
+        raise UserError("give exactly one of --tokens FILE.npy or --data FILE|DIR ...")
+    meta = read_metadata(args.ckpt)
+    vocab = meta["model"]["vocab_size"]
+    if args.tokens is not None:
+        tokens = load_tokens(args.tokens, vocab)
+    else:
+        from lwm_jax.eval.perplexity import load_eval_data
+
+        tokens = load_eval_data(args.data, args.seq_len or meta["max_position_embeddings"], args.num_sequences,
+                                vocab, args.tokenizer)
     mesh = _mesh(args)
     if args.attention == "ring" and mesh is None:
         raise UserError("--attention ring needs a mesh with an sp axis, e.g. --mesh dp=2,sp=4")
     import jax
 
+    if args.data is not None or args.buckets is not None or args.out is not None:
+        return _ppl_by_position(args, tokens, mesh)
     with jax.set_mesh(mesh) if mesh is not None else _nullcontext():
         model, _ = load_model(args.ckpt, mesh=mesh, **_runtime(args))
         nll, count = mean_nll(model, tokens, mesh=mesh)
     _print_result(args, {"mean_nll": nll, "tokens": count},
                   [f"mean NLL {nll:.6f} over {count:,} predicted tokens (perplexity {_exp(nll):.3f})"])
+    return 0
+
+
+def _ppl_by_position(args, tokens, mesh) -> int:
+    """`eval ppl` with --data / --buckets / --out: loss per position bucket, JSON and a PNG curve."""
+    import jax
+
+    from lwm_jax.eval.perplexity import nll_by_position, parse_buckets
+    from lwm_jax.train.checkpoint import load_model
+
+    edges = parse_buckets(args.buckets, tokens.shape[1])
+    with jax.set_mesh(mesh) if mesh is not None else _nullcontext():
+        model, _ = load_model(args.ckpt, mesh=mesh, **_runtime(args))
+        result = nll_by_position(model, tokens, edges, mesh=mesh)
+    result.update(sequences=int(tokens.shape[0]), seq_len=int(tokens.shape[1]))
+    if args.out:
+        from lwm_jax.eval.plots import line_plot
+
+        os.makedirs(args.out, exist_ok=True)
+        result["files"] = {"json": os.path.join(args.out, "ppl.json"), "png": os.path.join(args.out, "ppl.png")}
+        with open(result["files"]["json"], "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=1)
+        full = [b for b in result["buckets"] if b["mean_nll"] is not None]
+        line_plot({"mean NLL": ([b["end"] for b in full], [b["mean_nll"] for b in full])}, result["files"]["png"],
+                  f"loss by position: {os.path.basename(os.path.abspath(args.ckpt))}",
+                  "position (bucket end, tokens)", "mean NLL", logx=True)
+    lines = [f"{'positions':>22} {'tokens':>10} {'mean NLL':>9}"]
+    for b in result["buckets"]:
+        nll = f"{b['mean_nll']:.4f}" if b["mean_nll"] is not None else "-"
+        lines.append(f"{b['start']:>10,} - {b['end']:>9,} {b['tokens']:>10,} {nll:>9}")
+    lines.append(f"mean NLL {result['mean_nll']:.6f} over {result['tokens']:,} predicted tokens "
+                 f"(perplexity {_exp(result['mean_nll']):.3f})")
+    _print_result(args, result, lines)
+    return 0
+
+
+def _probe_command(args, task: str) -> int:
+    """Shared body of `eval niah|passkey|ruler`: set up, run the probe grid, write JSON + PNG, print."""
+    from lwm_jax.eval.scoring import parse_depths, parse_lengths, setup_probes
+
+    lengths = parse_lengths(args.lengths)
+    mesh = _mesh(args)
+    import jax
+
+    with jax.set_mesh(mesh) if mesh is not None else _nullcontext():
+        s = setup_probes(args.ckpt, args.tokenizer, mesh=mesh, chat=args.chat, generate=args.generate,
+                         max_length=args.max_length, lengths=lengths, **_runtime(args))
+        common = dict(lengths=lengths, samples=args.samples, seed=args.seed, chat=s.chat, bos_id=s.info.bos_id,
+                      generate_fn=s.generate_fn)
+        if task == "niah":
+            from lwm_jax.eval.niah import DEFAULT_DEPTHS, load_haystacks, niah_eval
+
+            depths = parse_depths(args.depths) if args.depths else list(DEFAULT_DEPTHS)
+            stacks = load_haystacks(args.haystack, s.tokenizer, max(lengths))
+            result = niah_eval(s.logits_fn, s.tokenizer, depths=depths, haystacks=stacks, **common)
+        elif task == "passkey":
+            from lwm_jax.eval.passkey import DEFAULT_DEPTHS, passkey_eval
+
+            depths = parse_depths(args.depths) if args.depths else list(DEFAULT_DEPTHS)
+            result = passkey_eval(s.logits_fn, s.tokenizer, depths=depths, **common)
+        else:
+            from lwm_jax.eval.ruler import ruler_eval
+
+            result = ruler_eval(s.logits_fn, s.tokenizer, tasks=args.tasks.split(",") if args.tasks else None,
+                                **common)
+    from lwm_jax.eval.niah import write_results
+
+    result["checkpoint"] = os.path.abspath(args.ckpt)
+    result["files"] = write_results(result, args.out, task, f"{task}: {os.path.basename(os.path.abspath(args.ckpt))}",
+                                    heatmap=task != "passkey")
+    lines = [f"{task} exact match by length (teacher-forced):"]
+    lines += [f"  {int(n):>10,}  {score:6.1%}" for n, score in result["by_length"].items()]
+    if "generated_by_length" in result:
+        lines += ["generated:"] + [f"  {int(n):>10,}  {v:6.1%}" for n, v in result["generated_by_length"].items()]
+    lines.append(f"overall {result['score']:.1%}; wrote {', '.join(result['files'].values())}")
+    summary = {k: v for k, v in result.items() if k != "cells"}
+    if task == "ruler":
+        summary["by_task"] = result["by_task"]
+    _print_result(args, summary, lines)
+    return 0
+
+
+def cmd_eval_niah(args) -> int:
+    return _probe_command(args, "niah")
+
+
+def cmd_eval_passkey(args) -> int:
+    return _probe_command(args, "passkey")
+
+
+def cmd_eval_ruler(args) -> int:
+    return _probe_command(args, "ruler")
+
+
+def _add_probe_parsers(evals) -> None:
+    """The `eval niah|passkey|ruler` sub-parsers (same model/tokenizer/mesh options)."""
+    about = {
+        "niah": ("needle-in-a-haystack heatmap over lengths x depths",
+                 "Hides 'One of the special magic numbers for KEY is: NNNNNNN.' at a sentence boundary of a "
+                 "haystack (the demo corpus's docstrings by default, or --haystack files; never repeated), asks "
+                 "for it, and scores the 7-digit answer teacher-forced (every answer token the argmax). The "
+                 "total length (chat template, question and answer included) is the asked length. Writes "
+                 "OUT/niah.json (every cell and sample) and OUT/niah.png (x: length, y: depth %, colour: score)."),
+        "passkey": ("passkey retrieval accuracy by length",
+                    "The classic task: a random 5-digit pass key inside repeated filler text at several depths, "
+                    "scored by exact match (teacher-forced). Writes OUT/passkey.json and OUT/passkey.png."),
+        "ruler": ("RULER subset: multi-needle, variable tracking, common words",
+                  "RULER-style tasks (niah_single, niah_multikey, niah_multivalue, niah_multiquery, vt, cwe) "
+                  "scored by exact match, by length. Writes OUT/ruler.json and OUT/ruler.png (task x length)."),
+    }
+    for name, (help_text, description) in about.items():
+        e = evals.add_parser(name, help=help_text, description=description)
+        e.add_argument("ckpt", help="checkpoint folder")
+        e.add_argument("--tokenizer", required=True, metavar="DIR", help="tokenizer folder (tokenizer.json)")
+        e.add_argument("--lengths", required=True, help="total context lengths in tokens, e.g. 1K,4K,16K")
+        if name != "ruler":
+            e.add_argument("--depths", help="needle depths in percent (default: 0,10,...,100 for niah; "
+                                            "0,25,50,75,100 for passkey)")
+        else:
+            e.add_argument("--tasks", help="comma-separated subset of the tasks (default: all)")
+        if name == "niah":
+            e.add_argument("--haystack", nargs="+", metavar="FILE",
+                           help="haystack text files (.txt, or .jsonl[.zst|.gz] with a text field); sample k uses "
+                                "file k mod N (default: the demo corpus)")
+        e.add_argument("--samples", type=int, default=1, metavar="K", help="probes per cell (default 1)")
+        e.add_argument("--seed", type=int, default=0, help="seed of keys, numbers and needles (default 0)")
+        e.add_argument("--chat", action="store_true", help="wrap each probe in the tokenizer's chat template")
+        e.add_argument("--generate", action="store_true",
+                       help="also score the greedy generated answer (needs lwm_jax.generate)")
+        e.add_argument("--max-length", type=int, metavar="N",
+                       help="longest length accepted (default: the checkpoint's max_position_embeddings)")
+        e.add_argument("--out", required=True, metavar="DIR", help="output folder for JSON and PNG")
+        e.add_argument("--attention", choices=("reference", "blockwise", "ring"),
+                       help="attention implementation (default: the checkpoint's)")
+        e.add_argument("--mesh", help="device mesh, e.g. sp=8 (product = device count)")
+        e.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (default: the checkpoint's)")
+        e.add_argument("--json", action="store_true", help="print one JSON object")
+        e.set_defaults(func={"niah": cmd_eval_niah, "passkey": cmd_eval_passkey, "ruler": cmd_eval_ruler}[name])
+
+
+def cmd_generate(args) -> int:
+    from lwm_jax.generate import generate_command
+
+    sample = args.temperature is not None or args.top_p is not None
+    if sample and args.greedy:
+        raise UserError("--greedy cannot be combined with --temperature / --top-p (they sample)")
+    result = generate_command(args.ckpt, prompt=args.prompt, tokens=args.tokens, tokenizer=args.tokenizer,
+                              chat=args.chat, max_new_tokens=args.max_new_tokens, greedy=not sample,
+                              temperature=1.0 if args.temperature is None else args.temperature,
+                              top_p=1.0 if args.top_p is None else args.top_p, seed=args.seed,
+                              mesh=_mesh(args), attention=args.attention,
+                              device_memory_gib=args.device_memory)
+    text = result.get("text")
+    _print_result(args, result, [text if text is not None else " ".join(map(str, result["new_tokens"]))])
+    return 0
+
+
+def cmd_theta_sweep(args) -> int:
+    from lwm_jax.eval.perplexity import load_eval_data
+    from lwm_jax.eval.theta_sweep import theta_sweep
+    from lwm_jax.train.checkpoint import load_model, read_metadata
+
+    if args.candidates and args.search:
+        raise UserError("give --candidates or --search, not both")
+    candidates = None
+    if args.candidates:
+        try:
+            candidates = [float(x) for x in args.candidates.split(",")]
+        except ValueError:
+            raise UserError(f"--candidates {args.candidates!r} must be comma-separated numbers") from None
+    meta = read_metadata(args.ckpt)
+    tokens = load_eval_data(args.data, args.context, args.num_sequences, meta["model"]["vocab_size"], args.tokenizer)
+    mesh = _mesh(args)
+    if args.attention == "ring" and mesh is None:
+        raise UserError("--attention ring needs a mesh with an sp axis, e.g. --mesh sp=4")
+    import jax
+
+    with jax.set_mesh(mesh) if mesh is not None else _nullcontext():
+        model, _ = load_model(args.ckpt, mesh=mesh, **_runtime(args))
+        result = theta_sweep(model, tokens, context=args.context, candidates=candidates, search=args.search,
+                             num=args.num, span=args.span, iterations=args.iterations,
+                             orig_context=meta["max_position_embeddings"], mesh=mesh)
+    if args.out:
+        from lwm_jax.eval.plots import line_plot
+
+        os.makedirs(args.out, exist_ok=True)
+        result["files"] = {"json": os.path.join(args.out, "theta_sweep.json"),
+                           "png": os.path.join(args.out, "theta_sweep.png")}
+        with open(result["files"]["json"], "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=1)
+        pts = result["points"]
+        line_plot({"mean NLL": ([p["theta"] for p in pts], [p["mean_nll"] for p in pts])}, result["files"]["png"],
+                  f"theta sweep at context {args.context:,} (scaling law {result['center_theta']:,.0f})",
+                  "RoPE theta", "mean NLL", logx=True, mark_x=result["best_theta"])
+    lines = [f"{'theta':>18} {'mean NLL':>9}"]
+    lines += [f"{p['theta']:>18,.1f} {p['mean_nll']:>9.4f}{'  <- best' if p['theta'] == result['best_theta'] else ''}"
+              for p in result["points"]]
+    lines.append(f"best theta {result['best_theta']:,.1f} (scaling-law value {result['center_theta']:,.1f}, "
+                 f"trained at {result['trained_theta']:,.1f})")
+    _print_result(args, result, lines)
     return 0
 
 
@@ -254,19 +465,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_export_hf)
 
-    p = sub.add_parser("eval", help="evaluate a checkpoint (ppl)")
+    p = sub.add_parser("eval", help="evaluate a checkpoint (ppl, niah, passkey, ruler)")
     evals = p.add_subparsers(dest="eval_command", required=True, metavar="EVAL")
     e = evals.add_parser("ppl", help="mean next-token NLL on token sequences",
                          description="Mean next-token negative log-likelihood of CKPT on the "
                                      "[batch, seq] int token ids in --tokens FILE.npy.")
     e.add_argument("ckpt", help="checkpoint folder")
-    e.add_argument("--tokens", required=True, metavar="FILE.npy", help="int token ids [batch, seq]")
+    e.add_argument("--tokens", metavar="FILE.npy", help="int token ids [batch, seq]")
+    e.add_argument("--data", nargs="+", metavar="PATH",
+                   help="instead of --tokens: .npy, text or .jsonl[.zst|.gz] files (with --tokenizer) or prepared "
+                        "dataset folders, cut into --num-sequences x --seq-len tokens; reports loss by position")
+    e.add_argument("--tokenizer", metavar="DIR", help="tokenizer folder for text --data")
+    e.add_argument("--seq-len", type=int, help="sequence length for --data (default: max_position_embeddings)")
+    e.add_argument("--num-sequences", type=int, default=8, help="sequences for --data (default 8)")
+    e.add_argument("--buckets", help="loss by position bucket edges, e.g. 1024,4096,16384 (default: 0-1K, 1K-4K, "
+                                     "... x4 up to the sequence length)")
+    e.add_argument("--out", metavar="DIR", help="write ppl.json and ppl.png (loss by position) here")
     e.add_argument("--attention", choices=("reference", "blockwise", "ring"),
                    help="attention implementation (default: the checkpoint's)")
     e.add_argument("--mesh", help="device mesh, e.g. dp=2,sp=4 (product = device count)")
     e.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (default: the checkpoint's)")
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.set_defaults(func=cmd_eval_ppl)
+    _add_probe_parsers(evals)
 
     p = sub.add_parser("export-gguf", help="lwm-jax checkpoint -> GGUF file for llama.cpp",
                        description="Writes one GGUF file for llama.cpp (llama architecture): the weights "
@@ -284,6 +505,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite OUT.gguf if it exists")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_export_gguf)
+
+    p = sub.add_parser("generate", help="KV-cache generation from a checkpoint",
+                       description="Prefills the prompt (with ring attention over sp when --mesh has sp > 1) "
+                                   "and decodes with a KV cache sharded over sp, each device's partial softmax "
+                                   "combined across sp (flash-decoding). Stops at the model's EOS ids and, "
+                                   "with --tokenizer, <|eot_id|>.")
+    p.add_argument("ckpt", help="checkpoint folder (latest step is used)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", metavar="TEXT", help="prompt text (needs --tokenizer)")
+    src.add_argument("--tokens", metavar="FILE.npy", help="prompt token ids [seq] or [1, seq]")
+    p.add_argument("--tokenizer", metavar="DIR", help="Hugging Face tokenizer folder (tokenizer.json)")
+    p.add_argument("--chat", action="store_true", help="wrap --prompt as a user turn with the tokenizer's chat template")
+    p.add_argument("--max-new-tokens", type=int, default=256, metavar="N", help="tokens to generate (default 256)")
+    p.add_argument("--greedy", action="store_true", help="argmax decoding (the default)")
+    p.add_argument("--temperature", type=float, metavar="T", help="sample at this temperature (default 1 with --top-p)")
+    p.add_argument("--top-p", type=float, metavar="P", help="sample from the top-p mass (default 1 with --temperature)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--mesh", help="device mesh, e.g. dp=2,sp=4 (product = device count)")
+    p.add_argument("--attention", choices=("reference", "blockwise", "ring"),
+                   help="prefill attention (default: ring when the mesh has sp > 1, else blockwise)")
+    p.add_argument("--device-memory", type=float, metavar="GIB",
+                   help="memory of one device for the fits check (default: what the device reports)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("theta-sweep", help="loss at candidate RoPE thetas, without training",
+                       description="Long-context mean NLL of CKPT's weights at each candidate theta (only the "
+                                   "rotary base changes): --candidates, or NUM log-spaced values over "
+                                   "[c/SPAN, c*SPAN] around the scaling-law value c for --context, or --search "
+                                   "(golden-section in log theta over the same bracket). Prints a table and the "
+                                   "best theta; with --out writes theta_sweep.json and theta_sweep.png.")
+    p.add_argument("ckpt", help="checkpoint folder")
+    p.add_argument("--data", nargs="+", required=True, metavar="PATH",
+                   help=".npy, text or .jsonl[.zst|.gz] files (with --tokenizer) or prepared dataset folders")
+    p.add_argument("--context", type=int, required=True, help="sequence length to measure the loss at")
+    p.add_argument("--candidates", help="comma-separated thetas to try")
+    p.add_argument("--search", action="store_true", help="golden-section search in log theta")
+    p.add_argument("--num", type=int, default=7, help="log-spaced candidates (default 7)")
+    p.add_argument("--span", type=float, default=8.0, help="bracket factor around the scaling-law value (default 8)")
+    p.add_argument("--iterations", type=int, default=10, help="loss evaluations of --search (default 10)")
+    p.add_argument("--num-sequences", type=int, default=4, help="sequences of --context tokens (default 4)")
+    p.add_argument("--tokenizer", metavar="DIR", help="tokenizer folder for text --data")
+    p.add_argument("--attention", choices=("reference", "blockwise", "ring"),
+                   help="attention implementation (default: the checkpoint's)")
+    p.add_argument("--mesh", help="device mesh, e.g. sp=8 (product = device count)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (default: the checkpoint's)")
+    p.add_argument("--out", metavar="DIR", help="write theta_sweep.json and theta_sweep.png here")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_theta_sweep)
 
     p = sub.add_parser("train", help="run a progressive context-extension recipe",
                        description="Trains the stages of RECIPE in order (each from the previous stage's "

@@ -59,6 +59,22 @@ def test_round_trip_is_bit_identical(tmp_path, hf_llama, tie, shard):
     assert main(["import-hf", str(out), str(tmp_path / "ckpt2")]) == 0
 
 
+def test_import_onto_a_mesh_gives_the_same_logits(hf_llama):
+    import jax.numpy as jnp
+
+    from lwm_jax.config import MeshConfig
+    from lwm_jax.convert.hf import import_hf
+    from lwm_jax.parallel.mesh import make_mesh
+
+    hf_dir, _ = hf_llama(num_kv_heads=2)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, size=(2, 32)))
+    mesh = make_mesh(MeshConfig(fsdp=4, tp=2))
+    sharded = import_hf(hf_dir, mesh=mesh)
+    assert len(sharded.layers.mlp.up_proj.get_value().sharding.device_set) == 8
+    single = np.asarray(import_hf(hf_dir)(tokens))
+    assert np.abs(np.asarray(sharded(tokens)) - single).max() <= LOGIT_TOL
+
+
 def test_bfloat16_export_loads_in_transformers(tmp_path, hf_llama):
     hf_dir, hf_model = hf_llama()
     assert main(["import-hf", str(hf_dir), str(tmp_path / "c")]) == 0

@@ -162,7 +162,7 @@ def import_hf(hf_dir: str | Path, mesh=None, **runtime) -> Llama:
     if mesh is not None:
         from lwm_jax.parallel.mesh import state_shardings
 
-        shardings = nnx.to_flat_state(state_shardings(mesh, params))
+        shardings = dict(nnx.to_flat_state(state_shardings(mesh, params)))
     flat = nnx.to_flat_state(params)
     values = {}
     layer_map = _layer_map(cfg)

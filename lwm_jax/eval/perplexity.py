@@ -72,3 +72,136 @@ def mean_nll(model: Llama, tokens: np.ndarray, mesh=None) -> tuple[float, int]:
 
     value = run(model, *arrays)
     return float(value), batch * (seq - 1)
+
+
+# Loss by position and the --data sources ------------------------------------------------------
+
+
+def default_buckets(seq: int) -> list[int]:
+    """Bucket edges 0, 1K, 4K, 16K, ... (x4) up to `seq`; for short sequences, halvings of `seq`."""
+    edges = [0]
+    edge = 1024
+    while edge < seq:
+        edges.append(edge)
+        edge *= 4
+    if len(edges) < 3:  # short sequences: log-spaced halvings (seq/64, ..., seq/2)
+        edges = sorted({0, *(seq >> k for k in range(6, 0, -1) if seq >> k > 0)})
+    return edges + [seq]
+
+
+def parse_buckets(text: str | None, seq: int) -> list[int]:
+    """Edges from '1024,4096' (0 and `seq` added); the default when `text` is None."""
+    if not text:
+        return default_buckets(seq)
+    try:
+        inner = sorted({int(x) for x in text.split(",")})
+    except ValueError:
+        raise UserError(f"--buckets {text!r} must be comma-separated token positions, e.g. 1024,4096,16384") from None
+    if any(not 0 < x < seq for x in inner):
+        raise UserError(f"--buckets {text!r}: every edge must lie strictly between 0 and seq_len={seq}")
+    return [0, *inner, seq]
+
+
+def nll_by_position(model: Llama, tokens: np.ndarray, edges: list[int], mesh=None) -> dict:
+    """Mean NLL overall and per position bucket [edges[i], edges[i+1]).
+
+    The prediction made at position t (of token t+1, with t+1 tokens of context) falls in the
+    bucket holding t. One forward pass; each bucket is a masked chunked loss over the same hidden.
+    """
+    batch, seq = tokens.shape
+    if mesh is not None:
+        data_ways = mesh.shape["dp"] * mesh.shape["fsdp"]
+        if batch % data_ways:
+            raise UserError(f"batch={batch} is not divisible by dp*fsdp={data_ways} of the mesh")
+    positions = np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq))
+    targets = np.concatenate([tokens[:, 1:], np.zeros((batch, 1), np.int32)], axis=1)
+    valid = positions < seq - 1
+    weights = np.stack([(valid & (positions >= a) & (positions < b)).astype(np.float32)
+                        for a, b in zip(edges[:-1], edges[1:])])  # [buckets, batch, seq]
+    arrays = [tokens, np.ascontiguousarray(positions), targets]
+    if model.config.attention == "ring":
+        from lwm_jax.attention.layout import to_zigzag
+
+        sp = mesh.shape["sp"] if mesh is not None else 1
+        arrays = [to_zigzag(a, sp) for a in arrays]
+        weights = to_zigzag(weights, sp, axis=2)
+    if mesh is not None:
+        sharding = NamedSharding(mesh, logical_to_spec(("batch", "length"), mesh))
+        arrays = [jax.device_put(a, sharding) for a in arrays]
+        weights = jax.device_put(weights, NamedSharding(mesh, jax.sharding.PartitionSpec(
+            None, *logical_to_spec(("batch", "length"), mesh))))
+
+    @nnx.jit
+    def run(model, tokens, positions, targets, weights):
+        hidden = model.hidden(tokens, positions)
+        sums = [chunked_cross_entropy(hidden, model.output_weights(), targets, weights[i])
+                for i in range(weights.shape[0])]
+        return jnp.stack([s[0] for s in sums]), jnp.stack([s[1] for s in sums])
+
+    nll, count = (np.asarray(x, np.float64) for x in run(model, *arrays, weights))
+    buckets = [{"start": a, "end": b, "mean_nll": float(n / c) if c else None, "tokens": int(c)}
+               for a, b, n, c in zip(edges[:-1], edges[1:], nll, count)]
+    return {"mean_nll": float(nll.sum() / count.sum()), "tokens": int(count.sum()), "buckets": buckets}
+
+
+def load_eval_data(paths: list[str], seq_len: int, num_sequences: int, vocab_size: int,
+                   tokenizer_dir: str | None = None) -> np.ndarray:
+    """`[num_sequences, seq_len]` int32 tokens from .npy files, text / .jsonl[.zst|.gz] files
+    (BOS + document + EOS, needs a tokenizer) or prepared dataset folders, concatenated in order."""
+    need = seq_len * num_sequences
+    chunks: list[np.ndarray] = []
+    have = 0
+    tokenizer = info = None
+    for raw in paths:
+        if have >= need:
+            break
+        path = Path(raw)
+        if path.is_dir():
+            from array_record.python.array_record_module import ArrayRecordReader
+
+            from lwm_jax.data.manifest import load_manifest
+            from lwm_jax.data.packing import decode_record
+
+            for source in load_manifest(path)["sources"].values():
+                for shard in source["shard_paths"]:
+                    reader = ArrayRecordReader(shard)
+                    for i in range(reader.num_records()):
+                        record = decode_record(reader.read([i])[0])
+                        chunks.append(np.asarray(record.tokens[:record.n_real], np.int32))
+                        have += record.n_real
+                        if have >= need:
+                            break
+                    reader.close()
+                    if have >= need:
+                        break
+        elif path.suffix == ".npy":
+            chunks.append(load_tokens(path, vocab_size).reshape(-1))
+            have += chunks[-1].size
+        else:
+            if tokenizer_dir is None:
+                raise UserError(f"--data {path} is text: give --tokenizer DIR to tokenize it")
+            if tokenizer is None:
+                from lwm_jax.data.tokenize import get_tokenizer, load_tokenizer_info
+
+                info = load_tokenizer_info(tokenizer_dir)
+                tokenizer = get_tokenizer(info.tokenizer_file)
+            for text in _documents(path):
+                ids = tokenizer.encode(text, add_special_tokens=False).ids
+                chunks.append(np.asarray([info.bos_id, *ids, info.eos_id], np.int32))
+                have += chunks[-1].size
+                if have >= need:
+                    break
+    if have < need:
+        raise UserError(f"--data holds {have:,} tokens, fewer than {num_sequences} sequences x seq_len {seq_len:,} "
+                        f"= {need:,}; give more data, fewer --num-sequences or a shorter --seq-len")
+    tokens = np.concatenate(chunks)[:need].reshape(num_sequences, seq_len)
+    if tokens.min() < 0 or tokens.max() >= vocab_size:
+        raise UserError(f"--data holds token ids outside the model's vocab [0, {vocab_size})")
+    return tokens
+
+
+def _documents(path: Path) -> list[str]:
+    """The documents of a text file (the whole file) or of a .jsonl[.zst|.gz] file (its text fields)."""
+    from lwm_jax.eval.niah import read_documents
+
+    return read_documents(path)

@@ -52,19 +52,28 @@ class Attention(nnx.Module):
         self.v_proj = _param(rngs, (d, config.num_kv_heads, hd), ("embed", "kv_heads", "head_dim"), std)
         self.o_proj = _param(rngs, (config.num_heads, hd, d), ("heads", "head_dim", "embed"), std)
 
-    def __call__(self, x, positions, segment_ids):
-        cfg, dt = self.config, x.dtype
+    def qkv(self, x, positions):
+        """RoPE'd `q: [batch, seq, heads, head_dim]` and `k, v: [batch, seq, kv_heads, head_dim]`."""
+        dt = x.dtype
         q = jnp.einsum("bsd,dhk->bshk", x, self.q_proj[...].astype(dt))
         k = jnp.einsum("bsd,dhk->bshk", x, self.k_proj[...].astype(dt))
         v = jnp.einsum("bsd,dhk->bshk", x, self.v_proj[...].astype(dt))
         q = constrain(q, ("batch", "length", "act_heads", None))
         k = constrain(k, ("batch", "length", "act_kv_heads", None))
         v = constrain(v, ("batch", "length", "act_kv_heads", None))
-        inv_freq = model_inv_frequencies(cfg)
-        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        inv_freq = model_inv_frequencies(self.config)
+        return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
+
+    def project_out(self, out):
+        """`[batch, seq, embed]` from the attention output `[batch, seq, heads, head_dim]`."""
+        return jnp.einsum("bshk,hkd->bsd", out, self.o_proj[...].astype(out.dtype))
+
+    def __call__(self, x, positions, segment_ids):
+        cfg = self.config
+        q, k, v = self.qkv(x, positions)
         out = attention(q, k, v, segment_ids=segment_ids, positions=positions, causal=True,
                         impl=cfg.attention, block_size=cfg.attention_block_size)
-        return jnp.einsum("bshk,hkd->bsd", out, self.o_proj[...].astype(dt))
+        return self.project_out(out)
 
 
 class MLP(nnx.Module):
@@ -95,6 +104,14 @@ class DecoderLayer(nnx.Module):
         x = x + self.self_attn(self.input_layernorm(x), positions, segment_ids)
         x = x + self.mlp(self.post_attention_layernorm(x))
         return constrain(x, ("batch", "length", "act_embed"))
+
+    def run(self, x, positions, attend):
+        """`(x, aux)`: the layer with `attend(q, k, v) -> (out, aux)` as its attention (KV caches)."""
+        q, k, v = self.self_attn.qkv(self.input_layernorm(x), positions)
+        out, aux = attend(q, k, v)
+        x = x + self.self_attn.project_out(out)
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return constrain(x, ("batch", "length", "act_embed")), aux
 
 
 def _stack_layers(config: ModelConfig, rngs: nnx.Rngs) -> DecoderLayer:

@@ -1,0 +1,319 @@
+"""Shared machinery of the retrieval probes (NIAH, passkey, RULER): a probe as prompt + answer
+tokens built to an exact total length (chat template included), a Llama wrapped as a `logits_fn`,
+and teacher-forced / generated-answer scoring against any `logits_fn(ids) -> logits`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable
+
+import numpy as np
+from flax import nnx
+
+from lwm_jax.errors import UserError
+
+# `logits_fn(ids: int32 [seq]) -> float [k, vocab]`: logits of the last k positions (any k >= 1;
+# the scorer needs k >= len(answer) + 1). A Llama (`ModelLogits`) or a test oracle.
+LogitsFn = Callable[[np.ndarray], np.ndarray]
+_CHAT_MARK = "\x00LWM_CONTENT\x00"
+
+
+@dataclasses.dataclass(frozen=True)
+class Probe:
+    """One scored prompt: `prompt` then `answer_ids` is the whole sequence the model sees."""
+
+    task: str
+    prompt: np.ndarray  # int32 [prompt_len]
+    answer: str
+    answer_ids: list[int]
+    needle_start: int  # token span of the (first) needle inside `prompt`
+    needle_end: int
+    depth: float
+    actual_depth: float
+
+    @property
+    def length(self) -> int:
+        """Total tokens the model reads when teacher-forced: prompt + answer."""
+        return len(self.prompt) + len(self.answer_ids)
+
+
+class ChatWrap:
+    """The user turn and assistant header of a chat template, as token ids around a prompt body."""
+
+    def __init__(self, tokenizer, template_source: str, special_tokens: dict[str, str]):
+        from lwm_jax.data.chat import ChatTemplate
+
+        text = ChatTemplate(template_source, special_tokens).render(
+            [{"role": "user", "content": _CHAT_MARK}], add_generation_prompt=True)
+        if text.count(_CHAT_MARK) != 1:
+            raise UserError("the chat template does not render a user message verbatim; "
+                            "cannot build probes with --chat")
+        pre, post = text.split(_CHAT_MARK)
+        self.tokenizer = tokenizer
+        self.pre = tokenizer.encode(pre, add_special_tokens=False).ids
+        self.post = tokenizer.encode(post, add_special_tokens=False).ids
+
+    def wrap(self, body: list[int], question: str) -> tuple[list[int], int]:
+        """(ids, offset of `body` in ids): `question` split at its first '? ' into the user turn
+        (the question) and an assistant prefill (the answer prefix), so the answer follows it."""
+        ask, sep, prefill = question.partition("? ")
+        ask = ask + "?" if sep else ask
+        enc = lambda s: self.tokenizer.encode(s, add_special_tokens=False).ids  # noqa: E731
+        ids = self.pre + body + enc("\n" + ask) + self.post + (enc(prefill) if sep else [])
+        return ids, len(self.pre)
+
+
+def chat_wrap_for(tokenizer, info, chat: bool) -> ChatWrap | None:
+    """The `ChatWrap` of a tokenizer when `chat` is asked; a UserError when it has no template."""
+    if not chat:
+        return None
+    if info.chat_template is None:
+        raise UserError(f"tokenizer {info.directory} has no chat template (tokenizer_config.json chat_template or "
+                        "chat_template.jinja); drop --chat or use a tokenizer that has one")
+    return ChatWrap(tokenizer, info.chat_template, dict(info.special_tokens))
+
+
+def probe_from_sample(sample, chat: ChatWrap | None) -> Probe:
+    """A `Probe` from a `SyntheticSample` (plain: its ids as they are; chat: wrapped)."""
+    if chat is None:
+        return Probe(sample.task, np.asarray(sample.ids, np.int32), sample.answer, list(sample.answer_ids),
+                     sample.needle_start, sample.needle_end, sample.depth, sample.actual_depth)
+    ids, offset = chat.wrap(np.asarray(sample.ids[: sample.question_start]).tolist(), sample.question)
+    return Probe(sample.task, np.asarray(ids, np.int32), sample.answer, list(sample.answer_ids),
+                 sample.needle_start + offset, sample.needle_end + offset, sample.depth, sample.actual_depth)
+
+
+def build_to_length(make: Callable[[int], Probe], length: int) -> Probe:
+    """The probe whose total length (prompt + answer) is `length`: built once at `length`, then
+    rebuilt with the haystack shortened by what the template, question and answer added."""
+    probe = make(length)
+    extra = probe.length - length
+    if extra:
+        if length - extra <= 0:
+            raise UserError(f"length={length} is too short for this probe (needs at least {probe.length} tokens)")
+        probe = make(length - extra)
+    if abs(probe.length - length) > max(1, 0.01 * length):
+        raise UserError(f"could not build a probe of {length} tokens (got {probe.length})")
+    return probe
+
+
+def score_teacher_forced(logits_fn: LogitsFn, probe: Probe) -> tuple[float, float]:
+    """(exact 1.0/0.0: every answer token is the argmax, fraction of answer tokens that are)."""
+    n = len(probe.answer_ids)
+    ids = np.concatenate([probe.prompt, np.asarray(probe.answer_ids, np.int32)])
+    if hasattr(logits_fn, "ensure_tail"):  # a `ModelLogits`: make it return enough rows
+        logits_fn.ensure_tail(n + 1)
+    logits = np.asarray(logits_fn(ids))
+    if logits.ndim != 2 or logits.shape[0] < n + 1:
+        raise ValueError(f"logits_fn returned shape {logits.shape}; need [>= {n + 1}, vocab]")
+    predicted = logits[-(n + 1):-1].argmax(axis=-1)
+    hits = predicted == np.asarray(probe.answer_ids)
+    return float(hits.all()), float(hits.mean())
+
+
+def generate_fn_for(model, mesh, stop_ids) -> Callable[[np.ndarray, int], list[int]]:
+    """Greedy `(prompt, max_new_tokens) -> new tokens` through `lwm_jax.generate.generate`."""
+    try:
+        from lwm_jax.generate import generate
+    except ImportError:
+        raise UserError("--generate needs lwm_jax.generate, which this installation does not have; "
+                        "drop --generate to score teacher-forced only") from None
+
+    def run(prompt: np.ndarray, max_new_tokens: int) -> list[int]:
+        return list(generate(model, np.asarray(prompt).tolist(), max_new_tokens=max_new_tokens, greedy=True,
+                             stop_ids=tuple(stop_ids), mesh=mesh))
+
+    return run
+
+
+def score_generated(generate_fn, tokenizer, probe: Probe, slack: int = 8) -> float:
+    """1.0 when the greedy continuation's first word (or words, for a list answer) is the answer."""
+    new = generate_fn(probe.prompt, len(probe.answer_ids) + slack)
+    text = tokenizer.decode(list(new), skip_special_tokens=True).strip()
+    return float(text.startswith(probe.answer.strip()))
+
+
+def _padded_length(seq: int, impl: str, sp: int, block: int) -> int:
+    """The smallest length >= seq that the attention implementation accepts."""
+    if impl == "blockwise":
+        return seq if seq <= block else math.ceil(seq / block) * block
+    if impl == "ring":
+        unit = 2 * sp
+        if seq <= unit * block:
+            return math.ceil(seq / unit) * unit
+        return math.ceil(seq / (unit * block)) * unit * block
+    return seq
+
+
+@functools.partial(nnx.jit, static_argnames=("start", "tail", "sp"))
+def _tail_logits(model, tokens, positions, *, start: int, tail: int, sp: int):
+    """Float32 logits `[batch, tail, vocab]` of natural positions [start, start+tail)."""
+    import jax
+
+    from lwm_jax.attention.layout import from_zigzag
+
+    hidden = model.hidden(tokens, positions)  # [batch, seq, embed], zigzag order under ring
+    if sp:
+        hidden = from_zigzag(hidden, sp)
+    return model.logits(jax.lax.slice_in_dim(hidden, start, start + tail, axis=1))
+
+
+class ModelLogits:
+    """A Llama as a `logits_fn`: the logits of the last `tail` positions of one sequence.
+
+    The sequence is padded at its end to a length the attention accepts (causal: padding never
+    changes earlier logits), tiled over the mesh's data axes, in zigzag order for ring attention.
+    `max_length` (default: the model's max_position_embeddings) bounds what is accepted.
+    """
+
+    def __init__(self, model, mesh=None, tail: int = 32, max_length: int | None = None):
+        self.model, self.mesh, self.tail = model, mesh, tail
+        cfg = model.config
+        self.max_length = max_length or cfg.max_position_embeddings
+        if cfg.attention == "ring" and mesh is None:
+            raise UserError("attention='ring' needs a mesh with an sp axis, e.g. --mesh sp=4")
+        self.sp = mesh.shape["sp"] if mesh is not None else 1
+        self.batch = mesh.shape["dp"] * mesh.shape["fsdp"] if mesh is not None else 1
+
+    def ensure_tail(self, rows: int) -> None:
+        """Return at least `rows` logits rows from now on (a long answer)."""
+        self.tail = max(self.tail, rows)
+
+    def check_length(self, length: int, what: str = "length") -> None:
+        if length > self.max_length:
+            raise UserError(f"{what}={length} is beyond what this model/mesh holds: max_length={self.max_length} "
+                            "(the checkpoint's max_position_embeddings); pass --max-length to evaluate past it")
+
+    def __call__(self, ids: np.ndarray) -> np.ndarray:
+        import jax
+        from jax.sharding import NamedSharding
+
+        from lwm_jax.attention.layout import to_zigzag
+        from lwm_jax.parallel.mesh import logical_to_spec
+
+        cfg = self.model.config
+        seq = len(ids)
+        self.check_length(seq)
+        padded = _padded_length(seq, cfg.attention, self.sp, cfg.attention_block_size)
+        tokens = np.zeros((self.batch, padded), np.int32)
+        tokens[:, :seq] = ids
+        positions = np.broadcast_to(np.arange(padded, dtype=np.int32), tokens.shape)
+        ring = cfg.attention == "ring"
+        if ring:
+            tokens, positions = to_zigzag(tokens, self.sp), to_zigzag(np.ascontiguousarray(positions), self.sp)
+        if self.mesh is not None:
+            sharding = NamedSharding(self.mesh, logical_to_spec(("batch", "length"), self.mesh))
+            tokens, positions = (jax.device_put(a, sharding) for a in (tokens, positions))
+        tail = min(self.tail, seq)
+        out = _tail_logits(self.model, tokens, positions, start=seq - tail, tail=tail, sp=self.sp if ring else 0)
+        return np.asarray(jax.device_get(out[0]))
+
+
+def cell_seed(seed: int, *parts: float) -> int:
+    """A per-sample seed from the run seed and the cell coordinates (stable across runs)."""
+    return int(np.random.SeedSequence([seed, *(int(round(p * 1000)) for p in parts)]).generate_state(1)[0])
+
+
+def run_grid(make_probe: Callable[[int, float, int], Probe], logits_fn: LogitsFn, *, lengths, depths, samples: int,
+             desc: str, generate_fn=None, tokenizer=None) -> list[dict]:
+    """Scores `samples` probes per (length, depth) cell; `make_probe(length, depth, k)`.
+
+    Returns one dict per cell: length, depth, score (mean exact match, teacher-forced),
+    token_accuracy, generated_score (with `generate_fn`) and the per-sample records.
+    """
+    from lwm_jax.progress import progress
+
+    if samples < 1:
+        raise UserError(f"samples={samples} must be >= 1")
+    cells = [(length, depth) for length in lengths for depth in depths]
+    out = []
+    for length, depth in progress(cells, desc=desc):
+        records = []
+        for k in range(samples):
+            probe = make_probe(length, depth, k)
+            exact, token_acc = score_teacher_forced(logits_fn, probe)
+            record = {"answer": probe.answer, "exact": exact, "token_accuracy": token_acc, "tokens": probe.length,
+                      "actual_depth": probe.actual_depth}
+            if generate_fn is not None:
+                record["generated"] = score_generated(generate_fn, tokenizer, probe)
+            records.append(record)
+        cell = {"length": length, "depth": depth, "score": float(np.mean([r["exact"] for r in records])),
+                "token_accuracy": float(np.mean([r["token_accuracy"] for r in records])), "samples": records}
+        if generate_fn is not None:
+            cell["generated_score"] = float(np.mean([r["generated"] for r in records]))
+        out.append(cell)
+    return out
+
+
+def by_length(cells: list[dict], key: str = "score") -> dict[int, float]:
+    """Mean `key` per length over the cells of that length."""
+    lengths = sorted({c["length"] for c in cells})
+    return {n: float(np.mean([c[key] for c in cells if c["length"] == n])) for n in lengths}
+
+
+@dataclasses.dataclass
+class ProbeSetup:
+    """What a probe command needs: tokenizer, its info, the model as a `logits_fn`, the chat
+    wrapper (None without --chat) and the greedy generator (None without --generate)."""
+
+    tokenizer: object
+    info: object
+    logits_fn: ModelLogits
+    chat: ChatWrap | None
+    generate_fn: Callable | None
+
+
+def setup_probes(ckpt: str, tokenizer_dir: str, *, mesh=None, chat: bool = False, generate: bool = False,
+                 max_length: int | None = None, lengths=(), tail: int = 32, **runtime) -> ProbeSetup:
+    """Loads tokenizer and checkpoint (onto `mesh`, inside its `jax.set_mesh`) and checks `lengths`.
+
+    Tokenizer and bad lengths are checked before the checkpoint is restored, so bad input fails fast.
+    """
+    from lwm_jax.data.tokenize import get_tokenizer, load_tokenizer_info
+    from lwm_jax.train.checkpoint import load_model, read_metadata
+
+    info = load_tokenizer_info(tokenizer_dir)
+    tokenizer = get_tokenizer(info.tokenizer_file)
+    wrap = chat_wrap_for(tokenizer, info, chat)
+    meta = read_metadata(ckpt)
+    limit = max_length or meta["max_position_embeddings"]
+    for n in lengths:
+        if n > limit:
+            raise UserError(f"length={n} is beyond what this model/mesh holds: max_length={limit} (the checkpoint's "
+                            "max_position_embeddings); pass --max-length to evaluate past it")
+    if meta["model"]["vocab_size"] < info.vocab_size:
+        raise UserError(f"tokenizer {info.directory} has {info.vocab_size} tokens but the model's vocab_size is "
+                        f"{meta['model']['vocab_size']}")
+    if runtime.get("attention") == "ring" and mesh is None:
+        raise UserError("--attention ring needs a mesh with an sp axis, e.g. --mesh sp=4")
+    model, _ = load_model(ckpt, mesh=mesh, **runtime)
+    stop = [info.eos_id] + [i for i in (tokenizer.token_to_id("<|eot_id|>"),) if i is not None]
+    return ProbeSetup(tokenizer, info, ModelLogits(model, mesh, tail=tail, max_length=limit), wrap,
+                      generate_fn_for(model, mesh, stop) if generate else None)
+
+
+def parse_lengths(text: str) -> list[int]:
+    """'1K,4096,1M' -> [1024, 4096, 1048576]; a UserError for anything else."""
+    out = []
+    for part in text.split(","):
+        part = part.strip()
+        scale = {"K": 1 << 10, "M": 1 << 20}.get(part[-1:].upper(), 1)
+        digits = part[:-1] if scale > 1 else part
+        if not digits.isdigit() or int(digits) <= 0:
+            raise UserError(f"length {part!r} in {text!r} must be a positive integer, optionally with K or M")
+        out.append(int(digits) * scale)
+    return out
+
+
+def parse_depths(text: str) -> list[float]:
+    """Depth percentages '0,50,100' -> fractions [0.0, 0.5, 1.0]."""
+    try:
+        values = [float(p) for p in text.split(",")]
+    except ValueError:
+        raise UserError(f"--depths {text!r} must be comma-separated percentages, e.g. 0,25,50,75,100") from None
+    if any(not 0 <= v <= 100 for v in values):
+        raise UserError(f"--depths {text!r}: every depth must be a percentage in [0, 100]")
+    return [v / 100 for v in values]

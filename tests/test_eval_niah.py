@@ -1,0 +1,220 @@
+"""NIAH and passkey harness: an oracle that reads the needle scores 100%, models that cannot score
+~0; the needle sits at the asked depth (±1 sentence) and the total length is the asked length
+(chat template included); the Llama wrapper's tail logits equal the full forward (ring too);
+bad input gives one-line errors with exit code 2."""
+
+import json
+import re
+import shutil
+
+import numpy as np
+import pytest
+
+from tests.conftest import llama3_tokenizer_dir
+
+LENGTH_TOLERANCE = 0.01  # total tokens within 1% of the asked length
+ORACLE_SCORE = 1.0
+BLIND_MAX_SCORE = 0.05  # a model that cannot read the needle scores at most this
+LOGITS_ATOL = 1e-4  # float32 tail logits vs the full forward
+LENGTHS = (300, 1000, 2500)
+DEPTHS = (0.0, 0.3, 0.5, 0.9, 1.0)
+HAYSTACK = " ".join(f"Paragraph {i} tells how the {w} river crossed the valley and met the sea at dawn."
+                    for i, w in enumerate(["long", "wide", "quiet", "cold", "swift", "old"] * 60))
+
+
+@pytest.fixture(scope="module")
+def llama3():
+    from lwm_jax.data.tokenize import get_tokenizer, load_tokenizer_info
+
+    path = llama3_tokenizer_dir()
+    if not (path / "tokenizer.json").is_file():
+        pytest.skip(f"Llama-3 tokenizer not found at {path}")
+    info = load_tokenizer_info(path)
+    return get_tokenizer(info.tokenizer_file), info
+
+
+def _oracle(tokenizer, vocab: int):
+    """Reads the needle whose key the question asks for and predicts its number."""
+    def logits_fn(ids):
+        text = tokenizer.decode(ids.tolist())
+        key = re.search(r"special magic number for (\S+) mentioned", text).group(1)
+        value = re.search(rf"special magic numbers for {re.escape(key)} is: (\d+)", text).group(1)
+        answer = tokenizer.encode(" " + value, add_special_tokens=False).ids
+        logits = np.zeros((len(answer) + 1, vocab), np.float32)
+        logits[np.arange(len(answer)), answer] = 1.0
+        return logits
+    return logits_fn
+
+
+def _blind(vocab: int):
+    """Logits with a random argmax per row: knows nothing of the needle."""
+    rng = np.random.default_rng(0)
+
+    def logits_fn(ids):
+        logits = np.zeros((16, vocab), np.float32)
+        logits[np.arange(16), rng.integers(vocab, size=16)] = 1.0
+        return logits
+    return logits_fn
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_niah_oracle_and_blind(llama3, chat, tmp_path):
+    from lwm_jax.eval.niah import Haystack, niah_eval, write_results
+    from lwm_jax.eval.scoring import chat_wrap_for
+
+    tok, info = llama3
+    stacks = [Haystack("test", HAYSTACK, tok)]
+    kwargs = dict(lengths=LENGTHS, depths=DEPTHS, samples=2, haystacks=stacks, chat=chat_wrap_for(tok, info, chat),
+                  bos_id=info.bos_id)
+    oracle = niah_eval(_oracle(tok, info.vocab_size), tok, **kwargs)
+    blind = niah_eval(_blind(info.vocab_size), tok, **kwargs)
+    assert oracle["score"] == ORACLE_SCORE and all(c["score"] == ORACLE_SCORE for c in oracle["cells"])
+    assert blind["score"] <= BLIND_MAX_SCORE
+    for cell in oracle["cells"]:
+        for s in cell["samples"]:
+            assert abs(s["tokens"] - cell["length"]) <= LENGTH_TOLERANCE * cell["length"]
+    paths = write_results(oracle, tmp_path, "niah", "test", heatmap=True)
+    assert json.loads(open(paths["json"]).read())["score"] == 1.0
+    assert open(paths["png"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_generated_answer_scoring(llama3, tmp_path):
+    from lwm_jax.eval.niah import Haystack, niah_eval, write_results
+
+    tok, info = llama3
+    oracle = _oracle(tok, info.vocab_size)
+
+    def generate_fn(prompt, max_new_tokens):  # greedy decoding of the oracle, then an end-of-turn
+        answer = oracle(np.asarray(prompt)).argmax(-1)[:-1].tolist()
+        return (answer + [info.eos_id])[:max_new_tokens]
+
+    result = niah_eval(oracle, tok, lengths=(300,), depths=(0.0, 1.0), haystacks=[Haystack("t", HAYSTACK, tok)],
+                       bos_id=info.bos_id, generate_fn=generate_fn)
+    assert result["generated_score"] == 1.0 and result["generated_by_length"] == {"300": 1.0}
+    assert "png_generated" in write_results(result, tmp_path, "niah", "t", heatmap=True)
+
+
+@pytest.mark.parametrize("chat", [False, True])
+@pytest.mark.parametrize("depth", DEPTHS)
+def test_needle_depth_and_length(llama3, chat, depth):
+    from lwm_jax.data.synthetic import niah_sample
+    from lwm_jax.eval.niah import Haystack
+    from lwm_jax.eval.scoring import build_to_length, chat_wrap_for, probe_from_sample
+
+    tok, info = llama3
+    stack = Haystack("test", HAYSTACK, tok)
+    longest_sentence = max(len(tok.encode(" " + s, add_special_tokens=False).ids) for s in stack.sentences)
+    wrap = chat_wrap_for(tok, info, chat)
+    length = 2000
+    probe = build_to_length(lambda n: probe_from_sample(
+        niah_sample(tok, n, depth, 3, haystack=stack.take(length), bos_id=None if chat else info.bos_id), wrap), length)
+    assert abs(probe.length - length) <= LENGTH_TOLERANCE * length
+    assert probe.prompt[0] == info.bos_id and (probe.prompt == info.bos_id).sum() == 1
+    needle = tok.decode(probe.prompt[probe.needle_start:probe.needle_end].tolist())
+    assert f"is: {probe.answer}." in needle
+    # Depth: needle position inside the haystack part of the prompt, within one sentence.
+    text_before = tok.decode(probe.prompt[:probe.needle_start].tolist())
+    assert "magic numbers for" not in text_before
+    assert abs(probe.actual_depth - depth) * length <= longest_sentence + 1
+    if chat:
+        text = tok.decode(probe.prompt.tolist(), skip_special_tokens=False)
+        assert text.startswith("<|begin_of_text|><|start_header_id|>user<|end_header_id|>")
+        assert text.endswith("<|start_header_id|>assistant<|end_header_id|>\n\nThe special magic number for "
+                             f"{text.split('magic number for ')[-1].split(' ')[0]} mentioned in the provided text is")
+
+
+def test_passkey_oracle(llama3):
+    from lwm_jax.eval.passkey import passkey_eval
+
+    tok, info = llama3
+
+    def oracle(ids):
+        key = re.search(r"The pass key is (\d+)\. Remember it", tok.decode(ids.tolist())).group(1)
+        answer = tok.encode(" " + key, add_special_tokens=False).ids
+        logits = np.zeros((len(answer) + 1, info.vocab_size), np.float32)
+        logits[np.arange(len(answer)), answer] = 1.0
+        return logits
+
+    result = passkey_eval(oracle, tok, lengths=(200, 800), depths=(0.0, 0.5, 1.0), samples=2, bos_id=info.bos_id)
+    assert result["score"] == 1.0 and set(result["by_length"]) == {"200", "800"}
+    blind = passkey_eval(_blind(info.vocab_size), tok, lengths=(200, 800), samples=2, bos_id=info.bos_id)
+    assert blind["score"] <= BLIND_MAX_SCORE
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    """A random tiny Llama checkpoint with Llama-3's vocabulary size (so real token ids fit)."""
+    from flax import nnx
+
+    from lwm_jax.config import ModelConfig
+    from lwm_jax.model.llama import Llama
+    from lwm_jax.train.checkpoint import model_metadata, save_model
+
+    config = ModelConfig(vocab_size=128_256, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2,
+                         num_kv_heads=1, head_dim=8, max_position_embeddings=4096, remat="none",
+                         tie_word_embeddings=True)
+    model = Llama(config, nnx.Rngs(0))
+    return save_model(tmp_path_factory.mktemp("ckpt") / "c", model, model_metadata(config))
+
+
+def test_model_logits_tail_matches_full_forward_ring(tiny_ckpt):
+    import jax
+
+    from lwm_jax.config import MeshConfig
+    from lwm_jax.eval.scoring import ModelLogits
+    from lwm_jax.parallel.mesh import make_mesh
+    from lwm_jax.train.checkpoint import load_model
+
+    model, _ = load_model(tiny_ckpt)
+    ids = np.random.default_rng(0).integers(0, 128_000, size=61).astype(np.int32)  # odd: padded to 64 for the ring
+    full = np.asarray(model(ids[None]))[0]
+    np.testing.assert_allclose(ModelLogits(model, tail=8)(ids), full[-8:], atol=LOGITS_ATOL)
+    mesh = make_mesh(MeshConfig.parse("dp=2,sp=4"))
+    with jax.set_mesh(mesh):
+        ring, _ = load_model(tiny_ckpt, mesh=mesh, attention="ring")
+        ring_tail = ModelLogits(ring, mesh=mesh, tail=8)(ids)
+    np.testing.assert_allclose(ring_tail, full[-8:], atol=LOGITS_ATOL)
+
+
+def test_cli_niah_and_bad_input(tiny_ckpt, tmp_path, capsys):
+    from lwm_jax.cli import main
+
+    hay = tmp_path / "hay.txt"
+    hay.write_text(HAYSTACK)
+    tok_dir = str(llama3_tokenizer_dir())
+    base = ["eval", "niah", str(tiny_ckpt), "--tokenizer", tok_dir, "--haystack", str(hay)]
+    assert main([*base, "--lengths", "256", "--depths", "0,50,100", "--samples", "2", "--out", str(tmp_path / "o"),
+                 "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert result["score"] <= BLIND_MAX_SCORE and (tmp_path / "o" / "niah.png").is_file()
+    cells = json.loads((tmp_path / "o" / "niah.json").read_text())["cells"]
+    assert len(cells) == 3 and all(len(c["samples"]) == 2 and c["samples"][0]["tokens"] == 256 for c in cells)
+    # RULER through the CLI: task x length heatmap.
+    assert main(["eval", "ruler", str(tiny_ckpt), "--tokenizer", tok_dir, "--lengths", "256",
+                 "--tasks", "niah_multikey,vt,cwe", "--out", str(tmp_path / "r"), "--json"]) == 0
+    ruler = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert set(ruler["by_task"]) == {"niah_multikey", "vt", "cwe"} and ruler["score"] <= BLIND_MAX_SCORE
+    assert (tmp_path / "r" / "ruler.png").is_file()
+    assert main(["eval", "ruler", str(tiny_ckpt), "--tokenizer", tok_dir, "--lengths", "256", "--tasks", "nope",
+                 "--out", str(tmp_path / "r")]) == 2
+    assert "not among" in capsys.readouterr().err
+    # A length beyond what the model holds.
+    assert main([*base, "--lengths", "8192", "--out", str(tmp_path / "o2")]) == 2
+    assert "beyond what this model/mesh holds" in capsys.readouterr().err
+    # A haystack shorter than one sample.
+    short = tmp_path / "short.txt"
+    short.write_text("Only a few words here. Not many at all.")
+    assert main(["eval", "niah", str(tiny_ckpt), "--tokenizer", tok_dir, "--haystack", str(short),
+                 "--lengths", "512", "--out", str(tmp_path / "o3")]) == 2
+    assert "shorter than one sample" in capsys.readouterr().err
+    # --chat with a tokenizer that has no chat template.
+    plain = tmp_path / "plain_tok"
+    plain.mkdir()
+    shutil.copy(llama3_tokenizer_dir() / "tokenizer.json", plain / "tokenizer.json")
+    (plain / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|begin_of_text|>",
+                                                             "eos_token": "<|end_of_text|>"}))
+    assert main(["eval", "passkey", str(tiny_ckpt), "--tokenizer", str(plain), "--chat", "--lengths", "256",
+                 "--out", str(tmp_path / "o4")]) == 2
+    err = capsys.readouterr().err
+    assert "has no chat template" in err and len(err.strip().splitlines()) == 1
+
