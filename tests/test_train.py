@@ -92,7 +92,7 @@ def test_two_stages_chain_and_resume_after_kill(tmp_path, prepared):
     base_final = restore_params(tmp_path / "full/stages/base/checkpoints", base_cfg, step=4)
     l2 = np.sqrt(sum(float(np.sum(np.square(np.asarray(x, np.float64)))) for x in jax.tree.leaves(base_final)))
     start = json.loads((tmp_path / "full/stages/long/start.json").read_text())
-    assert start["param_l2"] == pytest.approx(l2, rel=1e-12)
+    assert start["param_l2"] == pytest.approx(l2, rel=1e-6)  # float32 sums on device
     # Written on dp=2,sp=4; restores onto another mesh with the same values.
     other = restore_params(tmp_path / "full/stages/base/checkpoints", base_cfg,
                            make_mesh(MeshConfig(fsdp=4, tp=2)), step=4)
