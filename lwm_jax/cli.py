@@ -7,6 +7,7 @@ the number of simulated CPU devices is fixed when JAX initialises.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -109,7 +110,7 @@ def cmd_eval_ppl(args) -> int:
 
     if args.data is not None or args.buckets is not None or args.out is not None:
         return _ppl_by_position(args, tokens, mesh)
-    with jax.set_mesh(mesh) if mesh is not None else _nullcontext():
+    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
         model, _ = load_model(args.ckpt, mesh=mesh, **_runtime(args))
         nll, count = mean_nll(model, tokens, mesh=mesh)
     _print_result(args, {"mean_nll": nll, "tokens": count},
@@ -125,7 +126,7 @@ def _ppl_by_position(args, tokens, mesh) -> int:
     from lwm_jax.train.checkpoint import load_model
 
     edges = parse_buckets(args.buckets, tokens.shape[1])
-    with jax.set_mesh(mesh) if mesh is not None else _nullcontext():
+    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
         model, _ = load_model(args.ckpt, mesh=mesh, **_runtime(args))
         result = nll_by_position(model, tokens, edges, mesh=mesh)
     result.update(sequences=int(tokens.shape[0]), seq_len=int(tokens.shape[1]))
@@ -158,7 +159,7 @@ def _probe_command(args, task: str) -> int:
     mesh = _mesh(args)
     import jax
 
-    with jax.set_mesh(mesh) if mesh is not None else _nullcontext():
+    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
         s = setup_probes(args.ckpt, args.tokenizer, mesh=mesh, chat=args.chat, generate=args.generate,
                          max_length=args.max_length, lengths=lengths, **_runtime(args))
         common = dict(lengths=lengths, samples=args.samples, seed=args.seed, chat=s.chat, bos_id=s.info.bos_id,
@@ -246,11 +247,8 @@ def _add_probe_parsers(evals) -> None:
         e.add_argument("--max-length", type=int, metavar="N",
                        help="longest length accepted (default: the checkpoint's max_position_embeddings)")
         e.add_argument("--out", required=True, metavar="DIR", help="output folder for JSON and PNG")
-        e.add_argument("--attention", choices=("reference", "blockwise", "ring"),
-                       help="attention implementation (default: the checkpoint's)")
-        e.add_argument("--mesh", help="device mesh, e.g. sp=8 (product = device count)")
-        e.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (default: the checkpoint's)")
-        e.add_argument("--json", action="store_true", help="print one JSON object")
+        _add_runtime_options(e)
+        _add_json(e)
         e.set_defaults(func={"niah": cmd_eval_niah, "passkey": cmd_eval_passkey, "ruler": cmd_eval_ruler}[name])
 
 
@@ -291,7 +289,7 @@ def cmd_theta_sweep(args) -> int:
         raise UserError("--attention ring needs a mesh with an sp axis, e.g. --mesh sp=4")
     import jax
 
-    with jax.set_mesh(mesh) if mesh is not None else _nullcontext():
+    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
         model, _ = load_model(args.ckpt, mesh=mesh, **_runtime(args))
         result = theta_sweep(model, tokens, context=args.context, candidates=candidates, search=args.search,
                              num=args.num, span=args.span, iterations=args.iterations,
@@ -398,15 +396,20 @@ def _exp(x: float) -> float:
     return math.exp(min(x, 700.0))
 
 
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
 # Parser -----------------------------------------------------------------------------------------
+
+
+def _add_runtime_options(p, dtype: bool = True) -> None:
+    """`--attention`, `--mesh` (and `--dtype`): how a checkpoint runs, shared by the evaluations."""
+    p.add_argument("--attention", choices=("reference", "blockwise", "ring"),
+                   help="attention implementation (default: the checkpoint's)")
+    p.add_argument("--mesh", help="device mesh, e.g. dp=2,sp=4 (product = device count)")
+    if dtype:
+        p.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (default: the checkpoint's)")
+
+
+def _add_json(p) -> None:
+    p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -434,7 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--orig-context", type=int, default=8192, help="original context L0 (default 8192)")
     p.add_argument("--method", choices=("scaling-law", "ntk"), default="scaling-law",
                    help="formula (default scaling-law)")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_json(p)
     p.set_defaults(func=cmd_theta)
 
     p = sub.add_parser("import-hf", help="Hugging Face Llama folder -> lwm-jax orbax checkpoint",
@@ -445,7 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ckpt", help="output checkpoint folder (must not exist or be empty)")
     p.add_argument("--mesh", help="shard params while importing, e.g. fsdp=8")
     p.add_argument("--force", action="store_true", help="write into a non-empty checkpoint folder")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_json(p)
     p.set_defaults(func=cmd_import_hf)
 
     p = sub.add_parser("export-hf", help="lwm-jax checkpoint -> Hugging Face Llama folder",
@@ -462,7 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", metavar="DIR", help="copy tokenizer.json / tokenizer_config.json from DIR")
     p.add_argument("--max-shard-size", default="5GB", help="split weights into files of at most this size")
     p.add_argument("--force", action="store_true", help="write into a non-empty folder")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_json(p)
     p.set_defaults(func=cmd_export_hf)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint (ppl, niah, passkey, ruler)")
@@ -481,11 +484,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--buckets", help="loss by position bucket edges, e.g. 1024,4096,16384 (default: 0-1K, 1K-4K, "
                                      "... x4 up to the sequence length)")
     e.add_argument("--out", metavar="DIR", help="write ppl.json and ppl.png (loss by position) here")
-    e.add_argument("--attention", choices=("reference", "blockwise", "ring"),
-                   help="attention implementation (default: the checkpoint's)")
-    e.add_argument("--mesh", help="device mesh, e.g. dp=2,sp=4 (product = device count)")
-    e.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (default: the checkpoint's)")
-    e.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_runtime_options(e)
+    _add_json(e)
     e.set_defaults(func=cmd_eval_ppl)
     _add_probe_parsers(evals)
 
@@ -503,7 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--type", choices=("f32", "f16", "q8_0"), default="f16",
                    help="weight type of the matrices (default f16); q8_0 is 8-bit, about half of f16's size")
     p.add_argument("--force", action="store_true", help="overwrite OUT.gguf if it exists")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_json(p)
     p.set_defaults(func=cmd_export_gguf)
 
     p = sub.add_parser("generate", help="KV-cache generation from a checkpoint",
@@ -527,7 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prefill attention (default: ring when the mesh has sp > 1, else blockwise)")
     p.add_argument("--device-memory", type=float, metavar="GIB",
                    help="memory of one device for the fits check (default: what the device reports)")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_json(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("theta-sweep", help="loss at candidate RoPE thetas, without training",
@@ -547,12 +547,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=int, default=10, help="loss evaluations of --search (default 10)")
     p.add_argument("--num-sequences", type=int, default=4, help="sequences of --context tokens (default 4)")
     p.add_argument("--tokenizer", metavar="DIR", help="tokenizer folder for text --data")
-    p.add_argument("--attention", choices=("reference", "blockwise", "ring"),
-                   help="attention implementation (default: the checkpoint's)")
-    p.add_argument("--mesh", help="device mesh, e.g. sp=8 (product = device count)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (default: the checkpoint's)")
+    _add_runtime_options(p)
     p.add_argument("--out", metavar="DIR", help="write theta_sweep.json and theta_sweep.png here")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_json(p)
     p.set_defaults(func=cmd_theta_sweep)
 
     p = sub.add_parser("train", help="run a progressive context-extension recipe",
@@ -567,7 +564,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a recipe key, e.g. --set stages.base.steps=3 --set model.remat=none")
     p.add_argument("--workdir", metavar="DIR", help="run folder (default runs/<recipe name>)")
     p.add_argument("--profile", metavar="START:END", help="write a JAX profiler trace of these steps to WORKDIR/profile")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_json(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("plan", help="memory and time per stage and device, on paper or compiled",
@@ -586,7 +583,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--efficiency", type=float, metavar="X", help="fraction of peak reached (default 0.4)")
     p.add_argument("--aot", action="store_true", help="also compile each stage with XLA (slow for large meshes)")
     p.add_argument("--aot-worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_json(p)
     p.set_defaults(func=cmd_plan)
 
     _register_groups(sub)

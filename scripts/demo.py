@@ -4,7 +4,9 @@
 2. the offline demo corpus and tokenizer (`data sample`), prepared at each stage's length;
 3. `train configs/recipes/demo_cpu.yaml` on 8 simulated CPU devices (dp=2, sp=4, ring attention):
    a base stage at 256 tokens, then 4x and 16x with theta raised by the scaling-law rule;
-4. a Hugging Face export of the last stage, and the final table.
+4. after each stage, passkey and needle-in-a-haystack accuracy at that stage's length (NIAH
+   heatmaps saved);
+5. a Hugging Face export of the last stage, and the final table.
 """
 
 from __future__ import annotations
@@ -54,13 +56,25 @@ def main() -> None:
     print("\nTraining configs/recipes/demo_cpu.yaml on 8 simulated CPU devices (dp=2, sp=4, ring attention)")
     run = cli("--cpu-devices", "8", "train", str(RECIPE), "--workdir", str(OUT / "run"), live=True)
     last = run["stages"][-1]["stage"]
+    print("\nPasskey and needle-in-a-haystack at each stage's length (teacher-forced exact match)")
+    scores = {}
+    for s in run["stages"]:
+        ckpt = str(OUT / "run" / "stages" / s["stage"] / "checkpoints")
+        common = ["--tokenizer", str(sample / "tokenizer"), "--lengths", str(s["seq_len"]), "--depths", "10,50,90",
+                  "--mesh", "dp=2,sp=4"]
+        passkey = cli("--cpu-devices", "8", "eval", "passkey", ckpt, *common, "--out", str(OUT / "eval" / s["stage"]))
+        niah = cli("--cpu-devices", "8", "eval", "niah", ckpt, *common, "--out", str(OUT / "eval" / s["stage"]))
+        scores[s["stage"]] = (passkey["score"], niah["score"])
     exported = cli("export-hf", str(OUT / "run"), str(OUT / "hf"), "--stage", last,
                    "--tokenizer", str(sample / "tokenizer"))
 
-    print(f"\n{'stage':>6} {'seq_len':>8} {'theta':>12} {'steps':>6} {'final loss':>11} {'tokens/s':>9}")
+    print(f"\n{'stage':>6} {'seq_len':>8} {'theta':>12} {'steps':>6} {'final loss':>11} {'tokens/s':>9} "
+          f"{'passkey':>8} {'NIAH':>6}")
     for s in run["stages"]:
+        passkey, niah = scores[s["stage"]]
         print(f"{s['stage']:>6} {s['seq_len']:>8,} {s['rope_theta']:>12,.0f} {s['steps']:>6} "
-              f"{s['final_loss']:>11.4f} {s['tokens_per_s']:>9,.0f}")
+              f"{s['final_loss']:>11.4f} {s['tokens_per_s']:>9,.0f} {passkey:>8.0%} {niah:>6.0%}")
+    print(f"NIAH heatmaps: {OUT / 'eval'}/<stage>/niah.png")
     print(f"\nHugging Face export of stage {last}: {exported['out_dir']}")
     print(f"metrics: {OUT / 'run' / 'metrics.jsonl'}; TensorBoard: {OUT / 'run' / 'tensorboard'}")
     print(f"done in {time.time() - started:.0f} s")

@@ -41,7 +41,7 @@ def write_recipe(path: Path, prepared: Path, **top) -> Path:
         "name": "tiny",
         "model": {"base": str(ROOT / "configs/models/tiny.yaml"), "vocab_size": 512, "hidden_size": 32,
                   "intermediate_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "head_dim": 8,
-                  "remat": "none", "attention_block_size": 8},
+                  "remat": "none", "attention": "ring", "attention_block_size": 4},
         "mesh": {"dp": 2, "sp": 4},
         "data": {"paths": [str(prepared / "prep-{seq_len}")]},
         "loss_chunk": 64,
@@ -141,7 +141,7 @@ def _error(capsys, argv) -> str:
 
 
 @pytest.mark.parametrize("override,message", [
-    ("stages.base.seq_len=30", "seq_len=30 must be divisible"),
+    ("stages.base.seq_len=36", "seq_len=36 must be divisible by 2*sp*block=32"),
     ("stages.base.batch_size=3", "batch_size=3 must be divisible by dp*fsdp=2"),
     ("mesh.sp=8", "needs 16 devices but 8 are available"),
     ("stages.long.init_from=hf:/nonexistent", "does not exist"),

@@ -70,9 +70,13 @@ def _max_diff(a, b):
 
 
 def test_sharded_step_equals_single_device():
+    """dp=2, sp=4 with the zigzag ring attention against one device with dense attention."""
+    from lwm_jax.attention.layout import to_zigzag
+
     batch = _batch(1, 4, 32)
     p1, m1 = _run_step(None, batch)
-    p8, m8 = _run_step("dp=2,sp=4", batch)
+    zigzag = {k: to_zigzag(v, 4, axis=-1) for k, v in batch.items()}
+    p8, m8 = _run_step("dp=2,sp=4", zigzag, config=TINY.replace(attention="ring", attention_block_size=4))
     assert abs(float(m1["loss"]) - float(m8["loss"])) <= STEP_TOL
     assert _max_diff(p1, p8) <= STEP_TOL
 
