@@ -1,0 +1,309 @@
+"""Ring attention: the sequence sharded over the mesh's `sp` axis, KV blocks passed around a ring.
+
+The sequence is in the zigzag layout (`attention.layout`): cut into `2*sp` chunks, device `r`
+holds chunk `r` ("early", slot 0) and chunk `2*sp-1-r` ("late", slot 1). At ring step `t` device
+`r` holds the keys and values of device `src = r - t` and computes, through the chunk-pair kernel
+(`attention.kernels`), only the chunk pairs that causality leaves visible:
+
+- step 0 (its own KV): the causal triangle over its two chunks (blocks above the diagonal skipped);
+- step t > 0: two fully visible chunk pairs, (late queries, early keys) and, if `src < r`,
+  (early queries, early keys), else (late queries, late keys).
+
+So every device does the same work at every step. Only the KV heads travel (GQA-native); their
+positions and segment ids travel with them, so packed documents stay correct across steps. Chunk
+results are merged in float32 through their log-sum-exp. The `custom_vjp` backward runs the same
+schedule, recomputing blocks from the global output and log-sum-exp, while dK/dV accumulators
+travel with their KV block and take one last step home. Batch is sharded over (dp, fsdp) and
+heads over tp at the same time; everything a device stores is linear in its local sequence length.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import PartitionSpec as P
+
+from lwm_jax.attention import kernels as K
+from lwm_jax.attention.blockwise import check_inputs
+from lwm_jax.attention.layout import zigzag_indices
+from lwm_jax.errors import UserError
+
+SP = "sp"
+BATCH_AXES = ("dp", "fsdp")
+HEADS_AXIS = "tp"
+
+
+# Static plan -----------------------------------------------------------------------------------
+
+
+def ring_block(seq_len: int, sp: int, block_size: int) -> int:
+    """The block length the ring uses, `min(block_size, seq_len // (2*sp))`; raises UserError
+    unless `seq_len` is a multiple of `2*sp*block`."""
+    chunk = seq_len // (2 * sp)
+    block = min(block_size, chunk)
+    if block < 1 or seq_len % (2 * sp * block) or chunk % block:
+        raise UserError(
+            f"seq_len={seq_len} must be divisible by 2*sp*block={2 * sp * max(block, 1)} "
+            f"(sp={sp}, block=min(block_size={block_size}, seq_len//(2*sp)={chunk})={block})")
+    return block
+
+
+@dataclasses.dataclass(frozen=True)
+class _Pair:
+    """A chunk pair of one ring step: `span` chunks of queries from chunk slot `q_slot` against
+    `span` chunks of keys from `kv_slot` (slots may be traced); `diagonal`: causal triangle."""
+
+    q_slot: Any
+    kv_slot: Any
+    span: int
+    diagonal: bool
+
+
+def _pairs(step: int | None, src, rank, causal: bool) -> list[_Pair]:
+    """The chunk pairs device `rank` computes on the KV of device `src` (`step` 0: its own KV;
+    None: a later step). Shared by the executor (traced ranks) and `ring_block_pairs` (ints)."""
+    if not causal:
+        return [_Pair(0, 0, 2, False)]
+    if step == 0:
+        return [_Pair(0, 0, 2, True)]
+    later = (src > rank) * 1  # KV from a later device: only our late chunk sees its chunks
+    return [_Pair(1, 0, 1, False), _Pair(later, later, 1, False)]
+
+
+def ring_block_pairs(seq_len: int, sp: int, block_size: int = 512, causal: bool = True) -> np.ndarray:
+    """Block pairs each device computes (`[sp]`), from the schedule the ring executes."""
+    nb = seq_len // (2 * sp) // ring_block(seq_len, sp, block_size)
+    counts = np.zeros(sp, np.int64)
+    for rank in range(sp):
+        for t in range(sp):
+            for pair in _pairs(0 if t == 0 else None, (rank - t) % sp, rank, causal):
+                n = pair.span * nb
+                counts[rank] += n * (n + 1) // 2 if pair.diagonal else n * n
+    return counts
+
+
+def causal_min_block_pairs(seq_len: int, sp: int, block_size: int = 512) -> int:
+    """Block pairs holding at least one visible (query, key) pair under plain causal masking."""
+    n = seq_len // ring_block(seq_len, sp, block_size)
+    return n * (n + 1) // 2
+
+
+@dataclasses.dataclass(frozen=True)
+class _Ring:
+    """Everything about a ring call that is not an array (a hashable custom_vjp static arg)."""
+
+    mesh: Any
+    sp: int
+    tiling: K.Tiling
+    causal: bool
+    kernel: K.Kernel
+    batch_axes: tuple[str, ...]
+    heads_axis: str | None
+
+    def specs(self):
+        """PartitionSpecs of `q/out`, `k/v`, `[batch, seq]` ids and the `[b, kv, rows]` lse."""
+        b, h = self.batch_axes or None, self.heads_axis
+        return P(b, SP, h, None), P(b, SP, h, None), P(b, SP), P(b, h, SP)
+
+
+# Entry point -----------------------------------------------------------------------------------
+
+
+def ring_attention(q, k, v, *, segment_ids=None, positions=None, causal: bool = True,
+                   block_size: int = 512, kernel: str = "auto"):
+    """Returns `[batch, seq, q_heads, head_dim]` in `q.dtype`; inputs are in the zigzag layout.
+
+    Runs over the mesh set with `jax.set_mesh` (axis `sp`; batch over `dp, fsdp`, heads over
+    `tp`). `positions=None` means the natural positions of the unpermuted sequence. Blocks are
+    `min(block_size, seq_len // (2*sp))` positions. Within a segment positions must increase
+    with natural order (true for packed documents).
+    """
+    check_inputs(q, k, v, segment_ids, positions)
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or SP not in mesh.axis_names:
+        where = "no mesh is set" if mesh.empty else f"the mesh has axes {mesh.axis_names}"
+        raise UserError(f"attention='ring' needs a device mesh with an 'sp' axis ({where}); run under "
+                        "`with jax.set_mesh(make_mesh(MeshConfig(sp=...)))` or use 'blockwise'")
+    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+    sp = sizes[SP]
+    batch, seq, q_heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    block = ring_block(seq, sp, block_size)
+    batch_axes = tuple(a for a in BATCH_AXES if a in sizes)
+    n_batch = math.prod(sizes[a] for a in batch_axes)
+    if batch % n_batch:
+        raise UserError(f"batch={batch} must be divisible by {'*'.join(batch_axes)}={n_batch} "
+                        "(ring attention shards the batch over them)")
+    heads_axis = HEADS_AXIS if HEADS_AXIS in sizes else None
+    tp = sizes.get(HEADS_AXIS, 1)
+    if kv_heads % tp:
+        raise UserError(f"kv_heads={kv_heads} must be divisible by tp={tp} "
+                        "(ring attention shards the heads over tp)")
+    chosen = K.select_kernel(kernel, dtype=q.dtype, head_dim=head_dim, segments=segment_ids is not None)
+    if positions is None:
+        natural = jnp.asarray(zigzag_indices(seq, sp), jnp.int32)
+        positions = jnp.broadcast_to(natural, (batch, seq))
+    tiling = K.Tiling(q_heads // kv_heads, block, 1.0 / math.sqrt(head_dim))
+    cfg = _Ring(mesh, sp, tiling, causal, chosen, batch_axes, heads_axis)
+    return _ring(q, k, v, positions, segment_ids, cfg)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _ring(q, k, v, positions, segment_ids, cfg: _Ring):
+    return _ring_fwd(q, k, v, positions, segment_ids, cfg)[0]
+
+
+def _ring_fwd(q, k, v, positions, segment_ids, cfg: _Ring):
+    q_spec, kv_spec, id_spec, lse_spec = cfg.specs()
+    ids = (positions, segment_ids)
+    out, lse = jax.shard_map(
+        functools.partial(_local_forward, cfg=cfg), mesh=cfg.mesh,
+        in_specs=(q_spec, kv_spec, kv_spec, (id_spec, id_spec if segment_ids is not None else None)),
+        out_specs=(q_spec, lse_spec), check_vma=False)(q, k, v, ids)
+    return out, (q, k, v, ids, out, lse)
+
+
+def _ring_bwd(cfg: _Ring, res, dout):
+    q, k, v, ids, out, lse = res
+    q_spec, kv_spec, id_spec, lse_spec = cfg.specs()
+    dq, dk, dv = jax.shard_map(
+        functools.partial(_local_backward, cfg=cfg), mesh=cfg.mesh,
+        in_specs=(q_spec, kv_spec, kv_spec, (id_spec, id_spec if ids[1] is not None else None),
+                  q_spec, lse_spec, q_spec),
+        out_specs=(q_spec, kv_spec, kv_spec), check_vma=False)(q, k, v, ids, out, lse, dout)
+    return dq, dk, dv, None, None
+
+
+_ring.defvjp(_ring_fwd, _ring_bwd)
+
+
+# Per-device work (inside shard_map) ------------------------------------------------------------
+
+
+def _shift(tree):
+    """Sends every array of `tree` to the next device on the ring (r -> r+1)."""
+    sp = lax.axis_size(SP)
+    return jax.tree.map(lambda x: lax.ppermute(x, SP, [(i, (i + 1) % sp) for i in range(sp)]), tree)
+
+
+def _ring_loop(sp: int, kv, carry, step):
+    """Runs `carry = step(t, kv_t, carry)` for t = 1..sp-1, `kv_t` being the KV of device r - t.
+
+    The block for step t+1 is sent while step t computes; the last send is unused (1/sp of the
+    ring's traffic, hidden under compute), which keeps one copy of the step in the program.
+    """
+    if sp == 1:
+        return carry
+
+    def body(t, state):
+        kv_t, carry = state
+        return _shift(kv_t), step(t, kv_t, carry)
+
+    return lax.fori_loop(1, sp, body, (_shift(kv), carry))[1]
+
+
+def _local_setup(q, k, v, ids, cfg: _Ring):
+    """Rows layout of the local shard, the travelling KV bundle and the per-step pair stacker."""
+    positions, segment_ids = ids
+    kv_heads, group = k.shape[2], cfg.tiling.group
+    chunk = q.shape[1] // 2
+    q_rows = K.q_to_rows(q, kv_heads)
+    q_ids = (K.ids_to_rows(positions, kv_heads, group), K.ids_to_rows(segment_ids, kv_heads, group))
+    kv = (K.kv_to_rows(k), K.kv_to_rows(v), positions, segment_ids)
+    rank = lax.axis_index(SP)
+
+    def pairs(t, kv_t, row_arrays):
+        """The chunk pairs of step t on KV bundle `kv_t`, stacked along the batch axis so that
+        one kernel call computes them all: `(diagonal, q_starts, k_starts, stacked, meta)` with
+        `stacked` the row slices of each of `row_arrays` and of the keys and values."""
+        k_t, v_t, k_pos, k_seg = kv_t
+        meta = K.Meta(*q_ids, K.ids_to_kv(k_pos, kv_heads), K.ids_to_kv(k_seg, kv_heads))
+        plan = _pairs(0 if isinstance(t, int) and t == 0 else None, (rank - t) % cfg.sp, rank, cfg.causal)
+        assert len({(p.span, p.diagonal) for p in plan}) == 1
+        n_rows, n_keys = plan[0].span * chunk * group, plan[0].span * chunk
+        q_starts = [p.q_slot * chunk * group for p in plan]
+        k_starts = [p.kv_slot * chunk for p in plan]
+        stack = lambda xs: xs[0] if len(xs) == 1 else jnp.concatenate(xs, axis=0)
+        rows = [stack([_rows(x, q0, n_rows) for q0 in q_starts]) for x in row_arrays]
+        keys = [stack([_rows(x, k0, n_keys) for k0 in k_starts]) for x in (k_t, v_t)]
+        metas = [meta.slice(q0, n_rows, k0, n_keys) for q0, k0 in zip(q_starts, k_starts)]
+        meta = K.Meta(*(None if f[0] is None else stack(f) for f in zip(*metas)))
+        return plan[0].diagonal, q_starts, k_starts, rows + keys, meta
+
+    return q_rows, kv, pairs
+
+
+def _rows(x, start, size):
+    return lax.dynamic_slice_in_dim(x, start, size, 1)
+
+
+def _local_forward(q, k, v, ids, *, cfg: _Ring):
+    batch, _, q_heads, _ = q.shape
+    q_rows, kv, pairs = _local_setup(q, k, v, ids, cfg)
+    bk = q_rows.shape[0]
+
+    def step(t, kv_t, carry):
+        out, lse = carry
+        diagonal, q_starts, _, (q_p, k_p, v_p), meta = pairs(t, kv_t, [q_rows])
+        o_p, lse_p = cfg.kernel.forward(q_p, k_p, v_p, meta, cfg.tiling, causal=diagonal)
+        for i, q0 in enumerate(q_starts):
+            out, lse = _merge(out, lse, o_p[i * bk:(i + 1) * bk], lse_p[i * bk:(i + 1) * bk], q0)
+        return out, lse
+
+    carry = (jnp.zeros(q_rows.shape, jnp.float32), jnp.full(q_rows.shape[:2], K.LSE_EMPTY, jnp.float32))
+    carry = step(0, kv, carry)
+    out, lse = _ring_loop(cfg.sp, kv, carry, step)
+    lse = lse.reshape(batch, -1, lse.shape[1])  # [b, kv_heads, rows]: a shardable global layout
+    return K.rows_to_q(out.astype(q.dtype), batch, q_heads), lse
+
+
+def _merge(out, lse, o_new, lse_new, start):
+    """Log-sum-exp merge (float32) of a chunk pair's result into rows `[start, +rows)`."""
+    n = o_new.shape[1]
+    o_old, lse_old = _rows(out, start, n), _rows(lse, start, n)
+    top = jnp.maximum(lse_old, lse_new)
+    w_old, w_new = jnp.exp(lse_old - top), jnp.exp(lse_new - top)
+    total = w_old + w_new
+    merged = (o_old * w_old[..., None] + o_new.astype(jnp.float32) * w_new[..., None]) / total[..., None]
+    out = lax.dynamic_update_slice_in_dim(out, merged, start, 1)
+    return out, lax.dynamic_update_slice_in_dim(lse, top + jnp.log(total), start, 1)
+
+
+def _add(acc, x, start):
+    return lax.dynamic_update_slice_in_dim(acc, _rows(acc, start, x.shape[1]) + x, start, 1)
+
+
+def _local_backward(q, k, v, ids, out, lse, dout, *, cfg: _Ring):
+    batch, _, q_heads, _ = q.shape
+    q_rows, kv, pairs = _local_setup(q, k, v, ids, cfg)
+    kv_heads, bk = k.shape[2], q_rows.shape[0]
+    do_rows, out_rows = K.q_to_rows(dout, kv_heads), K.q_to_rows(out, kv_heads)
+    lse = lse.reshape(q_rows.shape[:2])
+
+    def step(t, kv_t, carry):
+        dq, dk, dv = carry
+        if not (isinstance(t, int) and t == 0):
+            dk, dv = _shift((dk, dv))  # the accumulators of kv_t arrive with it
+        diagonal, q_starts, k_starts, (q_p, o_p, do_p, lse_p, k_p, v_p), meta = pairs(
+            t, kv_t, [q_rows, out_rows, do_rows, lse])
+        dq_p, dk_p, dv_p = cfg.kernel.backward(q_p, k_p, v_p, o_p, do_p, lse_p, meta, cfg.tiling,
+                                               causal=diagonal)
+        for i, (q0, k0) in enumerate(zip(q_starts, k_starts)):
+            part = slice(i * bk, (i + 1) * bk)
+            dq, dk, dv = _add(dq, dq_p[part], q0), _add(dk, dk_p[part], k0), _add(dv, dv_p[part], k0)
+        return dq, dk, dv
+
+    zeros_kv = jnp.zeros(kv[0].shape, jnp.float32)
+    carry = step(0, kv, (jnp.zeros(q_rows.shape, jnp.float32), zeros_kv, zeros_kv))
+    dq, dk, dv = _ring_loop(cfg.sp, kv, carry, step)
+    if cfg.sp > 1:
+        dk, dv = _shift((dk, dv))  # last hop: each device gets its own KV's gradients back
+    return (K.rows_to_q(dq.astype(q.dtype), batch, q_heads),
+            K.rows_to_kv(dk.astype(k.dtype), batch), K.rows_to_kv(dv.astype(v.dtype), batch))
