@@ -15,6 +15,9 @@ LOGIT_TOL = 1e-4  # float32, whole model (ARCHITECTURE.md: never loosened)
 INVARIANCE_TOL = 1e-6
 SEQ = 64
 
+SMALL = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_heads=4, num_kv_heads=2, head_dim=8,
+             bos_token_id=1, eos_token_id=(2,))
+
 LLAMA31_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                    "original_max_position_embeddings": 64}
 
@@ -40,8 +43,7 @@ def test_logits_match_transformers(hf_llama, num_heads, num_kv_heads, tie, theta
 
 def test_packed_documents_match_separate_runs():
     """Segment ids + per-document positions give each document the logits it has alone."""
-    cfg = ModelConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-                      num_kv_heads=2, head_dim=8)
+    cfg = ModelConfig(num_layers=2, **SMALL)
     model = Llama(cfg, nnx.Rngs(0))
     a, b = np.arange(1, 11), np.arange(20, 26)
     tokens = jnp.asarray(np.concatenate([a, b])[None])
@@ -55,8 +57,7 @@ def test_packed_documents_match_separate_runs():
 @pytest.mark.parametrize("scan,remat", [(False, "none"), (True, "none"), (False, "full"), (True, "dots"),
                                         (True, "dots_no_batch")])
 def test_scan_and_remat_change_nothing(scan, remat):
-    cfg = ModelConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=3, num_heads=4,
-                      num_kv_heads=2, head_dim=8, scan_layers=True, remat="full")
+    cfg = ModelConfig(num_layers=3, scan_layers=True, remat="full", **SMALL)
     base = Llama(cfg, nnx.Rngs(0))
     other = Llama(cfg.replace(scan_layers=scan, remat=remat), nnx.Rngs(0))
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 128, size=(2, 16)))
@@ -73,8 +74,7 @@ def test_scan_and_remat_change_nothing(scan, remat):
 
 
 def test_bfloat16_compute_is_close_to_float32():
-    cfg = ModelConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-                      num_kv_heads=2, head_dim=8)
+    cfg = ModelConfig(num_layers=2, **SMALL)
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 128, size=(1, 16)))
     f32 = Llama(cfg, nnx.Rngs(0))(tokens)
     bf16 = Llama(cfg.replace(dtype="bfloat16"), nnx.Rngs(0))(tokens)
