@@ -29,6 +29,7 @@ test-all: $(VENV)/.installed-test
 	$(PY) -m pytest -q --durations=15
 
 bench: $(VENV)/.installed-test
+	$(PIP) install --no-deps ringattention==0.1.2 einops==0.8.2  # the anchor, not a dependency
 	$(PY) scripts/bench_attention.py
 	$(PY) scripts/bench_data.py
 

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "walkthrough.ipynb"
 FIGURES = ("theta.png", "zigzag.png", "loss.png", "niah/niah.png")
@@ -29,6 +31,7 @@ def _code_cells(path: Path) -> list[str]:
     return cells
 
 
+@pytest.mark.slow  # about 2 minutes; the same train and NIAH paths run in tests/test_train.py and test_eval_niah.py
 def test_walkthrough_notebook_runs(tmp_path):
     cells = _code_cells(NOTEBOOK)
     assert len(cells) >= 6
