@@ -44,8 +44,9 @@ def load_tokens(path: str | Path, vocab_size: int) -> np.ndarray:
     return tokens.astype(np.int32)
 
 
-def mean_nll(model: Llama, tokens: np.ndarray, mesh=None) -> tuple[float, int]:
-    """Returns (mean NLL over all next-token predictions, number of predicted tokens)."""
+def _next_token_arrays(tokens: np.ndarray, mesh) -> tuple[np.ndarray, np.ndarray]:
+    """(positions, targets) for next-token prediction over `tokens: [batch, seq]` (the last
+    target is a placeholder, weighted 0 by callers); checks the batch divides over the mesh."""
     batch, seq = tokens.shape
     if mesh is not None:
         data_ways = mesh.shape["dp"] * mesh.shape["fsdp"]
@@ -53,6 +54,13 @@ def mean_nll(model: Llama, tokens: np.ndarray, mesh=None) -> tuple[float, int]:
             raise UserError(f"batch={batch} is not divisible by dp*fsdp={data_ways} of the mesh")
     positions = np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq))
     targets = np.concatenate([tokens[:, 1:], np.zeros((batch, 1), np.int32)], axis=1)
+    return positions, targets
+
+
+def mean_nll(model: Llama, tokens: np.ndarray, mesh=None) -> tuple[float, int]:
+    """Returns (mean NLL over all next-token predictions, number of predicted tokens)."""
+    batch, seq = tokens.shape
+    positions, targets = _next_token_arrays(tokens, mesh)
     weights = np.concatenate([np.ones((batch, seq - 1), np.float32), np.zeros((batch, 1), np.float32)], axis=1)
     arrays = (tokens, positions, targets, weights)
     if model.config.attention == "ring":
@@ -109,12 +117,7 @@ def nll_by_position(model: Llama, tokens: np.ndarray, edges: list[int], mesh=Non
     bucket holding t. One forward pass; each bucket is a masked chunked loss over the same hidden.
     """
     batch, seq = tokens.shape
-    if mesh is not None:
-        data_ways = mesh.shape["dp"] * mesh.shape["fsdp"]
-        if batch % data_ways:
-            raise UserError(f"batch={batch} is not divisible by dp*fsdp={data_ways} of the mesh")
-    positions = np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq))
-    targets = np.concatenate([tokens[:, 1:], np.zeros((batch, 1), np.int32)], axis=1)
+    positions, targets = _next_token_arrays(tokens, mesh)
     valid = positions < seq - 1
     weights = np.stack([(valid & (positions >= a) & (positions < b)).astype(np.float32)
                         for a, b in zip(edges[:-1], edges[1:])])  # [buckets, batch, seq]
