@@ -54,3 +54,27 @@ def hf_llama(tmp_path):
         return out, make_hf_llama(out, **kwargs)
 
     return make
+
+
+def cli_error(capsys, argv) -> str:
+    """Runs `lwm-jax ARGV` in-process, asserts exit 2 with one stderr line and no traceback; returns it."""
+    from lwm_jax.cli import main
+
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    return err
+
+
+def blind_logits(vocab: int, rows: int = 64):
+    """A `logits_fn` whose argmax is random per row: it knows nothing of the prompt."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+
+    def logits_fn(ids):
+        logits = np.zeros((rows, vocab), np.float32)
+        logits[np.arange(rows), rng.integers(vocab, size=rows)] = 1.0
+        return logits
+    return logits_fn

@@ -9,7 +9,7 @@ import safetensors.numpy
 import torch
 
 from lwm_jax.cli import main
-from tests.conftest import llama3_tokenizer_dir
+from tests.conftest import cli_error, llama3_tokenizer_dir
 
 LOGIT_TOL = 1e-4
 
@@ -104,17 +104,9 @@ def test_eval_ppl_matches_transformers(tmp_path, hf_llama, capsys):
 # Bad input ---------------------------------------------------------------------------------------
 
 
-def _error(capsys, argv) -> str:
-    capsys.readouterr()
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "Traceback" not in err
-    return err
-
-
 def test_missing_config(tmp_path, capsys):
     (tmp_path / "hf").mkdir()
-    assert "no config.json" in _error(capsys, ["import-hf", str(tmp_path / "hf"), str(tmp_path / "c")])
+    assert "no config.json" in cli_error(capsys, ["import-hf", str(tmp_path / "hf"), str(tmp_path / "c")])
 
 
 def test_unsupported_architecture(tmp_path, hf_llama, capsys):
@@ -122,7 +114,7 @@ def test_unsupported_architecture(tmp_path, hf_llama, capsys):
     config = json.loads((hf_dir / "config.json").read_text())
     config.update(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=4096)
     (hf_dir / "config.json").write_text(json.dumps(config))
-    err = _error(capsys, ["import-hf", str(hf_dir), str(tmp_path / "c")])
+    err = cli_error(capsys, ["import-hf", str(hf_dir), str(tmp_path / "c")])
     assert "MistralForCausalLM" in err and "unsupported architecture" in err
 
 
@@ -131,7 +123,7 @@ def test_wrong_tensor_shape(tmp_path, hf_llama, capsys):
     tensors = safetensors.numpy.load_file(hf_dir / "model.safetensors")
     tensors["model.layers.1.mlp.up_proj.weight"] = np.zeros((100, 64), np.float32)
     safetensors.numpy.save_file(tensors, hf_dir / "model.safetensors")
-    err = _error(capsys, ["import-hf", str(hf_dir), str(tmp_path / "c")])
+    err = cli_error(capsys, ["import-hf", str(hf_dir), str(tmp_path / "c")])
     assert "model.layers.1.mlp.up_proj.weight" in err and "(100, 64)" in err and "(160, 64)" in err
 
 
@@ -139,7 +131,7 @@ def test_pickle_weights_refused(tmp_path, hf_llama, capsys):
     hf_dir, model = hf_llama()
     (hf_dir / "model.safetensors").unlink()
     torch.save(model.state_dict(), hf_dir / "pytorch_model.bin")
-    err = _error(capsys, ["import-hf", str(hf_dir), str(tmp_path / "c")])
+    err = cli_error(capsys, ["import-hf", str(hf_dir), str(tmp_path / "c")])
     assert "pytorch_model.bin" in err and "never unpickles" in err and "save_pretrained" in err
 
 
@@ -147,7 +139,7 @@ def test_token_id_out_of_vocab(tmp_path, hf_llama, capsys):
     hf_dir, _ = hf_llama()
     assert main(["import-hf", str(hf_dir), str(tmp_path / "c")]) == 0
     np.save(tmp_path / "t.npy", np.array([[1, 2, 256, 3]]))
-    err = _error(capsys, ["eval", "ppl", str(tmp_path / "c"), "--tokens", str(tmp_path / "t.npy")])
+    err = cli_error(capsys, ["eval", "ppl", str(tmp_path / "c"), "--tokens", str(tmp_path / "t.npy")])
     assert "256" in err and "vocab" in err
 
 
@@ -155,15 +147,15 @@ def test_existing_outputs_not_overwritten(tmp_path, hf_llama, capsys):
     hf_dir, _ = hf_llama()
     ckpt = tmp_path / "c"
     assert main(["import-hf", str(hf_dir), str(ckpt)]) == 0
-    assert "already exists" in _error(capsys, ["import-hf", str(hf_dir), str(ckpt)])
+    assert "already exists" in cli_error(capsys, ["import-hf", str(hf_dir), str(ckpt)])
     out = tmp_path / "o"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    assert "not empty" in _error(capsys, ["export-hf", str(ckpt), str(out)])
+    assert "not empty" in cli_error(capsys, ["export-hf", str(ckpt), str(out)])
     assert (out / "keep.txt").read_text() == "mine"
 
 
 def test_missing_checkpoint(tmp_path, capsys):
     np.save(tmp_path / "t.npy", np.array([[1, 2]]))
-    assert "does not exist" in _error(capsys, ["eval", "ppl", str(tmp_path / "nope"), "--tokens",
+    assert "does not exist" in cli_error(capsys, ["eval", "ppl", str(tmp_path / "nope"), "--tokens",
                                                str(tmp_path / "t.npy")])

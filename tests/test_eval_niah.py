@@ -10,7 +10,7 @@ import shutil
 import numpy as np
 import pytest
 
-from tests.conftest import llama3_tokenizer_dir
+from tests.conftest import blind_logits, llama3_tokenizer_dir
 
 LENGTH_TOLERANCE = 0.01  # total tokens within 1% of the asked length
 ORACLE_SCORE = 1.0
@@ -46,17 +46,6 @@ def _oracle(tokenizer, vocab: int):
     return logits_fn
 
 
-def _blind(vocab: int):
-    """Logits with a random argmax per row: knows nothing of the needle."""
-    rng = np.random.default_rng(0)
-
-    def logits_fn(ids):
-        logits = np.zeros((16, vocab), np.float32)
-        logits[np.arange(16), rng.integers(vocab, size=16)] = 1.0
-        return logits
-    return logits_fn
-
-
 @pytest.mark.parametrize("chat", [False, True])
 def test_niah_oracle_and_blind(llama3, chat, tmp_path):
     from lwm_jax.eval.niah import Haystack, niah_eval, write_results
@@ -67,7 +56,7 @@ def test_niah_oracle_and_blind(llama3, chat, tmp_path):
     kwargs = dict(lengths=LENGTHS, depths=DEPTHS, samples=2, haystacks=stacks, chat=chat_wrap_for(tok, info, chat),
                   bos_id=info.bos_id)
     oracle = niah_eval(_oracle(tok, info.vocab_size), tok, **kwargs)
-    blind = niah_eval(_blind(info.vocab_size), tok, **kwargs)
+    blind = niah_eval(blind_logits(info.vocab_size, 16), tok, **kwargs)
     assert oracle["score"] == ORACLE_SCORE and all(c["score"] == ORACLE_SCORE for c in oracle["cells"])
     assert blind["score"] <= BLIND_MAX_SCORE
     for cell in oracle["cells"]:
@@ -137,7 +126,7 @@ def test_passkey_oracle(llama3):
 
     result = passkey_eval(oracle, tok, lengths=(200, 800), depths=(0.0, 0.5, 1.0), samples=2, bos_id=info.bos_id)
     assert result["score"] == 1.0 and set(result["by_length"]) == {"200", "800"}
-    blind = passkey_eval(_blind(info.vocab_size), tok, lengths=(200, 800), samples=2, bos_id=info.bos_id)
+    blind = passkey_eval(blind_logits(info.vocab_size, 16), tok, lengths=(200, 800), samples=2, bos_id=info.bos_id)
     assert blind["score"] <= BLIND_MAX_SCORE
 
 

@@ -8,7 +8,7 @@ import re
 import numpy as np
 import pytest
 
-from tests.conftest import llama3_tokenizer_dir
+from tests.conftest import blind_logits, llama3_tokenizer_dir
 
 ORACLE_SCORE = 1.0
 BLIND_MAX_SCORE = 0.05
@@ -54,17 +54,6 @@ def _oracle(tok, vocab):
     return logits_fn
 
 
-def _blind(vocab: int):
-    """Logits with a random argmax per row: knows nothing of the context."""
-    rng = np.random.default_rng(0)
-
-    def logits_fn(ids):
-        logits = np.zeros((64, vocab), np.float32)
-        logits[np.arange(64), rng.integers(vocab, size=64)] = 1.0
-        return logits
-    return logits_fn
-
-
 @pytest.mark.parametrize("chat", [False, True])
 def test_ruler_oracle_and_blind(llama3, chat):
     from lwm_jax.eval.ruler import TASKS, ruler_eval
@@ -78,7 +67,7 @@ def test_ruler_oracle_and_blind(llama3, chat):
     for cell in result["cells"]:
         for s in cell["samples"]:
             assert abs(s["tokens"] - cell["length"]) <= LENGTH_TOLERANCE * cell["length"]
-    blind = ruler_eval(_blind(info.vocab_size), tok, **kwargs)
+    blind = ruler_eval(blind_logits(info.vocab_size, 64), tok, **kwargs)
     assert blind["score"] <= BLIND_MAX_SCORE
 
 

@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from lwm_jax.cli import main
+from tests.conftest import cli_error
 
 RESUME_TOL = 1e-6  # per-step loss, interrupted vs uninterrupted (issue)
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,14 +133,6 @@ def test_two_stages_chain_and_resume_after_kill(tmp_path, prepared):
     assert again.returncode == 0 and "already finished" in again.stderr
 
 
-def _error(capsys, argv) -> str:
-    capsys.readouterr()
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "Traceback" not in err
-    return err
-
-
 @pytest.mark.parametrize("override,message", [
     ("stages.base.seq_len=36", "seq_len=36 must be divisible by 2*sp*block=32"),
     ("stages.base.batch_size=3", "batch_size=3 must be divisible by dp*fsdp=2"),
@@ -151,7 +144,7 @@ def _error(capsys, argv) -> str:
 ])
 def test_bad_recipes_fail_before_compile(tmp_path, prepared, capsys, override, message):
     recipe = write_recipe(tmp_path / "r.yaml", prepared)
-    err = _error(capsys, ["train", str(recipe), "--workdir", str(tmp_path / "w"), "--set", override])
+    err = cli_error(capsys, ["train", str(recipe), "--workdir", str(tmp_path / "w"), "--set", override])
     assert message in err
     assert not (tmp_path / "w").exists()
 
@@ -161,6 +154,6 @@ def test_workdir_of_another_recipe_is_not_overwritten(tmp_path, prepared, capsys
     work = tmp_path / "w"
     work.mkdir()
     (work / "recipe.json").write_text(json.dumps({"name": "other", "fingerprint": "0123"}))
-    err = _error(capsys, ["train", str(recipe), "--workdir", str(work)])
+    err = cli_error(capsys, ["train", str(recipe), "--workdir", str(work)])
     assert "different recipe" in err
     assert json.loads((work / "recipe.json").read_text())["name"] == "other"
