@@ -41,6 +41,8 @@ def _runtime(args) -> dict:
         runtime["attention"] = args.attention
     if getattr(args, "dtype", None):
         runtime["dtype"] = args.dtype
+    if getattr(args, "attention_kernel", None):
+        runtime["attention_kernel"] = args.attention_kernel
     return runtime
 
 
@@ -271,7 +273,7 @@ def cmd_generate(args) -> int:
 
 def cmd_theta_sweep(args) -> int:
     from lwm_jax.eval.perplexity import load_eval_data
-    from lwm_jax.eval.theta_sweep import theta_sweep
+    from lwm_jax.eval.theta_sweep import save_sweep, sweep_table, theta_sweep
     from lwm_jax.train.checkpoint import load_model, read_metadata
 
     if args.candidates and args.search:
@@ -295,22 +297,8 @@ def cmd_theta_sweep(args) -> int:
                              num=args.num, span=args.span, iterations=args.iterations,
                              orig_context=meta["max_position_embeddings"], mesh=mesh)
     if args.out:
-        from lwm_jax.eval.plots import line_plot
-
-        os.makedirs(args.out, exist_ok=True)
-        result["files"] = {"json": os.path.join(args.out, "theta_sweep.json"),
-                           "png": os.path.join(args.out, "theta_sweep.png")}
-        with open(result["files"]["json"], "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=1)
-        pts = result["points"]
-        line_plot({"mean NLL": ([p["theta"] for p in pts], [p["mean_nll"] for p in pts])}, result["files"]["png"],
-                  f"theta sweep at context {args.context:,} (scaling law {result['center_theta']:,.0f})",
-                  "RoPE theta", "mean NLL", logx=True, mark_x=result["best_theta"])
-    lines = [f"{'theta':>18} {'mean NLL':>9}"]
-    lines += [f"{p['theta']:>18,.1f} {p['mean_nll']:>9.4f}{'  <- best' if p['theta'] == result['best_theta'] else ''}"
-              for p in result["points"]]
-    lines.append(f"best theta {result['best_theta']:,.1f} (scaling-law value {result['center_theta']:,.1f}, "
-                 f"trained at {result['trained_theta']:,.1f})")
+        result["files"] = save_sweep(result, args.out)
+    lines = sweep_table(result)
     _print_result(args, result, lines)
     return 0
 
@@ -400,9 +388,15 @@ def _exp(x: float) -> float:
 
 
 def _add_runtime_options(p, dtype: bool = True) -> None:
-    """`--attention`, `--mesh` (and `--dtype`): how a checkpoint runs, shared by the evaluations."""
+    """`--attention`, `--attention-kernel`, `--mesh` (and `--dtype`): how a checkpoint runs, shared
+    by the evaluations."""
+    from lwm_jax.config import ATTENTION_KERNELS
+
     p.add_argument("--attention", choices=("reference", "blockwise", "ring"),
                    help="attention implementation (default: the checkpoint's)")
+    p.add_argument("--attention-kernel", choices=ATTENTION_KERNELS,
+                   help="per-block kernel of blockwise/ring: auto picks cuDNN (GPU, bf16) or the pure-JAX "
+                        "xla kernel (default: the checkpoint's)")
     p.add_argument("--mesh", help="device mesh, e.g. dp=2,sp=4 (product = device count)")
     if dtype:
         p.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (default: the checkpoint's)")

@@ -18,6 +18,7 @@ import yaml
 from lwm_jax.errors import UserError
 
 ATTENTION_IMPLS = ("reference", "blockwise", "ring")
+ATTENTION_KERNELS = ("auto", "xla", "cudnn", "splash")  # per-block kernels of blockwise and ring
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "offload")
 DTYPES = ("float32", "bfloat16", "float16")
 MESH_AXES = ("dp", "fsdp", "sp", "tp")
@@ -72,6 +73,7 @@ class ModelConfig:
     remat: str = "full"
     attention: str = "reference"
     attention_block_size: int = 512
+    attention_kernel: str = "auto"  # auto: the platform's fused kernel where it applies, else xla
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
@@ -91,6 +93,8 @@ class ModelConfig:
         _check(self.remat in REMAT_POLICIES, f"remat={self.remat!r} is not one of {REMAT_POLICIES}")
         _check(self.attention in ATTENTION_IMPLS,
                f"attention={self.attention!r} is not one of {ATTENTION_IMPLS}")
+        _check(self.attention_kernel in ATTENTION_KERNELS,
+               f"attention_kernel={self.attention_kernel!r} is not one of {ATTENTION_KERNELS}")
 
     @property
     def num_params(self) -> int:
@@ -346,7 +350,7 @@ def load_model_config(path: str | Path, overrides: list[str] = ()) -> ModelConfi
 
 # Training recipes ----------------------------------------------------------------------------------
 
-THETA_RULES = ("scaling-law", "ntk")
+THETA_RULES = ("scaling-law", "ntk", "sweep")
 SCHEDULES = ("constant", "cosine", "linear")
 
 
@@ -376,13 +380,34 @@ class OptimizerConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ThetaSweepConfig:
+    """How a stage with `rope_theta: sweep` picks its theta before training: the mean NLL of the
+    starting params on `sequences` of the stage's own data at `num` thetas log-spaced over
+    [center/span, center*span] around the scaling-law value (or a golden-section search)."""
+
+    num: int = 7
+    span: float = 8.0
+    search: bool = False
+    iterations: int = 10  # golden-section evaluations, with search
+    sequences: int | None = None  # None: dp*fsdp of the stage's mesh (one per data shard)
+
+    def __post_init__(self):
+        _check(self.num >= 1, f"theta_sweep.num={self.num} must be >= 1")
+        _check(self.span >= 1 and math.isfinite(self.span), f"theta_sweep.span={self.span} must be >= 1")
+        _check(self.iterations >= 2, f"theta_sweep.iterations={self.iterations} must be >= 2")
+        _check(self.sequences is None or self.sequences >= 1,
+               f"theta_sweep.sequences={self.sequences} must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
 class StageConfig:
     """One context-extension stage: its length, RoPE theta, batch, steps, optimizer and init."""
 
     name: str
     seq_len: int
     steps: int
-    rope_theta: str = "scaling-law"  # a number, or scaling-law / ntk from the previous stage
+    rope_theta: str = "scaling-law"  # a number; scaling-law / ntk from the previous stage; or sweep
+    theta_sweep: ThetaSweepConfig = ThetaSweepConfig()  # used when rope_theta is sweep
     batch_size: int = 1  # global sequences per micro-step
     grad_accum: int = 1
     lr: float | None = None  # shortcut for optimizer.lr

@@ -72,6 +72,38 @@ def test_sweep_finds_trained_theta(trained_ckpt, tmp_path, capsys):
     assert (tmp_path / "theta_sweep.png").is_file() and (tmp_path / "theta_sweep.json").is_file()
 
 
+def test_recipe_sweep_stage_finds_trained_theta(trained_ckpt, tmp_path):
+    """A recipe stage with `rope_theta: sweep` runs the same search from its starting checkpoint,
+    saves it, and the stages after it build their theta rules on the swept value."""
+    import dataclasses
+
+    from lwm_jax.config import RecipeConfig, from_dict
+    from lwm_jax.data.config import DataConfig
+    from lwm_jax.train.runner import _swept_thetas, plan_recipe, sweep_stage_theta
+
+    ckpt, data, _ = trained_ckpt
+    recipe = from_dict(RecipeConfig, {
+        "name": "sweep", "model": {"vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 64, "num_layers": 1,
+                                   "num_heads": 2, "num_kv_heads": 1, "head_dim": 16, "remat": "none",
+                                   "bos_token_id": 0, "eos_token_id": [1]},
+        "mesh": {"dp": 4, "sp": 2},
+        "stages": [{"name": "same", "seq_len": SEQ, "steps": 1, "batch_size": 4, "init_from": f"ckpt:{ckpt}", "rope_theta": "sweep",
+                    "theta_sweep": {"num": 5, "span": 4, "sequences": 4}},
+                   {"name": "longer", "seq_len": 4 * SEQ, "steps": 1, "batch_size": 4, "rope_theta": "scaling-law"}]})
+    recipe = dataclasses.replace(recipe, data=DataConfig(paths=[str(data)]))
+    plans = plan_recipe(recipe, 8)
+    assert plans[0].theta_pending and plans[0].model.rope_theta == TRAINED_THETA  # the center, for now
+    theta, params = sweep_stage_theta(plans[0], plans, recipe, tmp_path)
+    assert TRAINED_THETA / THETA_FACTOR <= theta <= TRAINED_THETA * THETA_FACTOR
+    assert _swept_thetas(tmp_path, recipe) == {"same": theta}
+    assert (tmp_path / "stages/same/theta_sweep/theta_sweep.png").is_file()
+    resolved = plan_recipe(recipe, 8, swept={"same": theta})
+    assert not resolved[0].theta_pending and resolved[0].model.rope_theta == theta
+    assert resolved[1].model.rope_theta == pytest.approx(
+        theta ** (math.log(4 * SEQ / (2 * math.pi)) / math.log(SEQ / (2 * math.pi))))
+    assert {"embed_tokens", "norm"} <= set(params)  # the starting params, handed to the stage
+
+
 def test_golden_section_on_known_minimum():
     from lwm_jax.eval.theta_sweep import golden_section
 

@@ -49,8 +49,8 @@ def write_recipe(path: Path, prepared: Path, **top) -> Path:
         "stages": [
             {"name": "base", "seq_len": 32, "rope_theta": 10000, "batch_size": 2, "grad_accum": 2, "steps": 4,
              "lr": 1e-3, "init_from": "scratch", "checkpoint_every": 1, "keep_checkpoints": 10},
-            {"name": "long", "seq_len": 128, "rope_theta": "scaling-law", "batch_size": 2, "steps": 2,
-             "lr": 1e-3},
+            {"name": "long", "seq_len": 128, "rope_theta": "sweep", "theta_sweep": {"num": 3, "span": 2},
+             "batch_size": 2, "steps": 2, "lr": 1e-3},
         ],
         **top,
     }
@@ -86,9 +86,14 @@ def test_two_stages_chain_and_resume_after_kill(tmp_path, prepared):
     assert len(reference) == 6 and all(np.isfinite(v) for v in reference.values())
 
     # Stage chaining: theta, seq_len read back from metadata; step-0 params = previous final params.
+    # The long stage's theta came from a sweep around the scaling-law value, run from base's params.
     meta = read_metadata(tmp_path / "full/stages/long/checkpoints")
     assert meta["seq_len"] == 128 and meta["max_position_embeddings"] == 128
-    assert meta["rope_theta"] == pytest.approx(10000 ** (np.log(128 / (2 * np.pi)) / np.log(32 / (2 * np.pi))))
+    sweep = json.loads((tmp_path / "full/stages/long/theta_sweep/theta_sweep.json").read_text())
+    assert sweep["center_theta"] == pytest.approx(10000 ** (np.log(128 / (2 * np.pi)) / np.log(32 / (2 * np.pi))))
+    assert len(sweep["points"]) == 3 and sweep["trained_theta"] == 10000
+    assert sweep["best_nll"] == min(p["mean_nll"] for p in sweep["points"])
+    assert meta["rope_theta"] == sweep["best_theta"] == summary["stages"][1]["rope_theta"]
     base_cfg = from_dict(ModelConfig, read_metadata(tmp_path / "full/stages/base/checkpoints")["model"])
     base_final = restore_params(tmp_path / "full/stages/base/checkpoints", base_cfg, step=4)
     l2 = np.sqrt(sum(float(np.sum(np.square(np.asarray(x, np.float64)))) for x in jax.tree.leaves(base_final)))
@@ -140,6 +145,8 @@ def test_two_stages_chain_and_resume_after_kill(tmp_path, prepared):
     ("stages.long.init_from=hf:/nonexistent", "does not exist"),
     ("stages.base.rope_theta=-5", "rope_theta=-5 must be > 0"),
     ("stages.base.init_from=previous", "first stage"),
+    ("stages.base.rope_theta=sweep", "sweep needs trained weights"),
+    ("stages.long.theta_sweep.sequences=3", "theta_sweep.sequences=3 must be divisible by dp*fsdp=2"),
     ("model.vocab_size=256", "uses a tokenizer with 512 ids"),
 ])
 def test_bad_recipes_fail_before_compile(tmp_path, prepared, capsys, override, message):

@@ -5,8 +5,10 @@ scaling-law value or by golden-section search in log theta; returns every point 
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 from flax import nnx
@@ -95,3 +97,28 @@ def theta_sweep(model, tokens: np.ndarray, *, context: int, candidates: Sequence
     return {"points": [{"theta": t, "mean_nll": v} for t, v in points], "best_theta": best[0], "best_nll": best[1],
             "center_theta": center, "trained_theta": config.rope_theta, "context": context,
             "method": "golden-section" if search else ("candidates" if candidates else "log-spaced")}
+
+
+def sweep_table(result: dict) -> list[str]:
+    """The sweep as printable lines: theta and mean NLL per point, then the best."""
+    lines = [f"{'theta':>18} {'mean NLL':>9}"]
+    lines += [f"{p['theta']:>18,.1f} {p['mean_nll']:>9.4f}{'  <- best' if p['theta'] == result['best_theta'] else ''}"
+              for p in result["points"]]
+    lines.append(f"best theta {result['best_theta']:,.1f} (scaling-law value {result['center_theta']:,.1f}, "
+                 f"trained at {result['trained_theta']:,.1f})")
+    return lines
+
+
+def save_sweep(result: dict, directory: str | Path) -> dict[str, str]:
+    """Writes `theta_sweep.json` and `theta_sweep.png` (loss against log theta) into `directory`."""
+    from lwm_jax.eval.plots import line_plot
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    files = {"json": str(directory / "theta_sweep.json"), "png": str(directory / "theta_sweep.png")}
+    Path(files["json"]).write_text(json.dumps({**result, "files": files}, indent=1))
+    points = result["points"]
+    line_plot({"mean NLL": ([p["theta"] for p in points], [p["mean_nll"] for p in points])}, files["png"],
+              f"theta sweep at context {result['context']:,} (scaling law {result['center_theta']:,.0f})",
+              "RoPE theta", "mean NLL", logx=True, mark_x=result["best_theta"])
+    return files

@@ -28,6 +28,7 @@ from lwm_jax.progress import log, progress
 
 FINAL_FILE = "final.json"
 START_FILE = "start.json"
+SWEEP_DIR = "theta_sweep"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +39,7 @@ class StagePlan:
     stage: StageConfig
     model: ModelConfig
     mesh: MeshConfig
+    theta_pending: bool = False  # rope_theta: sweep, not yet run (model holds the scaling-law value)
 
     @property
     def name(self) -> str:
@@ -69,21 +71,35 @@ def _init_source(stage: StageConfig, recipe: RecipeConfig) -> ModelConfig:
     return source
 
 
-def plan_recipe(recipe: RecipeConfig, num_devices: int | None, check_sources: bool = True) -> list[StagePlan]:
+def plan_recipe(recipe: RecipeConfig, num_devices: int | None, check_sources: bool = True,
+                swept: dict[str, float] | None = None) -> list[StagePlan]:
     """Resolves theta, mesh and model per stage and checks everything that can fail before compiling.
 
     `num_devices=None` sizes each stage by its own mesh (which then may not use -1), as the planner
     does for recipes whose stages run on different clusters. `check_sources=False` skips looking at
-    init folders (planning on a machine that does not hold the weights).
+    init folders (planning on a machine that does not hold the weights). `swept` holds the thetas
+    that `rope_theta: sweep` stages have found so far; a stage not yet swept is planned with the
+    scaling-law value (shapes do not depend on theta) and marked `theta_pending`.
     """
     plans = []
+    swept = swept or {}
     first = recipe.stages[0]
     previous = _init_source(first, recipe) if check_sources else recipe.model
     prev_theta, prev_len = previous.rope_theta, previous.max_position_embeddings
     for index, stage in enumerate(recipe.stages):
         where = f"stages.{stage.name}"
-        if stage.rope_theta in ("scaling-law", "ntk"):
-            theta = theta_for(stage.rope_theta, stage.seq_len, prev_theta, recipe.model.head_dim, prev_len)
+        pending = stage.rope_theta == "sweep" and stage.name not in swept
+        if stage.rope_theta == "sweep" and stage.init_from == "scratch":
+            raise UserError(f"{where}: rope_theta: sweep needs trained weights to measure, but the stage "
+                            "starts from scratch; give a number or a rule")
+        sweep_rows = stage.theta_sweep.sequences
+        if stage.rope_theta == "sweep" and sweep_rows and sweep_rows % (mesh_rows := _data_ways(stage, recipe)):
+            raise UserError(f"{where}.theta_sweep.sequences={sweep_rows} must be divisible by dp*fsdp={mesh_rows}")
+        if stage.rope_theta == "sweep" and not pending:
+            theta = swept[stage.name]
+        elif stage.rope_theta in ("scaling-law", "ntk", "sweep"):
+            rule = "scaling-law" if stage.rope_theta == "sweep" else stage.rope_theta
+            theta = theta_for(rule, stage.seq_len, prev_theta, recipe.model.head_dim, prev_len)
         else:
             theta = float(stage.rope_theta)
         if not (theta > 0 and math.isfinite(theta)):
@@ -97,9 +113,14 @@ def plan_recipe(recipe: RecipeConfig, num_devices: int | None, check_sources: bo
         model = recipe.model.replace(rope_theta=theta, max_position_embeddings=stage.seq_len,
                                      remat=stage.remat or recipe.model.remat)
         _check_stage(where, stage, model, mesh)
-        plans.append(StagePlan(index, stage, model, mesh))
+        plans.append(StagePlan(index, stage, model, mesh, theta_pending=pending))
         prev_theta, prev_len = theta, stage.seq_len
     return plans
+
+
+def _data_ways(stage: StageConfig, recipe: RecipeConfig) -> int:
+    mesh = stage.mesh or recipe.mesh
+    return max(1, mesh.dp) * max(1, mesh.fsdp)
 
 
 def _check_stage(where: str, stage: StageConfig, model: ModelConfig, mesh: MeshConfig) -> None:
@@ -235,18 +256,63 @@ def _initial_params(plan: StagePlan, recipe: RecipeConfig, workdir: Path, mesh):
         from flax import nnx
 
         from lwm_jax.convert.hf import import_hf
+        from lwm_jax.train.checkpoint import RUNTIME_FIELDS
 
-        runtime = {f: getattr(plan.model, f) for f in ("dtype", "scan_layers", "remat", "attention",
-                                                        "attention_block_size")}
+        runtime = {f: getattr(plan.model, f) for f in RUNTIME_FIELDS}
         return nnx.to_pure_dict(nnx.state(import_hf(target, mesh=mesh, **runtime)))
     if kind == "ckpt":
         return restore_params(target, plan.model, mesh)
     return init_params(plan.model, recipe.seed + plan.index, mesh)
 
 
+def _swept_thetas(workdir: Path, recipe: RecipeConfig) -> dict[str, float]:
+    """Thetas already found by the `rope_theta: sweep` stages of an earlier run in this workdir."""
+    found = {}
+    for stage in recipe.stages:
+        result = _stage_dir(workdir, stage.name) / SWEEP_DIR / "theta_sweep.json"
+        if stage.rope_theta == "sweep" and result.is_file():
+            found[stage.name] = float(json.loads(result.read_text())["best_theta"])
+    return found
+
+
+def sweep_stage_theta(plan: StagePlan, plans: list[StagePlan], recipe: RecipeConfig, workdir: Path):
+    """Runs a `rope_theta: sweep` stage's theta search from its starting params; returns (theta, params).
+
+    The loss is the mean NLL of the starting params on the first sequences of the stage's own data,
+    at thetas log-spaced around the scaling-law value from the starting model's theta and length.
+    Process 0 saves the table and curve in the stage folder, so a rerun reuses the same theta.
+    """
+    from lwm_jax.eval.perplexity import load_eval_data
+    from lwm_jax.eval.theta_sweep import save_sweep, sweep_table, theta_sweep
+    from lwm_jax.parallel.mesh import make_mesh
+    from lwm_jax.train.checkpoint import merge_params
+
+    stage, cfg = plan.stage, plan.stage.theta_sweep
+    start = plans[plan.index - 1].model if stage.init_from == "previous" else _init_source(stage, recipe)
+    start_model = plan.model.replace(rope_theta=start.rope_theta, max_position_embeddings=start.max_position_embeddings)
+    tokens = load_eval_data(recipe.data.resolved_paths(stage.seq_len), stage.seq_len,
+                            cfg.sequences or plan.mesh.dp * plan.mesh.fsdp, plan.model.vocab_size)
+    mesh = make_mesh(plan.mesh)
+    log(f"stage {plan.name}: sweeping theta at {stage.seq_len:,} tokens from theta {start.rope_theta:,.0f} "
+        f"(trained at {start.max_position_embeddings:,})")
+    with jax.set_mesh(mesh):
+        params = _initial_params(plan, recipe, workdir, mesh)
+        result = theta_sweep(merge_params(start_model, params), tokens, context=stage.seq_len, num=cfg.num,
+                             span=cfg.span, search=cfg.search, iterations=cfg.iterations,
+                             orig_context=start.max_position_embeddings, mesh=mesh)
+    if jax.process_index() == 0:
+        save_sweep(result, _stage_dir(workdir, plan.name) / SWEEP_DIR)
+        for line in sweep_table(result):
+            log(line)
+    return result["best_theta"], params
+
+
 def run_stage(plan: StagePlan, recipe: RecipeConfig, workdir: Path, writer, profile: tuple[int, int] | None,
-              global_step: int) -> tuple[dict[str, Any], int]:
-    """Trains one stage to its last step (resuming if it has checkpoints); returns its summary."""
+              global_step: int, start_params=None) -> tuple[dict[str, Any], int]:
+    """Trains one stage to its last step (resuming if it has checkpoints); returns its summary.
+
+    `start_params`: the stage's initial params when the caller already loaded them (theta sweep).
+    """
     from lwm_jax.data.pipeline import build_iterator
     from lwm_jax.parallel.distributed import data_share
     from lwm_jax.parallel.mesh import make_mesh
@@ -284,7 +350,7 @@ def run_stage(plan: StagePlan, recipe: RecipeConfig, workdir: Path, writer, prof
             writer.drop_after(plan.name, start)
         else:
             start = 0
-            params = _initial_params(plan, recipe, workdir, mesh)
+            params = start_params if start_params is not None else _initial_params(plan, recipe, workdir, mesh)
             opt_state = fns.init_opt_state(params)
             param_l2 = _param_l2(params)  # a collective: every process computes it
             if is_main:
@@ -358,7 +424,8 @@ def train(recipe: RecipeConfig, workdir: str | Path, only_stage: str | None = No
     from lwm_jax.train.metrics import MetricsWriter
 
     workdir = Path(workdir)
-    plans = plan_recipe(recipe, jax.device_count())
+    swept = _swept_thetas(workdir, recipe)
+    plans = plan_recipe(recipe, jax.device_count(), swept=swept)
     if only_stage is not None:
         recipe.stage(only_stage)
     if recipe.data is None or not recipe.data.paths:
@@ -370,7 +437,8 @@ def train(recipe: RecipeConfig, workdir: str | Path, only_stage: str | None = No
     writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
     summaries, global_step = [], 0
     try:
-        for plan in plans:
+        for index in range(len(plans)):
+            plan = plans[index]
             if only_stage not in (None, plan.name):
                 continue
             final = _stage_dir(workdir, plan.name) / FINAL_FILE
@@ -378,7 +446,12 @@ def train(recipe: RecipeConfig, workdir: str | Path, only_stage: str | None = No
                 log(f"stage {plan.name}: already finished, skipping")
                 summaries.append(json.loads(final.read_text()))
                 continue
-            summary, global_step = run_stage(plan, recipe, workdir, writer, profile, global_step)
+            start_params = None
+            if plan.theta_pending:
+                swept[plan.name], start_params = sweep_stage_theta(plan, plans, recipe, workdir)
+                plans = plan_recipe(recipe, jax.device_count(), swept=swept)  # later rules build on it
+                plan = plans[index]
+            summary, global_step = run_stage(plan, recipe, workdir, writer, profile, global_step, start_params)
             summaries.append(summary)
     finally:
         writer.close()
