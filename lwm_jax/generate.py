@@ -204,7 +204,7 @@ def _prefill(model, tokens, positions, last, *, plan: CachePlan, mesh):
     def body(layer, h, _):
         def attend(q, k, v):
             out = attention(q, k, v, positions=positions, causal=True, impl=cfg.attention,
-                            block_size=cfg.attention_block_size)
+                            block_size=cfg.attention_block_size, kernel=cfg.attention_kernel)
             return out, (k, v)
 
         return layer.run(h, positions, attend)

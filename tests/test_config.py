@@ -45,11 +45,34 @@ def test_transformers_5_rope_parameters_are_read():
     ({"num_heads": 6, "num_kv_heads": 4}, "num_heads=6 must be divisible by num_kv_heads=4"),
     ({"rope_theta": 0.0}, "rope_theta=0.0 must be a positive number"),
     ({"attention": "flash"}, "attention='flash' is not one of"),
+    ({"attention_kernel": "triton"}, "attention_kernel='triton' is not one of"),
     ({"bos_token_id": 999_999}, "special token id 999999"),
 ])
 def test_invalid_model_config(changes, message):
     with pytest.raises(UserError, match=message):
         ModelConfig(**changes)
+
+
+def test_model_attention_kernel_reaches_the_kernel_choice():
+    """The model's `attention_kernel` is what the attention call selects: a GPU-only kernel named
+    on CPU is refused by the kernel registry, `xla` runs and equals `auto` (which is xla on CPU)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from lwm_jax.model.llama import Llama
+
+    base = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
+                       num_kv_heads=1, head_dim=16, attention="blockwise", attention_block_size=8,
+                       bos_token_id=0, eos_token_id=(1,))
+    tokens = jnp.arange(16, dtype=jnp.int32)[None] % 64
+    logits = {}
+    for kernel in ("auto", "xla"):
+        logits[kernel] = Llama(base.replace(attention_kernel=kernel), nnx.Rngs(0))(tokens)
+    assert jnp.array_equal(logits["auto"], logits["xla"])
+    if jax.default_backend() == "cpu":
+        with pytest.raises(UserError, match="kernel='cudnn' runs on gpu"):
+            Llama(base.replace(attention_kernel="cudnn"), nnx.Rngs(0))(tokens)
 
 
 def test_mesh_parse_and_resolve():

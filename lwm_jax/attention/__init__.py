@@ -11,12 +11,13 @@ from lwm_jax.config import ATTENTION_IMPLS
 
 
 def attention(q, k, v, *, segment_ids=None, positions=None, causal: bool = True,
-              impl: str = "reference", block_size: int = 512):
+              impl: str = "reference", block_size: int = 512, kernel: str = "auto"):
     """Returns `[batch, seq, q_heads, head_dim]` attention output in `q.dtype`.
 
     `q: [batch, seq, q_heads, head_dim]`, `k, v: [batch, seq, kv_heads, head_dim]` (GQA: q_heads a
     multiple of kv_heads), `segment_ids, positions: [batch, seq]` int32. `ring` runs over the mesh
-    set with `jax.set_mesh` and expects tokens in the zigzag layout (`attention.layout`).
+    set with `jax.set_mesh` and expects tokens in the zigzag layout (`attention.layout`). `kernel`
+    picks the per-block kernel of `blockwise` and `ring` (`attention.kernels`).
     """
     if impl == "reference":
         return reference_attention(q, k, v, segment_ids=segment_ids, positions=positions, causal=causal)
@@ -24,10 +25,10 @@ def attention(q, k, v, *, segment_ids=None, positions=None, causal: bool = True,
         from lwm_jax.attention.blockwise import blockwise_attention
 
         return blockwise_attention(q, k, v, segment_ids=segment_ids, positions=positions,
-                                   causal=causal, block_size=block_size)
+                                   causal=causal, block_size=block_size, kernel=kernel)
     if impl == "ring":
         from lwm_jax.attention.ring import ring_attention
 
         return ring_attention(q, k, v, segment_ids=segment_ids, positions=positions,
-                              causal=causal, block_size=block_size)
+                              causal=causal, block_size=block_size, kernel=kernel)
     raise ValueError(f"attention impl={impl!r} is not one of {ATTENTION_IMPLS}")

@@ -72,7 +72,7 @@ class Attention(nnx.Module):
         cfg = self.config
         q, k, v = self.qkv(x, positions)
         out = attention(q, k, v, segment_ids=segment_ids, positions=positions, causal=True,
-                        impl=cfg.attention, block_size=cfg.attention_block_size)
+                        impl=cfg.attention, block_size=cfg.attention_block_size, kernel=cfg.attention_kernel)
         return self.project_out(out)
 
 
@@ -152,7 +152,11 @@ class Llama(nnx.Module):
         dtype = jnp.dtype(cfg.dtype)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-        x = jnp.take(self.embed_tokens[...], tokens, axis=0).astype(dtype)
+        # The table is gathered whole (FSDP) before the lookup, so its gradient is one scatter-add into
+        # a local float32 table and a reduce-scatter, whatever the mesh; left to itself the SPMD
+        # partitioner picks a mesh-dependent plan and, on fsdp x sp meshes, replicates through it.
+        table = constrain(self.embed_tokens[...], ("vocab", None))
+        x = jnp.take(table, tokens, axis=0).astype(dtype)
         x = constrain(x, ("batch", "length", "act_embed"))
         graphdef, state = nnx.split(self.layers)
 

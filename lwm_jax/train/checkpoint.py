@@ -23,7 +23,7 @@ from lwm_jax.errors import UserError
 from lwm_jax.model.llama import Llama
 from lwm_jax.parallel.mesh import state_shardings
 
-RUNTIME_FIELDS = ("dtype", "scan_layers", "remat", "attention", "attention_block_size")
+RUNTIME_FIELDS = ("dtype", "scan_layers", "remat", "attention", "attention_block_size", "attention_kernel")
 FORMAT = "lwm-jax/1"
 
 
