@@ -1,11 +1,19 @@
-"""Test session setup: 8 simulated CPU devices (set before JAX starts) and tiny HF model factories."""
+"""Test session setup: 8 simulated CPU devices (set before JAX starts), a compilation cache shared
+by the session's processes, and tiny HF model factories."""
 
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = " ".join(
     [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
     + ["--xla_force_host_platform_device_count=8"])
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Compiling dominates the suite's time, and the CLI tests' subprocesses (a run, its resume, a rerun)
+# compile the same programs again: a persistent cache, fresh per session and inherited by them.
+_XLA_CACHE = tempfile.mkdtemp(prefix="lwm-jax-test-xla-cache-")
+os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.2"
 
 from pathlib import Path  # noqa: E402
 
@@ -78,3 +86,7 @@ def blind_logits(vocab: int, rows: int = 64):
         logits[np.arange(rows), rng.integers(vocab, size=rows)] = 1.0
         return logits
     return logits_fn
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_XLA_CACHE, ignore_errors=True)
