@@ -164,3 +164,19 @@ def test_workdir_of_another_recipe_is_not_overwritten(tmp_path, prepared, capsys
     err = cli_error(capsys, ["train", str(recipe), "--workdir", str(work)])
     assert "different recipe" in err
     assert json.loads((work / "recipe.json").read_text())["name"] == "other"
+
+
+def test_fingerprint_ignores_how_it_runs_but_not_what_it_computes():
+    """A run may resume on another mesh, remat policy or kernel, and after a release adds a config
+    field with a default; changing steps, theta or the model is a different recipe."""
+    from lwm_jax.config import load_recipe
+    from lwm_jax.train.runner import recipe_fingerprint
+
+    demo = ROOT / "configs/recipes/demo_cpu.yaml"
+    base = recipe_fingerprint(load_recipe(demo))
+    same = [["mesh.dp=1", "mesh.sp=8"], ["model.remat=dots", "stages.x4.remat=none"],
+            ["model.attention_kernel=xla", "model.attention_block_size=64"], ["stages.x4.grad_accum=1"]]
+    for overrides in same:
+        assert recipe_fingerprint(load_recipe(demo, overrides)) == base, overrides
+    for override in ("stages.x4.steps=17", "stages.base.rope_theta=20000", "model.rms_norm_eps=1e-6", "seed=1"):
+        assert recipe_fingerprint(load_recipe(demo, [override])) != base, override

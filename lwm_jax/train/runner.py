@@ -152,13 +152,36 @@ def _check_data(recipe: RecipeConfig, plan: StagePlan) -> None:
                             f"vocab_size is {plan.model.vocab_size}")
 
 
+# How a model runs, not what it computes: a run may resume with another remat policy or kernel.
+_HOW_IT_RUNS = ("scan_layers", "remat", "attention", "attention_block_size", "attention_kernel")
+
+
+def _explicit(obj) -> Any:
+    """Plain data of a config with every field left at its default dropped (recursively), so a
+    field added to the configs later, with a default, does not change an existing fingerprint."""
+    if dataclasses.is_dataclass(obj):
+        out = {}
+        for field in dataclasses.fields(obj):
+            value = getattr(obj, field.name)
+            default = (field.default if field.default is not dataclasses.MISSING else
+                       field.default_factory() if field.default_factory is not dataclasses.MISSING else
+                       dataclasses.MISSING)
+            if value != default:
+                out[field.name] = _explicit(value)
+        return out
+    if isinstance(obj, (list, tuple)):
+        return [_explicit(x) for x in obj]
+    return obj
+
+
 def recipe_fingerprint(recipe: RecipeConfig) -> str:
-    """Hash of what the recipe computes; meshes are left out, so a run may resume on another mesh."""
-    data = to_dict(dataclasses.replace(recipe, data=None))
-    data["data"] = to_dict(recipe.data) if recipe.data is not None else None
-    data.pop("mesh")
-    for stage in data["stages"]:
-        stage.pop("mesh")
+    """Hash of what the recipe computes. Meshes, remat, attention path and kernel are left out, so
+    a run may resume on another mesh or with another policy; defaults are left out too."""
+    plain = lambda x: {k: v for k, v in _explicit(x).items() if k not in ("mesh", "remat", *_HOW_IT_RUNS)}
+    data = plain(dataclasses.replace(recipe, data=None))
+    data["model"] = plain(recipe.model)
+    data["stages"] = [plain(stage) for stage in recipe.stages]
+    data["data"] = _explicit(recipe.data) if recipe.data is not None else None
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
