@@ -5,10 +5,16 @@ The analytic model counts, per device: float32 params, AdamW moments and gradien
 logical sharding rules; the layer inputs the remat policy keeps (one `[batch, seq, embed]` per
 layer for `full`, plus the saved matmul outputs for `dots` policies); one layer's recomputed
 working set; the ring's KV blocks in flight and float32 accumulators; one loss chunk of logits;
-and the batch. Step time is FLOPs (the MFU convention of `train.metrics`, plus the recompute of
-`full` remat) at the given peak and efficiency, against the ring's KV traffic and the FSDP weight
-gathers at the given link bandwidths; the larger of compute and communication is taken (they
-overlap).
+the weights FSDP gathers (one layer's, and the embedding gradient as a full table); and the batch.
+Step time is FLOPs (the MFU convention of `train.metrics`, plus the recompute of `full` remat) at
+the given peak and efficiency, against the ring's KV traffic and the FSDP weight gathers at the
+given link bandwidths; the larger of compute and communication is taken (they overlap).
+
+XLA:CPU has no bfloat16 arithmetic: its float-normalization pass runs every bf16 op in float32 and
+stores the result as float32, so on the simulated devices of `--aot` each compute-dtype buffer
+(saved layer inputs, the layer's working set, the ring's KV blocks) takes 4 bytes per element. The
+planner therefore also gives the same model with 4-byte activations (`memory_bytes_per_device_xla_cpu`),
+which is what `--aot` is compared with; `memory_bytes_per_device` is the accelerator's figure.
 """
 
 from __future__ import annotations
@@ -80,10 +86,20 @@ def param_bytes_per_device(model: ModelConfig, mesh: MeshConfig) -> int:
     return sum(4 * math.prod(shape) // _shard_factor(axes, mesh) for shape, axes in shapes)
 
 
+def layer_param_count(model: ModelConfig) -> int:
+    """Params of one decoder layer (attention, MLP, two norms)."""
+    d, hd = model.hidden_size, model.head_dim
+    return d * hd * (2 * model.num_heads + 2 * model.num_kv_heads) + 3 * d * model.intermediate_size + 2 * d
+
+
 def memory_per_device(model: ModelConfig, mesh: MeshConfig, seq_len: int, batch_size: int, grad_accum: int,
-                      loss_chunk: int) -> dict[str, int]:
-    """Analytic bytes per device by component (see the module docstring)."""
-    dt = np.dtype(model.dtype).itemsize
+                      loss_chunk: int, activation_bytes: int | None = None) -> dict[str, int]:
+    """Analytic bytes per device by component (see the module docstring).
+
+    `activation_bytes`: bytes per element of compute-dtype activations (default: the model dtype's;
+    4 for XLA:CPU, which holds bf16 values as float32).
+    """
+    dt = activation_bytes or np.dtype(model.dtype).itemsize
     d, hd, f, L = model.hidden_size, model.head_dim, model.intermediate_size, model.num_layers
     hq, hkv = model.num_heads // mesh.tp, model.num_kv_heads // mesh.tp
     b = max(batch_size // (mesh.dp * mesh.fsdp), 1)
@@ -100,10 +116,15 @@ def memory_per_device(model: ModelConfig, mesh: MeshConfig, seq_len: int, batch_
     ring = tokens * hkv * hd * (4 * dt + 4 * 4) + tokens * hq * (hd + 1) * 4 * 2
     chunk = min(loss_chunk, seq_len) // mesh.sp if seq_len >= loss_chunk else s
     loss = 2 * b * chunk * (model.vocab_size // mesh.tp) * 4  # float32 logits and their cotangent
+    # FSDP: the layer being computed has its weights all-gathered (float32, cast after the gather),
+    # and the token lookup's gradient is a scatter-add into a full float32 [vocab, embed] table that
+    # is reduce-scattered only afterwards; it lives through the whole backward pass.
+    shards = mesh.fsdp * mesh.sp
+    gathered = 4 * (layer_param_count(model) // mesh.tp + model.vocab_size // mesh.tp * d) if shards > 1 else 0
     batch = 5 * grad_accum * tokens * 4
     out = {"params": params, "optimizer": 2 * params, "gradients": params * (2 if grad_accum > 1 else 1),
            "activations": activations, "layer_recompute": layer_work, "ring_buffers": ring,
-           "loss_chunk": loss, "batch": batch}
+           "loss_chunk": loss, "gathered_weights": gathered, "batch": batch}
     out["total"] = sum(out.values())
     return out
 
@@ -138,8 +159,10 @@ def step_seconds(model: ModelConfig, mesh: MeshConfig, seq_len: int, batch_size:
 def plan_stage(model: ModelConfig, mesh: MeshConfig, seq_len: int, batch_size: int, grad_accum: int, steps: int,
                loss_chunk: int, hw: Hardware) -> dict[str, Any]:
     memory = memory_per_device(model, mesh, seq_len, batch_size, grad_accum, loss_chunk)
+    xla_cpu = memory_per_device(model, mesh, seq_len, batch_size, grad_accum, loss_chunk, activation_bytes=4)
     time = step_seconds(model, mesh, seq_len, batch_size, grad_accum, hw)
     return {"memory": memory, "memory_bytes_per_device": memory["total"],
+            "memory_bytes_per_device_xla_cpu": xla_cpu["total"],
             "fits": memory["total"] <= hw.memory_gib * GIB, "step_s": time["step_s"], "time": time,
             "estimated_minutes": time["step_s"] * steps / 60}
 
