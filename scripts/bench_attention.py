@@ -109,7 +109,8 @@ def _anchor_attention(mesh, block: int, group: int):
 
     kwargs = dict(causal_block_size=1, deterministic=True, dropout_rng=None, attn_pdrop=0.0,
                   query_chunk_size=block, key_chunk_size=block, dtype=jnp.float32,
-                  policy=jax.checkpoint_policies.nothing_saveable, precision=None, prevent_cse=True)
+                  policy=jax.checkpoint_policies.nothing_saveable, precision=None,
+                  prevent_cse=False)  # LWM passes `not scan_layers`, and its configs scan the layers
     spec = P(None, "sp", None, None)
     sharded = jax.shard_map(
         partial(ringattention_jax, axis_name="sp", float32_logits=True, cache_idx=None, blockwise_kwargs=kwargs),

@@ -92,9 +92,6 @@ def plan_recipe(recipe: RecipeConfig, num_devices: int | None, check_sources: bo
         if stage.rope_theta == "sweep" and stage.init_from == "scratch":
             raise UserError(f"{where}: rope_theta: sweep needs trained weights to measure, but the stage "
                             "starts from scratch; give a number or a rule")
-        sweep_rows = stage.theta_sweep.sequences
-        if stage.rope_theta == "sweep" and sweep_rows and sweep_rows % (mesh_rows := _data_ways(stage, recipe)):
-            raise UserError(f"{where}.theta_sweep.sequences={sweep_rows} must be divisible by dp*fsdp={mesh_rows}")
         if stage.rope_theta == "sweep" and not pending:
             theta = swept[stage.name]
         elif stage.rope_theta in ("scaling-law", "ntk", "sweep"):
@@ -118,16 +115,14 @@ def plan_recipe(recipe: RecipeConfig, num_devices: int | None, check_sources: bo
     return plans
 
 
-def _data_ways(stage: StageConfig, recipe: RecipeConfig) -> int:
-    mesh = stage.mesh or recipe.mesh
-    return max(1, mesh.dp) * max(1, mesh.fsdp)
-
-
 def _check_stage(where: str, stage: StageConfig, model: ModelConfig, mesh: MeshConfig) -> None:
     data_ways = mesh.dp * mesh.fsdp
     if stage.batch_size % data_ways:
         raise UserError(f"{where}.batch_size={stage.batch_size} must be divisible by dp*fsdp={data_ways} "
                         f"(mesh {mesh.spec()}); the global batch per step is batch_size*grad_accum")
+    rows = stage.theta_sweep.sequences
+    if stage.rope_theta == "sweep" and rows and rows % data_ways:
+        raise UserError(f"{where}.theta_sweep.sequences={rows} must be divisible by dp*fsdp={data_ways}")
     if model.num_heads % mesh.tp or model.num_kv_heads % mesh.tp:
         raise UserError(f"{where}: num_heads={model.num_heads} and num_kv_heads={model.num_kv_heads} must be "
                         f"divisible by tp={mesh.tp}")
