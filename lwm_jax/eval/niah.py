@@ -5,6 +5,7 @@ counted in the length, scored teacher-forced (and generated, when asked); JSON a
 
 from __future__ import annotations
 
+import functools
 import gzip
 import io
 import json
@@ -58,8 +59,10 @@ def _read_text(path: Path) -> str:
     return "\n\n".join(read_documents(path))
 
 
+@functools.lru_cache(maxsize=8)
 def demo_haystack(min_tokens: int) -> str:
-    """The demo corpus's natural-language source (standard-library docstrings), enough for `min_tokens`."""
+    """The demo corpus's natural-language source (standard-library docstrings), enough for `min_tokens`.
+    Cached: parsing the standard library takes seconds, and evaluations ask again per length."""
     from lwm_jax.data.sample import _docstring_documents, _is_test, _stdlib_files
 
     files = [f for f in _stdlib_files() if not _is_test(f[0])]
