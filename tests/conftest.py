@@ -27,6 +27,23 @@ def llama3_tokenizer_dir() -> Path:
     return Path(os.environ.get("LWM_LLAMA3_TOKENIZER", ROOT.parent / "shared" / "llama3-tokenizer"))
 
 
+def require_llama3_tokenizer() -> Path:
+    """The Llama-3 tokenizer folder; skips the calling test when a checkout has none beside it."""
+    path = llama3_tokenizer_dir()
+    if not (path / "tokenizer.json").is_file():
+        pytest.skip(f"Llama-3 tokenizer not found at {path} (set LWM_LLAMA3_TOKENIZER)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def llama3_tokenizer():
+    """`(tokenizers.Tokenizer, TokenizerInfo)` of the real Llama-3 tokenizer."""
+    from lwm_jax.data.tokenize import get_tokenizer, load_tokenizer_info
+
+    info = load_tokenizer_info(require_llama3_tokenizer())
+    return get_tokenizer(info.tokenizer_file), info
+
+
 def make_hf_llama(out_dir: Path, *, seed: int = 0, vocab_size: int = 256, hidden_size: int = 64,
                   intermediate_size: int = 160, num_layers: int = 2, num_heads: int = 4,
                   num_kv_heads: int = 1, tie: bool = False, rope_theta: float = 500_000.0,

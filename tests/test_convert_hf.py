@@ -1,7 +1,6 @@
 """HF -> import-hf -> export-hf -> transformers round trips, and clear errors on bad checkpoints."""
 
 import json
-import shutil
 
 import numpy as np
 import pytest

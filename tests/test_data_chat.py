@@ -9,7 +9,7 @@ import pytest
 
 from lwm_jax.data.chat import ChatTemplate, encode_chats
 from lwm_jax.data.tokenize import get_tokenizer, load_tokenizer_info
-from tests.conftest import llama3_tokenizer_dir
+from tests.conftest import llama3_tokenizer_dir, require_llama3_tokenizer
 
 EOT = 128009
 
@@ -28,10 +28,7 @@ CONVERSATIONS = [
 
 @pytest.fixture(scope="module")
 def llama3():
-    path = llama3_tokenizer_dir()
-    if not (path / "tokenizer.json").is_file():
-        pytest.skip(f"Llama-3 tokenizer not found at {path}")
-    info = load_tokenizer_info(path)
+    info = load_tokenizer_info(require_llama3_tokenizer())
     return info, get_tokenizer(info.tokenizer_file), ChatTemplate(info.chat_template, dict(info.special_tokens))
 
 

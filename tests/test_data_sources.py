@@ -15,7 +15,7 @@ from lwm_jax.data.prepare import prepare
 from lwm_jax.data.sources import plan_inputs, read_unit
 from lwm_jax.data.tokenize import get_tokenizer, load_tokenizer_info
 from lwm_jax.errors import UserError
-from tests.conftest import llama3_tokenizer_dir
+from tests.conftest import require_llama3_tokenizer
 
 CONFIG = PrepareConfig(seq_len=64, short_keep_prob=1.0)
 DOCS = [{"text": f"Document {i}: " + " ".join(f"word{j}" for j in range(i % 17 + 1)),
@@ -24,10 +24,7 @@ DOCS = [{"text": f"Document {i}: " + " ".join(f"word{j}" for j in range(i % 17 +
 
 @pytest.fixture(scope="module")
 def tokenizer_dir():
-    path = llama3_tokenizer_dir()
-    if not (path / "tokenizer.json").is_file():
-        pytest.skip(f"Llama-3 tokenizer not found at {path}")
-    return path
+    return require_llama3_tokenizer()
 
 
 def _jsonl(path, records):

@@ -6,7 +6,7 @@ import pytest
 
 from lwm_jax.data.synthetic import FILLER, niah_sample, passkey_sample
 from lwm_jax.errors import UserError
-from tests.conftest import llama3_tokenizer_dir
+from tests.conftest import require_llama3_tokenizer
 
 
 def _tiny_bpe():
@@ -27,10 +27,7 @@ def tokenizer(request):
         return _tiny_bpe(), None
     from lwm_jax.data.tokenize import get_tokenizer
 
-    path = llama3_tokenizer_dir() / "tokenizer.json"
-    if not path.is_file():
-        pytest.skip(f"Llama-3 tokenizer not found at {path}")
-    return get_tokenizer(str(path)), 128000
+    return get_tokenizer(str(require_llama3_tokenizer() / "tokenizer.json")), 128000
 
 
 @pytest.mark.parametrize("make", [passkey_sample, niah_sample])

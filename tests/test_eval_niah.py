@@ -22,17 +22,6 @@ HAYSTACK = " ".join(f"Paragraph {i} tells how the {w} river crossed the valley a
                     for i, w in enumerate(["long", "wide", "quiet", "cold", "swift", "old"] * 60))
 
 
-@pytest.fixture(scope="module")
-def llama3():
-    from lwm_jax.data.tokenize import get_tokenizer, load_tokenizer_info
-
-    path = llama3_tokenizer_dir()
-    if not (path / "tokenizer.json").is_file():
-        pytest.skip(f"Llama-3 tokenizer not found at {path}")
-    info = load_tokenizer_info(path)
-    return get_tokenizer(info.tokenizer_file), info
-
-
 def _oracle(tokenizer, vocab: int):
     """Reads the needle whose key the question asks for and predicts its number."""
     def logits_fn(ids):
@@ -47,11 +36,11 @@ def _oracle(tokenizer, vocab: int):
 
 
 @pytest.mark.parametrize("chat", [False, True])
-def test_niah_oracle_and_blind(llama3, chat, tmp_path):
+def test_niah_oracle_and_blind(llama3_tokenizer, chat, tmp_path):
     from lwm_jax.eval.niah import Haystack, niah_eval, write_results
     from lwm_jax.eval.scoring import chat_wrap_for
 
-    tok, info = llama3
+    tok, info = llama3_tokenizer
     stacks = [Haystack("test", HAYSTACK, tok)]
     kwargs = dict(lengths=LENGTHS, depths=DEPTHS, samples=2, haystacks=stacks, chat=chat_wrap_for(tok, info, chat),
                   bos_id=info.bos_id)
@@ -67,10 +56,10 @@ def test_niah_oracle_and_blind(llama3, chat, tmp_path):
     assert open(paths["png"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
-def test_generated_answer_scoring(llama3, tmp_path):
+def test_generated_answer_scoring(llama3_tokenizer, tmp_path):
     from lwm_jax.eval.niah import Haystack, niah_eval, write_results
 
-    tok, info = llama3
+    tok, info = llama3_tokenizer
     oracle = _oracle(tok, info.vocab_size)
 
     def generate_fn(prompt, max_new_tokens):  # greedy decoding of the oracle, then an end-of-turn
@@ -85,12 +74,12 @@ def test_generated_answer_scoring(llama3, tmp_path):
 
 @pytest.mark.parametrize("chat", [False, True])
 @pytest.mark.parametrize("depth", DEPTHS)
-def test_needle_depth_and_length(llama3, chat, depth):
+def test_needle_depth_and_length(llama3_tokenizer, chat, depth):
     from lwm_jax.data.synthetic import niah_sample
     from lwm_jax.eval.niah import Haystack
     from lwm_jax.eval.scoring import build_to_length, chat_wrap_for, probe_from_sample
 
-    tok, info = llama3
+    tok, info = llama3_tokenizer
     stack = Haystack("test", HAYSTACK, tok)
     longest_sentence = max(len(tok.encode(" " + s, add_special_tokens=False).ids) for s in stack.sentences)
     wrap = chat_wrap_for(tok, info, chat)
@@ -112,10 +101,10 @@ def test_needle_depth_and_length(llama3, chat, depth):
                              f"{text.split('magic number for ')[-1].split(' ')[0]} mentioned in the provided text is")
 
 
-def test_passkey_oracle(llama3):
+def test_passkey_oracle(llama3_tokenizer):
     from lwm_jax.eval.passkey import passkey_eval
 
-    tok, info = llama3
+    tok, info = llama3_tokenizer
 
     def oracle(ids):
         key = re.search(r"The pass key is (\d+)\. Remember it", tok.decode(ids.tolist())).group(1)

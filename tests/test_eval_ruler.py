@@ -8,23 +8,12 @@ import re
 import numpy as np
 import pytest
 
-from tests.conftest import blind_logits, llama3_tokenizer_dir
+from tests.conftest import blind_logits
 
 ORACLE_SCORE = 1.0
 BLIND_MAX_SCORE = 0.05
 LENGTH_TOLERANCE = 0.01
 LENGTHS = (400, 1500)
-
-
-@pytest.fixture(scope="module")
-def llama3():
-    from lwm_jax.data.tokenize import get_tokenizer, load_tokenizer_info
-
-    path = llama3_tokenizer_dir()
-    if not (path / "tokenizer.json").is_file():
-        pytest.skip(f"Llama-3 tokenizer not found at {path}")
-    info = load_tokenizer_info(path)
-    return get_tokenizer(info.tokenizer_file), info
 
 
 def _answer(text: str) -> str:
@@ -55,11 +44,11 @@ def _oracle(tok, vocab):
 
 
 @pytest.mark.parametrize("chat", [False, True])
-def test_ruler_oracle_and_blind(llama3, chat):
+def test_ruler_oracle_and_blind(llama3_tokenizer, chat):
     from lwm_jax.eval.ruler import TASKS, ruler_eval
     from lwm_jax.eval.scoring import chat_wrap_for
 
-    tok, info = llama3
+    tok, info = llama3_tokenizer
     kwargs = dict(lengths=LENGTHS, samples=2, chat=chat_wrap_for(tok, info, chat), bos_id=info.bos_id)
     result = ruler_eval(_oracle(tok, info.vocab_size), tok, **kwargs)
     assert set(result["by_task"]) == set(TASKS)
@@ -71,10 +60,10 @@ def test_ruler_oracle_and_blind(llama3, chat):
     assert blind["score"] <= BLIND_MAX_SCORE
 
 
-def test_cwe_common_words_are_well_defined(llama3):
+def test_cwe_common_words_are_well_defined(llama3_tokenizer):
     from lwm_jax.eval.ruler import COMMON_WORDS, ruler_sample
 
-    tok, info = llama3
+    tok, info = llama3_tokenizer
     sample = ruler_sample(tok, "cwe", 3000, seed=4, bos_id=info.bos_id)
     assert len(sample.ids) == 3000
     words = re.findall(r"\d+\. ([a-z]+)", tok.decode(sample.ids.tolist()))

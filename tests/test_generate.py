@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
-from tests.conftest import llama3_tokenizer_dir, make_hf_llama
+from tests.conftest import make_hf_llama, require_llama3_tokenizer
 
 NEW_TOKENS = 32  # >= 32, as the issue asks
 MIN_DISTINCT = 8  # the reference continuation must not be degenerate (one token repeated)
@@ -78,9 +78,7 @@ def test_chat_greedy_matches_transformers(tmp_path):
     from lwm_jax.convert.hf import import_hf
     from lwm_jax.generate import encode_prompt, generate
 
-    tok_dir = llama3_tokenizer_dir()
-    if not (tok_dir / "tokenizer.json").is_file():
-        pytest.skip(f"no Llama-3 tokenizer at {tok_dir}")
+    tok_dir = require_llama3_tokenizer()
     message = "What is the capital of France?"
     hf_tok = transformers.AutoTokenizer.from_pretrained(str(tok_dir))
     text = hf_tok.apply_chat_template([{"role": "user", "content": message}], tokenize=False,
@@ -118,9 +116,7 @@ def test_length_beyond_what_the_mesh_holds(tiny, capsys):
 def test_chat_without_template(tiny, tmp_path, capsys):
     from lwm_jax.cli import main
 
-    tok_dir = llama3_tokenizer_dir()
-    if not (tok_dir / "tokenizer.json").is_file():
-        pytest.skip(f"no Llama-3 tokenizer at {tok_dir}")
+    tok_dir = require_llama3_tokenizer()
     shutil.copy(tok_dir / "tokenizer.json", tmp_path / "tokenizer.json")
     config = json.loads((tok_dir / "tokenizer_config.json").read_text())
     config.pop("chat_template", None)

@@ -4,7 +4,6 @@ accumulation against one big batch, and the non-finite guard."""
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 from flax import nnx
 
 from lwm_jax.config import MeshConfig, ModelConfig, OptimizerConfig
