@@ -42,13 +42,16 @@ class Settings:
     base_theta: float = 10_000.0
     model: dict = dataclasses.field(default_factory=lambda: dict(
         hidden_size=128, intermediate_size=384, num_layers=2, num_heads=2, num_kv_heads=2, head_dim=64))
-    # Base curriculum: (seq_len as a fraction of L0, steps, batch, lr, retrieval share); the last
-    # entries are at L0, the very last one retrieval-heavy (the skill must be solid before extending).
-    curriculum: tuple = ((0.5, 250, 16, 3e-3, 0.5), (1.0, 300, 16, 2e-3, 0.5), (1.0, 250, 16, 2e-3, 0.85))
+    # Base curriculum: (seq_len as a fraction of L0, steps, batch, lr, retrieval share, copy share);
+    # the last entries are at L0, the very last one retrieval-heavy (the skill must be solid before
+    # extending). Copy documents (random token runs, repeated) teach the model to copy at all.
+    curriculum: tuple = ((0.5, 400, 16, 3e-3, 0.0, 1.0), (0.5, 600, 16, 3e-3, 0.5, 0.4),
+                         (1.0, 800, 8, 2e-3, 0.7, 0.2), (1.0, 1000, 8, 2e-3, 0.8, 0.1))
     # Extension stages: (multiple of L0, steps, batch, lr), the same for every arm.
-    extension: tuple = ((4, 80, 2, 1e-3), (16, 25, 1, 5e-4))
+    extension: tuple = ((4, 150, 2, 1e-3), (16, 40, 1, 5e-4))
     retrieval_share: float = 0.5  # share of extension sequences that are passkey / NIAH documents
     retrieval_docs: int = 1500  # documents generated per task and length (cap; epochs repeat them)
+    copy_docs: int = 40_000  # copy documents per base length that uses them (~20 tokens each)
     eval_depths: tuple = (0.1, 0.3, 0.5, 0.7, 0.9)
     eval_samples: int = 2
     corpus_chars: int = 3_000_000  # demo-corpus text used per source (keeps `prepare` short)
@@ -57,7 +60,7 @@ class Settings:
 QUICK = Settings(
     l0=128, model=dict(hidden_size=64, intermediate_size=192, num_layers=1, num_heads=2, num_kv_heads=1,
                        head_dim=32),
-    curriculum=((1.0, 6, 8, 3e-3, 0.5),), extension=((4, 2, 2, 1e-3), (16, 2, 1, 5e-4)),
+    curriculum=((1.0, 6, 8, 3e-3, 0.5, 0.2),), extension=((4, 2, 2, 1e-3), (16, 2, 1, 5e-4)),
     retrieval_docs=16, eval_depths=(0.5,), eval_samples=1, corpus_chars=200_000)
 
 
@@ -166,6 +169,27 @@ def retrieval_documents(tokenizer, info, task: str, length: int, count: int, sen
     return written
 
 
+def copy_documents(tokenizer, count: int, path: Path, seed: int) -> int:
+    """Writes `count` short documents: a run of 3-10 random digit tokens repeated 2-4 times. Only
+    copying from earlier in the document predicts the repeats: the circuit (an induction head) that
+    passkey and NIAH answers need. Digits because those answers are digits (the demo tokenizer has
+    136 all-digit tokens); short, and packed by document, so that attention has few places to look
+    while the circuit forms. Calibration: with random tokens from the whole 4,096-token vocabulary,
+    in 128-token documents, or with passkey documents alone, 300-600 steps taught no copying."""
+    import numpy as np
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    alphabet = np.array(sorted(i for t, i in tokenizer.get_vocab().items() if t.isascii() and t.isdigit()))
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = ArrayRecordWriter(str(path), "group_size:1")
+    for _ in range(count):
+        run = rng.choice(alphabet, int(rng.integers(3, 11)))
+        writer.write(np.tile(run, int(rng.integers(2, 5))).astype("<i4").tobytes())
+    writer.close()
+    return count
+
+
 def build_data(s: Settings, out: Path) -> tuple[Path, dict[int, Path]]:
     """Demo corpus + tokenizer, retrieval documents and one prepared dataset per stage length."""
     from lwm_jax.data.config import PrepareConfig
@@ -195,7 +219,8 @@ def build_data(s: Settings, out: Path) -> tuple[Path, dict[int, Path]]:
             continue
         if sentences is None:
             sentences = _sentences(demo_haystack(NIAH_TRAIN_SKIP * 40 + 20 * longest))
-        sequences = sum(st * b * r for f, st, b, _, r in s.curriculum if int(round(f * s.l0)) == length)
+        here = [c for c in s.curriculum if int(round(c[0] * s.l0)) == length]
+        sequences = sum(st * b * r for _, st, b, _, r, _ in here)
         sequences += sum(st * b * s.retrieval_share for m, st, b, _ in s.extension if m * s.l0 == length)
         count = min(s.retrieval_docs, 16 + int(sequences / len(TASKS)))
         tick = time.time()
@@ -205,25 +230,34 @@ def build_data(s: Settings, out: Path) -> tuple[Path, dict[int, Path]]:
             if retrieval_documents(tokenizer, info, task, length, count, sentences, path, seed=1):
                 docs.append(f"{task}={path}")
         names = " and ".join(d.split("=")[0] for d in docs) or "no"
-        say(f"{length}-token {names} documents: {count} each ({time.time() - tick:.0f} s); preparing")
+        message = f"{length}-token {names} documents: {count} each"
+        if any(c[5] for c in here):
+            path = out / "data" / f"retrieval-{length}" / "copy.array_record"
+            docs.append(f"copy={path}")
+            copy_documents(tokenizer, s.copy_docs, path, seed=length)
+            message += f", {s.copy_docs:,} copy documents"
+        say(f"{message} ({time.time() - tick:.0f} s); preparing")
         config = PrepareConfig(seq_len=length, min_doc_tokens=0, short_keep_prob=1.0)
         prepare([str(corpus), *docs], sample / "tokenizer", target, config, overwrite=True)
     return sample, prepared
 
 
-def data_weights(share: float, prepared: Path) -> dict[str, float]:
-    """Mixture weights: `share` split evenly over the tasks prepared at that length, the rest over
-    the corpus sources by their token counts."""
+def data_weights(share: float, prepared: Path, copy: float = 0.0) -> dict[str, float]:
+    """Mixture weights: `share` split evenly over the tasks prepared at that length, `copy` to the
+    copy documents, the rest over the corpus sources by their token counts."""
     from lwm_jax.data.manifest import load_manifest
 
     sources = load_manifest(prepared)["sources"]
-    corpus = {n: v["kept_tokens"] for n, v in sources.items() if n not in TASKS}
+    corpus = {n: v["kept_tokens"] for n, v in sources.items() if n not in (*TASKS, "copy")}
     total = sum(corpus.values())
     tasks = [t for t in TASKS if t in sources]
     share = share if tasks else 0.0
-    weights = {n: (1 - share) * t / total for n, t in corpus.items()}
+    copy = copy if "copy" in sources else 0.0
+    weights = {n: (1 - share - copy) * t / total for n, t in corpus.items()}
     weights.update({t: share / len(tasks) for t in tasks})
-    return weights
+    if copy:
+        weights["copy"] = copy
+    return {n: w for n, w in weights.items() if w > 0}
 
 
 # Training -----------------------------------------------------------------------------------------
@@ -236,16 +270,17 @@ def model_dict(s: Settings, max_len: int) -> dict:
             "attention_block_size": 256, **s.model}
 
 
-def make_recipe(name: str, s: Settings, out: Path, stages: list[dict], devices: int, share: float):
+def make_recipe(name: str, s: Settings, out: Path, stages: list[dict], devices: int, share: float, copy: float = 0.0,
+                packing: str = "continuous"):
     from lwm_jax.config import RecipeConfig, from_dict
     from lwm_jax.data.config import DataConfig
 
     data_dir = out / "data"
-    weights = data_weights(share, data_dir / f"prepared-{stages[0]['seq_len']}")
+    weights = data_weights(share, data_dir / f"prepared-{stages[0]['seq_len']}", copy)
     raw = {"name": name, "model": model_dict(s, s.l0), "mesh": {"dp": devices}, "seed": 0, "loss_chunk": 1024,
            "stages": stages}
     recipe = from_dict(RecipeConfig, raw)
-    data = DataConfig(paths=(str(data_dir / "prepared-{seq_len}"),), weights=weights, packing="continuous")
+    data = DataConfig(paths=(str(data_dir / "prepared-{seq_len}"),), weights=weights, packing=packing)
     return dataclasses.replace(recipe, data=data)
 
 
@@ -262,14 +297,16 @@ def train_base(s: Settings, out: Path, devices: int) -> tuple[Path, list[dict]]:
     from lwm_jax.train.runner import train
 
     summaries, ckpt, seen = [], None, []
-    for i, (frac, steps, batch, lr, share) in enumerate(s.curriculum):
+    for i, (frac, steps, batch, lr, share, copy) in enumerate(s.curriculum):
         length = int(round(frac * s.l0))
         tag = f"{length}" + "r" * seen.count(length)  # a repeated length: base256, base256r, ...
         seen.append(length)
         st = stage(f"base{tag}", length, steps, batch, lr, s.base_theta, f"ckpt:{ckpt}" if ckpt else "scratch")
         say(f"base curriculum {i + 1}/{len(s.curriculum)}: {length} tokens x {steps} steps, "
-            f"{share:.0%} retrieval, theta {s.base_theta:,.0f}")
-        summaries += train(make_recipe(f"mini_base{tag}", s, out, [st], devices, share), out / f"base-{tag}")
+            f"{share:.0%} retrieval, {copy:.0%} copy, theta {s.base_theta:,.0f}")
+        # Packed by document: short copy documents must not see each other's runs.
+        recipe = make_recipe(f"mini_base{tag}", s, out, [st], devices, share, copy, packing="document")
+        summaries += train(recipe, out / f"base-{tag}")
         ckpt = out / f"base-{tag}" / "stages" / st["name"] / "checkpoints"
     return ckpt, summaries
 
