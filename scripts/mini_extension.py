@@ -1,14 +1,15 @@
 """A miniature reproduction of Gradient's claim: raising RoPE theta and training briefly at the longer
 length gives retrieval at that length. A small Llama-3-shaped model (head_dim 64) learns passkey and
-needle-in-a-haystack retrieval at a short length L0 (a length curriculum up to L0, on the demo corpus
-mixed with retrieval documents); then three arms extend it to 4x and 16x L0 in two stages with the
-same steps and data: theta by the scaling-law rule, by the NTK rule, and unchanged (the control).
-Passkey and NIAH accuracy per arm and length are printed as a table and drawn as a PNG.
+needle-in-a-haystack retrieval at a short length L0 (a length curriculum up to L0: copy documents
+first, then retrieval documents mixed with copy documents and the demo corpus); then three arms
+extend it to 4x and 16x L0 in two stages with the same steps and data: theta by the scaling-law
+rule, by the NTK rule, and unchanged (the control). Passkey and NIAH accuracy per arm and length
+are printed as a table and drawn as a PNG.
 
 Everything goes through the project's own code: `lwm_jax.data.prepare` for the data,
 `lwm_jax.train.runner.train` for every stage (recipes built as dicts), and the passkey / NIAH
-evaluators of `lwm_jax.eval`. Not part of `make demo`; the default run took 42 minutes on 2 shared
-CPU cores, `--quick` takes 3-6 minutes (a smoke check, too short to learn anything). Finished data
+evaluators of `lwm_jax.eval`. Not part of `make demo`; the default run took 47 minutes on 2 CPU
+cores, `--quick` takes 3-6 minutes (a smoke check, too short to learn anything). Finished data
 and stages in OUT are reused when the script is run again (`--fresh` starts over).
 
     python scripts/mini_extension.py [--out runs/mini_extension] [--quick] [--json]
