@@ -45,7 +45,7 @@ class Settings:
         hidden_size=128, intermediate_size=384, num_layers=2, num_heads=2, num_kv_heads=2, head_dim=64))
     # Base curriculum: (seq_len as a fraction of L0, steps, batch, lr, retrieval share, copy share);
     # the last entries are at L0, the very last one retrieval-heavy (the skill must be solid before
-    # extending). Copy documents (random token runs, repeated) teach the model to copy at all.
+    # extending). Copy documents (runs of random digit tokens, repeated) teach the model to copy.
     curriculum: tuple = ((0.5, 400, 16, 3e-3, 0.0, 1.0), (0.5, 600, 16, 3e-3, 0.5, 0.4),
                          (1.0, 800, 8, 2e-3, 0.7, 0.2), (1.0, 1000, 8, 2e-3, 0.8, 0.1))
     # Extension stages: (multiple of L0, steps, batch, lr), the same for every arm.
