@@ -200,10 +200,21 @@ def test_unusable_inputs_fail_before_any_work(tokenizer_dir, tmp_path, case):
         assert not out.exists()  # nothing was created
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")
-def test_unreadable_file_fails_before_any_work(tokenizer_dir, tmp_path):
+def test_unreadable_file_fails_before_any_work(tokenizer_dir, tmp_path, monkeypatch):
+    import builtins
+
+    import lwm_jax.data.sources as sources
+
     path = _jsonl(tmp_path / "secret.jsonl", DOCS[:2])
     path.chmod(0)
+    if os.geteuid() == 0:  # root reads files whatever their mode: let the OS answer as it would anyone else
+
+        def open_as_user(file, *args, **kwargs):
+            if str(file) == str(path):
+                raise PermissionError(13, "Permission denied", str(file))
+            return builtins.open(file, *args, **kwargs)
+
+        monkeypatch.setattr(sources, "open", open_as_user, raising=False)
     with pytest.raises(UserError, match="not readable"):
         prepare([str(path)], tokenizer_dir, tmp_path / "out", CONFIG)
     assert not (tmp_path / "out").exists()
