@@ -1,11 +1,11 @@
 # make demo: set up .venv and run the main job on the embedded CPU default.
-# make test: set up .venv with the test extra and run the test suite.
+# make test: set up .venv with the test extra, lint (make lint), then run the test suite.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: demo test test-all bench clean
+.PHONY: demo lint test test-all bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +22,11 @@ $(VENV)/.installed-test: pyproject.toml | $(PY)
 demo: $(VENV)/.installed-base
 	$(PY) scripts/demo.py
 
-test: $(VENV)/.installed-test
+lint: $(VENV)/.installed-test  # ruff is in the test extra; the check covers a venv made before it was
+	$(PY) -m ruff --version >/dev/null 2>&1 || $(PIP) install 'ruff>=0.6,<1'
+	$(PY) -m ruff check lwm_jax tests scripts
+
+test: $(VENV)/.installed-test lint
 	$(PY) -m pytest -q --durations=15 -m "not slow"
 
 test-all: $(VENV)/.installed-test

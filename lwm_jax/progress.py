@@ -12,7 +12,7 @@ def _main_process() -> bool:
     """False on every process but the first of a multi-host run (JAX already started there)."""
     if "jax" not in sys.modules:
         return True
-    import jax
+    import jax  # already loaded (checked above): this lowest unit must not pull JAX in itself
 
     return jax.process_index() == 0
 

@@ -126,7 +126,8 @@ def _anchor_attention(mesh, block: int, group: int):
 def bench_cpu(args) -> dict:
     import jax
     import jax.numpy as jnp
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     from lwm_jax.attention.kernels.xla import compute_tile
     from lwm_jax.attention.layout import to_zigzag
@@ -210,7 +211,8 @@ def _temp_bytes(mesh, seq, heads, kv_heads, head_dim, block) -> int:
     """XLA's per-device temp bytes for our ring fwd + bwd at `seq` (compiled, not run)."""
     import jax
     import jax.numpy as jnp
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     from lwm_jax.attention.ring import ring_attention
 

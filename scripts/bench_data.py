@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import argparse
 import io
-import statistics
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -60,7 +60,7 @@ def bench_direct(tokenizer, texts: list[str]) -> tuple[int, float]:
 
 def bench_raw(files: list[Path], tokenizer_dir: Path, out: Path, workers: int) -> tuple[int, float]:
     """Content tokens and wall seconds of `prepare` (read, parse, tokenize, pack, write)."""
-    from lwm_jax.data.config import PrepareConfig
+    from lwm_jax.config import PrepareConfig
     from lwm_jax.data.prepare import prepare
 
     config = PrepareConfig(seq_len=65_536, short_keep_prob=1.0, workers=workers)
@@ -72,7 +72,7 @@ def bench_raw(files: list[Path], tokenizer_dir: Path, out: Path, workers: int) -
 
 def bench_prepared(prepared: Path, batches: int, batch_size: int) -> tuple[int, float]:
     """Tokens and seconds of reading `batches` global batches through the training iterator."""
-    from lwm_jax.data.config import DataConfig
+    from lwm_jax.config import DataConfig
     from lwm_jax.data.pipeline import build_iterator
 
     it = build_iterator(DataConfig(paths=(str(prepared),)), seq_len=65_536, global_batch_size=batch_size, seed=0,

@@ -19,12 +19,13 @@ os.environ["XLA_FLAGS"] = " ".join([f for f in os.environ.get("XLA_FLAGS", "").s
                                    + ["--xla_force_host_platform_device_count=8"])
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from lwm_jax.attention.layout import place  # noqa: E402
 from lwm_jax.config import MeshConfig, OptimizerConfig, load_model_config  # noqa: E402
 from lwm_jax.parallel.mesh import make_mesh  # noqa: E402
 from lwm_jax.train.metrics import flops_per_token, measured_matmul_flops  # noqa: E402
@@ -42,8 +43,6 @@ def _batch(accum, batch, seq, vocab, seed=0):
 
 def tiny_throughput(steps: int, seq: int = 1024, batch: int = 4) -> dict:
     """Tokens/s and MFU of the demo's tiny model (ring attention, zigzag) on dp=2,sp=4."""
-    from lwm_jax.attention.layout import to_zigzag
-
     config = load_model_config(ROOT / "configs/models/tiny.yaml", ["attention=ring", "attention_block_size=128"])
     mesh = make_mesh(MeshConfig(dp=2, sp=4))
     tx = make_optimizer(OptimizerConfig(lr=1e-3), steps)
@@ -51,8 +50,7 @@ def tiny_throughput(steps: int, seq: int = 1024, batch: int = 4) -> dict:
         fns = build_step(config, tx, mesh, loss_chunk=1024)
         params = init_params(config, 0, mesh)
         opt_state = fns.init_opt_state(params)
-        host = {k: to_zigzag(v, 4, axis=-1) for k, v in _batch(1, batch, seq, config.vocab_size).items()}
-        arrays = {k: jax.device_put(host[k], fns.batch_sharding) for k in BATCH_KEYS}
+        arrays = place(_batch(1, batch, seq, config.vocab_size), config.attention, mesh, axis=2)
         params, opt_state, m = fns.train_step(params, opt_state, arrays)  # compile
         jax.block_until_ready(m)
         times = []
@@ -75,7 +73,7 @@ def llama3_8b_memory(seq: int = 65_536) -> dict:
     tx = make_optimizer(OptimizerConfig(), 30)
     with jax.set_mesh(mesh):
         fns = build_step(config, tx, mesh, loss_chunk=4096)
-        from lwm_jax.train.checkpoint import params_target
+        from lwm_jax.model.store import params_target
 
         p_abs = params_target(config, mesh)
         o_abs = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),

@@ -21,7 +21,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "demo_out"
 RECIPE = ROOT / "configs/recipes/demo_cpu.yaml"
-GRADIENT = [("65K", 65_536, 15.3e6), ("262K", 262_144, 207.1e6), ("524K", 524_288, 1.06e9), ("1048K", 1_048_576, 2.80e9)]
+GRADIENT = [("65K", 65_536, 15.3e6), ("262K", 262_144, 207.1e6), ("524K", 524_288, 1.06e9),
+            ("1048K", 1_048_576, 2.80e9)]
 
 
 def cli(*argv: str, live: bool = False) -> dict:

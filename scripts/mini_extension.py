@@ -6,11 +6,12 @@ extend it to 4x and 16x L0 in two stages with the same steps and data: theta by 
 rule, by the NTK rule, and unchanged (the control). Passkey and NIAH accuracy per arm and length
 are printed as a table and drawn as a PNG.
 
-Everything goes through the project's own code: `lwm_jax.data.prepare` for the data,
-`lwm_jax.train.runner.train` for every stage (recipes built as dicts), and the passkey / NIAH
-evaluators of `lwm_jax.eval`. Not part of `make demo`; the default run took 47 minutes on 2 CPU
-cores, `--quick` takes 3-6 minutes (a smoke check, too short to learn anything). Finished data
-and stages in OUT are reused when the script is run again (`--fresh` starts over).
+Everything goes through the project's own code: `lwm_jax.data.synthetic` for the copy and retrieval
+documents, `lwm_jax.data.prepare` for the data, `lwm_jax.train.runner.train` for every stage (recipes
+built as dicts), and the passkey / NIAH evaluators of `lwm_jax.eval`. Not part of `make demo`; the
+default run took 47 minutes on 2 CPU cores, `--quick` takes 3-6 minutes (a smoke check, too short to
+learn anything). Finished data and stages in OUT are reused when the script is run again (`--fresh`
+starts over).
 
     python scripts/mini_extension.py [--out runs/mini_extension] [--quick] [--json]
 """
@@ -26,13 +27,28 @@ import sys
 import time
 from pathlib import Path
 
-from lwm_jax.errors import UserError
+import yaml
+import zstandard
+
+from lwm_jax.config import DataConfig, PrepareConfig, RecipeConfig, from_dict
+from lwm_jax.data import manifest
+from lwm_jax.data.sample import build_sample
+from lwm_jax.data.synthetic import (
+    NIAH_TRAIN_SKIP,
+    RETRIEVAL_TASKS,
+    copy_documents,
+    retrieval_documents,
+    split_sentences,
+)
+from lwm_jax.eval.plots import pyplot, short_length
+
+# Modules that import JAX are imported inside the functions that use them: main() configures JAX
+# first (XLA_FLAGS, jax_num_cpu_devices), and --help stays instant.
 
 ROOT = Path(__file__).resolve().parents[1]
 ARMS = (("scaling-law", "scaling-law"), ("ntk", "ntk"), ("control", None))  # (name, stage rope_theta rule)
-TASKS = ("passkey", "niah")
+TASKS = RETRIEVAL_TASKS  # ("passkey", "niah")
 EVAL_SEED = 12345  # probes scored are built from other seeds than the training documents
-NIAH_TRAIN_SKIP = 2000  # training haystacks start after the sentences the NIAH evaluation uses
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,8 +99,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def settings_from(args) -> Settings:
-    import yaml
-
     s = QUICK if args.quick else Settings()
     for item in args.set:
         key, sep, raw = item.partition("=")
@@ -112,8 +126,6 @@ def stage_lengths(s: Settings) -> list[int]:
 
 def corpus_subset(sample: Path, out: Path, max_chars: int) -> Path:
     """The demo corpus's leading documents, up to `max_chars` characters per source, as one jsonl."""
-    import zstandard
-
     taken: dict[str, int] = {}
     records = []
     for path in sorted((sample / "corpus").glob("*.jsonl.zst")):
@@ -130,73 +142,9 @@ def corpus_subset(sample: Path, out: Path, max_chars: int) -> Path:
     return out
 
 
-def retrieval_documents(tokenizer, info, task: str, length: int, count: int, sentences: list[str], path: Path,
-                        seed: int) -> int:
-    """Writes `count` probes of exactly `length` tokens (prompt + answer, BOS left to `prepare`) as
-    pre-tokenized documents of `length - 1` ids: after BOS + EOS each fills one `length + 1` sequence."""
-    import numpy as np
-    from array_record.python.array_record_module import ArrayRecordWriter
-
-    from lwm_jax.data.synthetic import niah_sample, passkey_sample
-    from lwm_jax.eval.scoring import build_to_length, probe_from_sample
-
-    rng = np.random.default_rng([seed, length, TASKS.index(task)])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    writer = ArrayRecordWriter(str(path), "group_size:1")
-    written = 0
-    span = length // 12 + 24  # sentences (~30 tokens each) enough for one haystack
-    for k in range(count):
-        depth, key_seed = float(rng.random()), int(rng.integers(2**31))
-        if task == "passkey":
-            make = lambda n: probe_from_sample(  # noqa: E731
-                passkey_sample(tokenizer, n, depth, key_seed, bos_id=info.bos_id), None)
-        else:
-            start = int(rng.integers(NIAH_TRAIN_SKIP, len(sentences) - span))
-            hay = " ".join(sentences[start:start + span])
-            make = lambda n: probe_from_sample(niah_sample(tokenizer, n, depth, key_seed, haystack=hay,  # noqa: E731
-                                                           bos_id=info.bos_id), None)
-        try:
-            probe = build_to_length(make, length)
-        except UserError:  # too short for this probe (NIAH needs 125-135 tokens with the demo tokenizer)
-            continue
-        if probe.length != length:
-            continue
-        ids = np.concatenate([probe.prompt[1:], np.asarray(probe.answer_ids, np.int32)]).astype("<i4")
-        writer.write(ids.tobytes())
-        written += 1
-    writer.close()
-    if not written:
-        path.unlink()
-    return written
-
-
-def copy_documents(tokenizer, count: int, path: Path, seed: int) -> int:
-    """Writes `count` short documents: a run of 3-10 random digit tokens repeated 2-4 times. Only
-    copying from earlier in the document predicts the repeats: the circuit (an induction head) that
-    passkey and NIAH answers need. Digits because those answers are digits (the demo tokenizer has
-    136 all-digit tokens); short, and packed by document, so that attention has few places to look
-    while the circuit forms. Calibration: with random tokens from the whole 4,096-token vocabulary,
-    in 128-token documents, or with passkey documents alone, 300-600 steps taught no copying."""
-    import numpy as np
-    from array_record.python.array_record_module import ArrayRecordWriter
-
-    alphabet = np.array(sorted(i for t, i in tokenizer.get_vocab().items() if t.isascii() and t.isdigit()))
-    rng = np.random.default_rng(seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    writer = ArrayRecordWriter(str(path), "group_size:1")
-    for _ in range(count):
-        run = rng.choice(alphabet, int(rng.integers(3, 11)))
-        writer.write(np.tile(run, int(rng.integers(2, 5))).astype("<i4").tobytes())
-    writer.close()
-    return count
-
-
 def build_data(s: Settings, out: Path) -> tuple[Path, dict[int, Path]]:
     """Demo corpus + tokenizer, retrieval documents and one prepared dataset per stage length."""
-    from lwm_jax.data.config import PrepareConfig
     from lwm_jax.data.prepare import prepare
-    from lwm_jax.data.sample import build_sample
-    from lwm_jax.data.synthetic import _sentences
     from lwm_jax.data.tokenize import get_tokenizer, load_tokenizer_info
     from lwm_jax.eval.niah import demo_haystack
 
@@ -219,7 +167,7 @@ def build_data(s: Settings, out: Path) -> tuple[Path, dict[int, Path]]:
         if (target / "manifest.json").is_file():
             continue
         if sentences is None:
-            sentences = _sentences(demo_haystack(NIAH_TRAIN_SKIP * 40 + 20 * longest))
+            sentences = split_sentences(demo_haystack(NIAH_TRAIN_SKIP * 40 + 20 * longest))
         here = [c for c in s.curriculum if int(round(c[0] * s.l0)) == length]
         sequences = sum(st * b * r for _, st, b, _, r, _ in here)
         sequences += sum(st * b * s.retrieval_share for m, st, b, _ in s.extension if m * s.l0 == length)
@@ -228,7 +176,8 @@ def build_data(s: Settings, out: Path) -> tuple[Path, dict[int, Path]]:
         docs = []
         for task in TASKS:
             path = out / "data" / f"retrieval-{length}" / f"{task}.array_record"
-            if retrieval_documents(tokenizer, info, task, length, count, sentences, path, seed=1):
+            if retrieval_documents(tokenizer, task, length, count, path, bos_id=info.bos_id, seed=1,
+                                   sentences=sentences):
                 docs.append(f"{task}={path}")
         names = " and ".join(d.split("=")[0] for d in docs) or "no"
         message = f"{length}-token {names} documents: {count} each"
@@ -246,9 +195,7 @@ def build_data(s: Settings, out: Path) -> tuple[Path, dict[int, Path]]:
 def data_weights(share: float, prepared: Path, copy: float = 0.0) -> dict[str, float]:
     """Mixture weights: `share` split evenly over the tasks prepared at that length, `copy` to the
     copy documents, the rest over the corpus sources by their token counts."""
-    from lwm_jax.data.manifest import load_manifest
-
-    sources = load_manifest(prepared)["sources"]
+    sources = manifest.load_manifest(prepared)["sources"]
     corpus = {n: v["kept_tokens"] for n, v in sources.items() if n not in (*TASKS, "copy")}
     total = sum(corpus.values())
     tasks = [t for t in TASKS if t in sources]
@@ -273,9 +220,6 @@ def model_dict(s: Settings, max_len: int) -> dict:
 
 def make_recipe(name: str, s: Settings, out: Path, stages: list[dict], devices: int, share: float, copy: float = 0.0,
                 packing: str = "continuous"):
-    from lwm_jax.config import RecipeConfig, from_dict
-    from lwm_jax.data.config import DataConfig
-
     data_dir = out / "data"
     weights = data_weights(share, data_dir / f"prepared-{stages[0]['seq_len']}", copy)
     raw = {"name": name, "model": model_dict(s, s.l0), "mesh": {"dp": devices}, "seed": 0, "loss_chunk": 1024,
@@ -349,7 +293,7 @@ def evaluate(ckpt: Path, sample: Path, lengths: list[int], s: Settings, stacks) 
 def position_loss(ckpt: Path, tokens, s: Settings) -> dict:
     """Mean next-token NLL on demo-corpus text in position buckets [0, L0), [L0, 4 L0), [4 L0, 16 L0)."""
     from lwm_jax.eval.perplexity import nll_by_position
-    from lwm_jax.train.checkpoint import load_model
+    from lwm_jax.model.store import load_model
 
     model, _ = load_model(str(ckpt), attention="blockwise")
     edges = [0, *[m * s.l0 for m in (1, *[m for m, *_ in s.extension])]]
@@ -358,9 +302,7 @@ def position_loss(ckpt: Path, tokens, s: Settings) -> dict:
 
 
 def plot(results: dict, s: Settings, path: Path) -> Path:
-    from lwm_jax.eval.plots import _pyplot, short_length
-
-    plt = _pyplot()
+    plt = pyplot()
     lengths = [s.l0 * m for m in (1, *[m for m, *_ in s.extension])]
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.4))
     styles = {"scaling-law": ("#0CD79F", "o"), "ntk": ("#EBB839", "s"), "control": ("#F0496E", "^")}

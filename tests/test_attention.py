@@ -9,24 +9,24 @@ import os
 if "device_count" not in os.environ.get("XLA_FLAGS", ""):  # conftest.py normally does this
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
-import collections  # noqa: E402
+import collections
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-from jax import lax  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
 
-from lwm_jax.attention import attention, kernels  # noqa: E402
-from lwm_jax.attention.blockwise import blockwise_attention  # noqa: E402
-from lwm_jax.attention.kernels import cudnn as cudnn_kernel  # noqa: E402
-from lwm_jax.attention.kernels import xla  # noqa: E402
-from lwm_jax.attention.layout import from_zigzag, to_zigzag, zigzag_indices  # noqa: E402
-from lwm_jax.attention.reference import reference_attention  # noqa: E402
-from lwm_jax.attention.ring import causal_min_block_pairs, ring_attention, ring_block_pairs  # noqa: E402
-from lwm_jax.config import MeshConfig, ModelConfig  # noqa: E402
-from lwm_jax.errors import UserError  # noqa: E402
-from lwm_jax.parallel.mesh import make_mesh  # noqa: E402
+from lwm_jax.attention import attention, kernels
+from lwm_jax.attention.blockwise import blockwise_attention
+from lwm_jax.attention.kernels import cudnn as cudnn_kernel
+from lwm_jax.attention.kernels import xla
+from lwm_jax.attention.layout import from_zigzag, to_zigzag, zigzag_indices
+from lwm_jax.attention.reference import reference_attention
+from lwm_jax.attention.ring import causal_min_block_pairs, ring_attention, ring_block_pairs
+from lwm_jax.config import MeshConfig, ModelConfig
+from lwm_jax.errors import UserError
+from lwm_jax.parallel.mesh import make_mesh
 
 F32_ATOL = 2e-5  # max abs error, float32, unit-scale inputs (output and dq, dk, dv)
 BF16_RTOL = 2e-2  # max abs error / max abs reference value, bfloat16 inputs
@@ -174,7 +174,8 @@ def test_ring_executes_the_balanced_schedule(monkeypatch):
 
 @pytest.mark.slow
 def test_ring_temp_memory_is_linear_in_sequence():
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     mesh = _mesh(sp=8)
     sharding = NamedSharding(mesh, P(None, "sp", None, None))
@@ -197,21 +198,18 @@ def test_ring_rejects_bad_input_before_tracing():
     q, k, v, _ = _inputs(2, 48, 4, 2, 8)
     with pytest.raises(UserError, match="needs a device mesh with an 'sp' axis \\(no mesh is set\\)"):
         ring_attention(q, k, v)
-    with jax.set_mesh(jax.make_mesh((8,), ("data",))):
-        with pytest.raises(UserError, match="'sp' axis"):
-            ring_attention(q, k, v)
+    with jax.set_mesh(jax.make_mesh((8,), ("data",))), pytest.raises(UserError, match="'sp' axis"):
+        ring_attention(q, k, v)
     with jax.set_mesh(_mesh(sp=4)):
         with pytest.raises(UserError, match=r"seq_len=48 must be divisible by 2\*sp\*block=40 .*block=min\("
                                             r"block_size=5, seq_len//\(2\*sp\)=6\)=5"):
             ring_attention(q, k, v, block_size=5)
         with pytest.raises(UserError, match="q_heads=3 must be divisible by kv_heads=2"):
             ring_attention(q[:, :, :3], k, v)
-    with jax.set_mesh(_mesh(sp=2, tp=4)):
-        with pytest.raises(UserError, match="kv_heads=2 must be divisible by tp=4"):
-            ring_attention(q, k, v)
-    with jax.set_mesh(_mesh(dp=4, sp=2)):
-        with pytest.raises(UserError, match="batch=2 must be divisible by dp\\*fsdp=4"):
-            ring_attention(q, k, v)
+    with jax.set_mesh(_mesh(sp=2, tp=4)), pytest.raises(UserError, match="kv_heads=2 must be divisible by tp=4"):
+        ring_attention(q, k, v)
+    with jax.set_mesh(_mesh(dp=4, sp=2)), pytest.raises(UserError, match="batch=2 must be divisible by dp\\*fsdp=4"):
+        ring_attention(q, k, v)
     with pytest.raises(UserError, match="seq_len=48 must be divisible by block=32"):
         blockwise_attention(q, k, v, block_size=32)
 

@@ -78,7 +78,7 @@ def test_cudnn_backward_with_global_statistics_matches_xla():
     dq, dks, dvs = 0.0, [], []
     for lo in (0, half):
         part = meta.slice(0, q.shape[1], lo, half)
-        dq_p, dk_p, dv_p = jax.jit(lambda *a: cudnn.CUDNN.backward(*a, part, tiling, causal=False))(
+        dq_p, dk_p, dv_p = jax.jit(lambda *a, part=part: cudnn.CUDNN.backward(*a, part, tiling, causal=False))(
             q, k[:, lo:lo + half], v[:, lo:lo + half], out, dout, lse)
         dq, dks, dvs = dq + dq_p, dks + [dk_p], dvs + [dv_p]
     for g, w in zip((dq, jnp.concatenate(dks, 1), jnp.concatenate(dvs, 1)), want):

@@ -25,7 +25,7 @@ def test_theta_command(argv, theta, capsys):
 
 
 def _all_commands(parser, prefix=()):
-    for action in parser._actions:  # noqa: SLF001 - argparse has no public walk
+    for action in parser._actions:
         if hasattr(action, "choices") and isinstance(action.choices, dict):
             for name, sub in action.choices.items():
                 yield (*prefix, name)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from lwm_jax.config import MeshConfig, ModelConfig, apply_overrides, load_model_config, to_dict, from_dict
+from lwm_jax.config import MeshConfig, ModelConfig, apply_overrides, from_dict, load_model_config, to_dict
 from lwm_jax.errors import UserError
 from tests.conftest import ROOT
 

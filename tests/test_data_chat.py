@@ -79,7 +79,7 @@ def test_loss_weight_exactly_on_assistant_replies(llama3, messages):
 
 
 def test_chat_through_prepare_and_pipeline(llama3, tmp_path):
-    from lwm_jax.data.config import DataConfig, PrepareConfig
+    from lwm_jax.config import DataConfig, PrepareConfig
     from lwm_jax.data.pipeline import build_iterator
     from lwm_jax.data.prepare import prepare
 

@@ -4,8 +4,14 @@ and the two packing modes give the segment ids, positions and loss weights of th
 import numpy as np
 import pytest
 
-from lwm_jax.data.packing import (SequencePacker, decode_record, encode_record, split_inputs_targets, to_example,
-                                  with_bos_eos)
+from lwm_jax.data.packing import (
+    SequencePacker,
+    decode_record,
+    encode_record,
+    split_inputs_targets,
+    to_example,
+    with_bos_eos,
+)
 from lwm_jax.errors import UserError
 
 BOS, EOS = 1000, 1001

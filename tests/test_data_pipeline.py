@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from lwm_jax.data.config import DataConfig, PrepareConfig
+from lwm_jax.config import DataConfig, PrepareConfig
 from lwm_jax.data.mixture import SLIMPAJAMA_MIXTURE
 from lwm_jax.data.pipeline import build_dataset, build_iterator, make_global_batch
 from lwm_jax.data.prepare import prepare
@@ -232,7 +232,7 @@ def test_pipeline_errors_are_user_errors(prepared, tmp_path):
 
 
 def test_data_config_from_yaml(tmp_path):
-    from lwm_jax.data.config import load_data_config
+    from lwm_jax.config import load_data_config
 
     (tmp_path / "recipe.yaml").write_text("data:\n  paths: data/sp-{seq_len}\n  weights: {RedPajamaBook: 2}\n"
                                           "  packing: document\n")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import zstandard
 
-from lwm_jax.data import commands
+from lwm_jax.cli import data as commands
 from lwm_jax.data.sample import SPECIAL_TOKENS, build_sample
 from lwm_jax.errors import UserError
 
@@ -66,8 +66,8 @@ def test_sample_tokenizer_has_llama3_specials(sample):
 
 
 def test_sample_prepares_and_trains_end_to_end(sample, tmp_path):
+    from lwm_jax.config import DataConfig
     from lwm_jax.data.chat import ChatTemplate, encode_chats
-    from lwm_jax.data.config import DataConfig
     from lwm_jax.data.pipeline import build_iterator
     from lwm_jax.data.tokenize import get_tokenizer, load_tokenizer_info
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import zstandard
 
-from lwm_jax.data.config import PrepareConfig
+from lwm_jax.config import PrepareConfig
 from lwm_jax.data.manifest import load_manifest
 from lwm_jax.data.prepare import prepare
 from lwm_jax.data.sources import plan_inputs, read_unit
@@ -143,7 +143,7 @@ def test_truncated_zst_keeps_the_lines_before_the_damage(tmp_path):
 def test_cli_prints_the_skip_summary(tokenizer_dir, tmp_path, capsys):
     import argparse
 
-    from lwm_jax.data import commands
+    from lwm_jax.cli import data as commands
 
     _jsonl(tmp_path / "docs.jsonl", DOCS[:5])
     with open(tmp_path / "docs.jsonl", "ab") as f:

@@ -50,12 +50,13 @@ def _wait(procs, timeout=600):
 
 
 def _losses(workdir: Path) -> dict:
-    return {(r["stage"], r["step"]): r["loss"] for r in map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines())}
+    records = map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines())
+    return {(r["stage"], r["step"]): r["loss"] for r in records}
 
 
 def _final_params(workdir: Path, stage: str = "base"):
     from lwm_jax.config import ModelConfig, from_dict
-    from lwm_jax.train.checkpoint import read_metadata, restore_params
+    from lwm_jax.model.store import read_metadata, restore_params
 
     ckpt = workdir / "stages" / stage / "checkpoints"
     config = from_dict(ModelConfig, read_metadata(ckpt)["model"])
@@ -123,7 +124,7 @@ def test_two_process_checkpoint_resumes_in_one_process_on_another_mesh(tmp_path,
 
 @pytest.mark.slow
 def test_dead_process_ends_the_run(tmp_path, prepared):  # noqa: F811
-    from lwm_jax.train.checkpoint import read_metadata
+    from lwm_jax.model.store import read_metadata
 
     recipe = _one_stage(tmp_path, prepared, "r", steps=50, checkpoint_every=1, mesh={"dp": 2, "sp": 4})
     work = tmp_path / "w"

@@ -6,6 +6,7 @@ bad input gives one-line errors with exit code 2."""
 import json
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -38,7 +39,7 @@ def _oracle(tokenizer, vocab: int):
 @pytest.mark.parametrize("chat", [False, True])
 def test_niah_oracle_and_blind(llama3_tokenizer, chat, tmp_path):
     from lwm_jax.eval.niah import Haystack, niah_eval, write_results
-    from lwm_jax.eval.scoring import chat_wrap_for
+    from lwm_jax.eval.probes import chat_wrap_for
 
     tok, info = llama3_tokenizer
     stacks = [Haystack("test", HAYSTACK, tok)]
@@ -52,8 +53,8 @@ def test_niah_oracle_and_blind(llama3_tokenizer, chat, tmp_path):
         for s in cell["samples"]:
             assert abs(s["tokens"] - cell["length"]) <= LENGTH_TOLERANCE * cell["length"]
     paths = write_results(oracle, tmp_path, "niah", "test", heatmap=True)
-    assert json.loads(open(paths["json"]).read())["score"] == 1.0
-    assert open(paths["png"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert json.loads(Path(paths["json"]).read_text())["score"] == 1.0
+    assert Path(paths["png"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_generated_answer_scoring(llama3_tokenizer, tmp_path):
@@ -77,7 +78,7 @@ def test_generated_answer_scoring(llama3_tokenizer, tmp_path):
 def test_needle_depth_and_length(llama3_tokenizer, chat, depth):
     from lwm_jax.data.synthetic import niah_sample
     from lwm_jax.eval.niah import Haystack
-    from lwm_jax.eval.scoring import build_to_length, chat_wrap_for, probe_from_sample
+    from lwm_jax.eval.probes import build_to_length, chat_wrap_for, probe_from_sample
 
     tok, info = llama3_tokenizer
     stack = Haystack("test", HAYSTACK, tok)
@@ -126,7 +127,7 @@ def tiny_ckpt(tmp_path_factory):
 
     from lwm_jax.config import ModelConfig
     from lwm_jax.model.llama import Llama
-    from lwm_jax.train.checkpoint import model_metadata, save_model
+    from lwm_jax.model.store import model_metadata, save_model
 
     config = ModelConfig(vocab_size=128_256, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2,
                          num_kv_heads=1, head_dim=8, max_position_embeddings=4096, remat="none",
@@ -140,8 +141,8 @@ def test_model_logits_tail_matches_full_forward_ring(tiny_ckpt):
 
     from lwm_jax.config import MeshConfig
     from lwm_jax.eval.scoring import ModelLogits
+    from lwm_jax.model.store import load_model
     from lwm_jax.parallel.mesh import make_mesh
-    from lwm_jax.train.checkpoint import load_model
 
     model, _ = load_model(tiny_ckpt)
     ids = np.random.default_rng(0).integers(0, 128_000, size=61).astype(np.int32)  # odd: padded to 64 for the ring

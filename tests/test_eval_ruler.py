@@ -45,8 +45,8 @@ def _oracle(tok, vocab):
 
 @pytest.mark.parametrize("chat", [False, True])
 def test_ruler_oracle_and_blind(llama3_tokenizer, chat):
+    from lwm_jax.eval.probes import chat_wrap_for
     from lwm_jax.eval.ruler import TASKS, ruler_eval
-    from lwm_jax.eval.scoring import chat_wrap_for
 
     tok, info = llama3_tokenizer
     kwargs = dict(lengths=LENGTHS, samples=2, chat=chat_wrap_for(tok, info, chat), bos_id=info.bos_id)

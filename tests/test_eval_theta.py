@@ -30,8 +30,8 @@ def trained_ckpt(tmp_path_factory):
     import optax
 
     from lwm_jax.config import MeshConfig, ModelConfig
+    from lwm_jax.model.store import merge_params, model_metadata, save_model
     from lwm_jax.parallel.mesh import make_mesh
-    from lwm_jax.train.checkpoint import merge_params, model_metadata, save_model
     from lwm_jax.train.step import build_step, init_params
 
     config = ModelConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
@@ -77,9 +77,11 @@ def test_recipe_sweep_stage_finds_trained_theta(trained_ckpt, tmp_path):
     saves it, and the stages after it build their theta rules on the swept value."""
     import dataclasses
 
-    from lwm_jax.config import RecipeConfig, from_dict
-    from lwm_jax.data.config import DataConfig
-    from lwm_jax.train.runner import _swept_thetas, plan_recipe, sweep_stage_theta
+    from lwm_jax.config import DataConfig, RecipeConfig, from_dict
+    from lwm_jax.eval.theta_sweep import stage_sweep
+    from lwm_jax.train.runner import TrainHooks, sweep_stage_theta
+    from lwm_jax.train.stages import plan_recipe
+    from lwm_jax.train.workdir import swept_thetas
 
     ckpt, data, _ = trained_ckpt
     recipe = from_dict(RecipeConfig, {
@@ -87,15 +89,15 @@ def test_recipe_sweep_stage_finds_trained_theta(trained_ckpt, tmp_path):
                                    "num_heads": 2, "num_kv_heads": 1, "head_dim": 16, "remat": "none",
                                    "bos_token_id": 0, "eos_token_id": [1]},
         "mesh": {"dp": 4, "sp": 2},
-        "stages": [{"name": "same", "seq_len": SEQ, "steps": 1, "batch_size": 4, "init_from": f"ckpt:{ckpt}", "rope_theta": "sweep",
-                    "theta_sweep": {"num": 5, "span": 4, "sequences": 4}},
+        "stages": [{"name": "same", "seq_len": SEQ, "steps": 1, "batch_size": 4, "init_from": f"ckpt:{ckpt}",
+                    "rope_theta": "sweep", "theta_sweep": {"num": 5, "span": 4, "sequences": 4}},
                    {"name": "longer", "seq_len": 4 * SEQ, "steps": 1, "batch_size": 4, "rope_theta": "scaling-law"}]})
     recipe = dataclasses.replace(recipe, data=DataConfig(paths=[str(data)]))
     plans = plan_recipe(recipe, 8)
     assert plans[0].theta_pending and plans[0].model.rope_theta == TRAINED_THETA  # the center, for now
-    theta, params = sweep_stage_theta(plans[0], plans, recipe, tmp_path)
+    theta, params = sweep_stage_theta(plans[0], plans, recipe, tmp_path, TrainHooks(sweep_theta=stage_sweep))
     assert TRAINED_THETA / THETA_FACTOR <= theta <= TRAINED_THETA * THETA_FACTOR
-    assert _swept_thetas(tmp_path, recipe) == {"same": theta}
+    assert swept_thetas(tmp_path, recipe) == {"same": theta}
     assert (tmp_path / "stages/same/theta_sweep/theta_sweep.png").is_file()
     resolved = plan_recipe(recipe, 8, swept={"same": theta})
     assert not resolved[0].theta_pending and resolved[0].model.rope_theta == theta
@@ -116,7 +118,7 @@ def test_golden_section_on_known_minimum():
 def test_loss_by_position(trained_ckpt, tmp_path, capsys):
     from lwm_jax.cli import main
     from lwm_jax.eval.perplexity import load_tokens, mean_nll
-    from lwm_jax.train.checkpoint import load_model
+    from lwm_jax.model.store import load_model
 
     ckpt, data, _ = trained_ckpt
     assert main(["eval", "ppl", str(ckpt), "--data", str(data), "--seq-len", str(SEQ), "--num-sequences", "4",

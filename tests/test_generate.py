@@ -50,7 +50,7 @@ def test_greedy_matches_transformers_single_device(tiny):
     assert generate(model, tiny["prompt"], max_new_tokens=NEW_TOKENS, greedy=False, top_p=1e-6,
                     seed=3) == tiny["expected"]
     # Seeded: the same seed repeats, another seed differs (random model: sampling is not greedy).
-    sample = lambda seed: generate(model, tiny["prompt"], max_new_tokens=NEW_TOKENS, greedy=False,  # noqa: E731
+    sample = lambda seed: generate(model, tiny["prompt"], max_new_tokens=NEW_TOKENS, greedy=False,
                                    temperature=1.5, top_p=0.9, seed=seed)
     first = sample(0)
     assert first == sample(0) and first != sample(1) and first != tiny["expected"]

@@ -22,7 +22,7 @@ from lwm_jax.config import ModelConfig
 from lwm_jax.convert import gguf as gguf_export
 from lwm_jax.errors import UserError
 from lwm_jax.model.llama import Llama
-from lwm_jax.train.checkpoint import load_model
+from lwm_jax.model.store import load_model
 from tests.conftest import llama3_tokenizer_dir, make_hf_llama
 
 F32_LOGIT_TOL = 1e-3  # max |llama.cpp - ours| over the prompt's logits

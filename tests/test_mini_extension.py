@@ -32,7 +32,7 @@ def test_quick_run_reports_every_arm_and_length(tmp_path):
     for arm in ARMS:
         stages = result["arms"][arm]["stages"]
         assert list(stages) == ["x4", "x16"]
-        for name, stage in stages.items():
+        for stage in stages.values():
             for task in TASKS:
                 scores = stage["scores"][task]
                 assert set(scores) == {str(n) for n in lengths}
@@ -72,7 +72,8 @@ def test_copy_documents_repeat_a_run_of_digit_tokens(tmp_path, llama3_tokenizer)
     for ids in docs:
         text = [tokenizer.id_to_token(int(i)) for i in ids]
         assert all(t.isascii() and t.isdigit() for t in text), text
-        run = next(n for n in range(3, 11) if len(ids) % n == 0 and np.array_equal(ids, np.tile(ids[:n], len(ids) // n)))
+        run = next(n for n in range(3, 11)
+                   if len(ids) % n == 0 and np.array_equal(ids, np.tile(ids[:n], len(ids) // n)))
         runs.add(run)
         repeats.add(len(ids) // run)
     assert runs == set(range(3, 11)) and repeats == {2, 3, 4}

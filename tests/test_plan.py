@@ -58,8 +58,9 @@ def test_single_node_1048k_components(capsys):
 
 @pytest.mark.slow
 def test_analytic_memory_agrees_with_xla_at_1048k_on_512_devices():
-    proc = subprocess.run([sys.executable, "-m", "lwm_jax.cli", "plan", str(ROOT / "configs/recipes/gradient_1048k.yaml"),
-                           "--stage", "1048K", "--aot", "--json"], capture_output=True, text=True, timeout=3000)
+    recipe = str(ROOT / "configs/recipes/gradient_1048k.yaml")
+    proc = subprocess.run([sys.executable, "-m", "lwm_jax.cli", "plan", recipe, "--stage", "1048K", "--aot", "--json"],
+                          capture_output=True, text=True, timeout=3000)
     assert proc.returncode == 0, proc.stderr
     stage = json.loads(proc.stdout.splitlines()[-1])["stages"][0]
     compiled, analytic = stage["aot_memory_bytes_per_device"], stage["memory_bytes_per_device_xla_cpu"]

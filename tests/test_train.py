@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def prepared(tmp_path_factory):
     """A small demo corpus, its tokenizer (vocab 512) and prepared shards at seq_len 32 and 128."""
-    from lwm_jax.data.config import PrepareConfig
+    from lwm_jax.config import PrepareConfig
     from lwm_jax.data.prepare import prepare
     from lwm_jax.data.sample import build_sample
 
@@ -74,8 +74,8 @@ def _losses(workdir: Path) -> dict:
 
 def test_two_stages_chain_and_resume_after_kill(tmp_path, prepared):
     from lwm_jax.config import MeshConfig, ModelConfig, from_dict
+    from lwm_jax.model.store import read_metadata, restore_params
     from lwm_jax.parallel.mesh import make_mesh
-    from lwm_jax.train.checkpoint import read_metadata, restore_params
 
     recipe = write_recipe(tmp_path / "r.yaml", prepared)
     full = _cli("train", str(recipe), "--workdir", str(tmp_path / "full"), "--json")
@@ -106,7 +106,8 @@ def test_two_stages_chain_and_resume_after_kill(tmp_path, prepared):
         assert np.array_equal(np.asarray(a), np.asarray(b))
 
     # The last stage exports to HF with a model card carrying its length and theta.
-    assert main(["export-hf", str(tmp_path / "full"), str(tmp_path / "hf"), "--stage", "long", "--dtype", "float32"]) == 0
+    argv = ["export-hf", str(tmp_path / "full"), str(tmp_path / "hf"), "--stage", "long", "--dtype", "float32"]
+    assert main(argv) == 0
     config = json.loads((tmp_path / "hf/config.json").read_text())
     assert config["max_position_embeddings"] == 128 and config["rope_theta"] == meta["rope_theta"]
     card = (tmp_path / "hf/README.md").read_text()
@@ -170,7 +171,7 @@ def test_fingerprint_ignores_how_it_runs_but_not_what_it_computes():
     """A run may resume on another mesh, remat policy or kernel, and after a release adds a config
     field with a default; changing steps, theta or the model is a different recipe."""
     from lwm_jax.config import load_recipe
-    from lwm_jax.train.runner import recipe_fingerprint
+    from lwm_jax.train.workdir import recipe_fingerprint
 
     demo = ROOT / "configs/recipes/demo_cpu.yaml"
     base = recipe_fingerprint(load_recipe(demo))

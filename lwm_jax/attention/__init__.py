@@ -1,13 +1,21 @@
 """One attention entry point for the model: `attention(q, k, v, ..., impl=...)`.
 
 `reference` is the dense oracle, `blockwise` the single-device flash-style tiling, `ring` the
-`shard_map` ring over the mesh's `sp` axis. All take the same arguments and agree numerically.
+`shard_map` ring over the mesh's `sp` axis. All take the same arguments and agree numerically;
+`IMPLEMENTATIONS` is the registry every caller (config checks aside) takes its choices from.
+`layout` says how a batch must be laid out for each; `decode` attends one new token over a
+sequence-sharded KV cache.
 """
 
 from __future__ import annotations
 
+from lwm_jax.attention.blockwise import blockwise_attention
 from lwm_jax.attention.reference import reference_attention
+from lwm_jax.attention.ring import ring_attention
 from lwm_jax.config import ATTENTION_IMPLS
+
+IMPLEMENTATIONS = {"reference": reference_attention, "blockwise": blockwise_attention, "ring": ring_attention}
+assert tuple(IMPLEMENTATIONS) == ATTENTION_IMPLS, "the registry and the config's names must agree"
 
 
 def attention(q, k, v, *, segment_ids=None, positions=None, causal: bool = True,
@@ -16,19 +24,12 @@ def attention(q, k, v, *, segment_ids=None, positions=None, causal: bool = True,
 
     `q: [batch, seq, q_heads, head_dim]`, `k, v: [batch, seq, kv_heads, head_dim]` (GQA: q_heads a
     multiple of kv_heads), `segment_ids, positions: [batch, seq]` int32. `ring` runs over the mesh
-    set with `jax.set_mesh` and expects tokens in the zigzag layout (`attention.layout`). `kernel`
+    set with `jax.set_mesh` and expects tokens in its layout (`attention.layout.place`). `kernel`
     picks the per-block kernel of `blockwise` and `ring` (`attention.kernels`).
     """
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(f"attention impl={impl!r} is not one of {tuple(IMPLEMENTATIONS)}")
     if impl == "reference":
         return reference_attention(q, k, v, segment_ids=segment_ids, positions=positions, causal=causal)
-    if impl == "blockwise":
-        from lwm_jax.attention.blockwise import blockwise_attention
-
-        return blockwise_attention(q, k, v, segment_ids=segment_ids, positions=positions,
-                                   causal=causal, block_size=block_size, kernel=kernel)
-    if impl == "ring":
-        from lwm_jax.attention.ring import ring_attention
-
-        return ring_attention(q, k, v, segment_ids=segment_ids, positions=positions,
-                              causal=causal, block_size=block_size, kernel=kernel)
-    raise ValueError(f"attention impl={impl!r} is not one of {ATTENTION_IMPLS}")
+    return IMPLEMENTATIONS[impl](q, k, v, segment_ids=segment_ids, positions=positions, causal=causal,
+                                 block_size=block_size, kernel=kernel)

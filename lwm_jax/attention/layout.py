@@ -1,16 +1,30 @@
-"""The zigzag token layout that balances causal ring attention, and its inverse.
+"""How a batch must be laid out for each attention implementation: the lengths it accepts, the
+mesh it needs, the token order (the zigzag layout that balances causal ring attention) and the
+sharding of `[batch, seq]` arrays. Callers go through `place` and `padded_length`; none of them
+knows the ring's rules.
 
-The sequence is cut into `2*sp` equal chunks and device `r` holds chunks `r` and `2*sp-1-r`, so
-every device owns as much early (cheap) as late (expensive) causal work. Tokens, positions,
-segment ids and targets are permuted once at the input with `to_zigzag`; outputs that must be read
-in natural order (logits) come back with `from_zigzag`.
+Zigzag: the sequence is cut into `2*sp` equal chunks and device `r` holds chunks `r` and
+`2*sp-1-r`, so every device owns as much early (cheap) as late (expensive) causal work. Tokens,
+positions, segment ids and targets are permuted once at the input; outputs read in natural order
+(logits, KV caches) come back with `from_layout`.
 """
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from lwm_jax.errors import UserError
+from lwm_jax.parallel.mesh import logical_to_spec
+
+SP = "sp"
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
 
 
 def zigzag_indices(seq_len: int, sp: int) -> np.ndarray:
@@ -28,8 +42,6 @@ def zigzag_indices(seq_len: int, sp: int) -> np.ndarray:
 def _take(x, index: np.ndarray, axis: int):
     if isinstance(x, np.ndarray):
         return np.take(x, index, axis=axis)
-    import jax.numpy as jnp
-
     return jnp.take(x, jnp.asarray(index), axis=axis)
 
 
@@ -41,3 +53,81 @@ def to_zigzag(x, sp: int, axis: int = 1):
 def from_zigzag(x, sp: int, axis: int = 1):
     """Inverse of `to_zigzag`: `x` with its `axis` reordered from the zigzag layout to natural order."""
     return _take(x, np.argsort(zigzag_indices(x.shape[axis], sp)), axis)
+
+
+def ring_block(seq_len: int, sp: int, block_size: int) -> int:
+    """The block length the ring uses, `min(block_size, seq_len // (2*sp))`; raises UserError
+    unless `seq_len` is a multiple of `2*sp*block`, naming the nearest lengths that are."""
+    chunk = seq_len // (2 * sp)
+    block = min(block_size, chunk)
+    if block < 1 or seq_len % (2 * sp * block) or chunk % block:
+        up = padded_length(seq_len, "ring", sp, block_size)
+        unit = 2 * sp * block_size if seq_len > 2 * sp * block_size else 2 * sp
+        below = (seq_len - 1) // unit * unit
+        nearest = f"{below:,} or {up:,}" if below > 0 else f"{up:,}"
+        raise UserError(
+            f"seq_len={seq_len} must be divisible by 2*sp*block={2 * sp * max(block, 1)} "
+            f"(sp={sp}, block=min(block_size={block_size}, seq_len//(2*sp)={chunk})={block}); "
+            f"the nearest valid lengths are {nearest}")
+    return block
+
+
+def padded_length(seq_len: int, impl: str, sp: int = 1, block_size: int = 512, quantum: int = 1) -> int:
+    """The smallest length >= `seq_len` that `impl` accepts with the sequence over `sp` devices.
+
+    `ring`: a multiple of `2*sp*block` with `block = min(block_size, len // (2*sp))`; `blockwise`:
+    at most one block, or a multiple of it; every implementation: a multiple of `sp`. `quantum`
+    rounds short lengths up further (to `quantum` per chunk) so that nearby lengths share a compile.
+    """
+    if impl == "ring":
+        n = _round_up(seq_len, 2 * sp * quantum)
+        return n if n <= 2 * sp * block_size else _round_up(seq_len, 2 * sp * block_size)
+    n = _round_up(seq_len, sp * quantum)
+    if impl == "blockwise" and n > block_size:
+        return _round_up(seq_len, np.lcm(block_size, sp))
+    return n
+
+
+def check_mesh(impl: str, mesh) -> None:
+    """Raises UserError when `impl` cannot run on `mesh` (a `Mesh`, an abstract mesh or None)."""
+    if impl != "ring":
+        return
+    if mesh is None or mesh.empty or SP not in mesh.axis_names:
+        where = "no mesh is set" if mesh is None or mesh.empty else f"the mesh has axes {mesh.axis_names}"
+        raise UserError(f"attention='ring' needs a device mesh with an 'sp' axis ({where}); give one "
+                        "(e.g. --mesh sp=4, or `jax.set_mesh(make_mesh(MeshConfig(sp=...)))`) or use 'blockwise'")
+
+
+def sp_size(mesh) -> int:
+    """The size of the mesh's `sp` axis (1 without a mesh or the axis)."""
+    return dict(mesh.shape).get(SP, 1) if mesh is not None else 1
+
+
+def to_layout(x, impl: str, sp: int, axis: int = 1):
+    """`x` reordered along `axis` from natural order to the order `impl` expects."""
+    return to_zigzag(x, sp, axis) if impl == "ring" else x
+
+
+def from_layout(x, impl: str, sp: int, axis: int = 1):
+    """Inverse of `to_layout`: natural order along `axis`."""
+    return from_zigzag(x, sp, axis) if impl == "ring" else x
+
+
+def place(arrays, impl: str, mesh, axis: int = 1):
+    """`[..., batch, seq, ...]` numpy arrays (a tuple, list or dict; `seq` at `axis`, batch just before
+    it) in the token order of `impl` and, with a mesh, on it with batch over the data axes and seq
+    over `sp`. A tuple/list/dict comes back as the same kind."""
+    sp = sp_size(mesh)
+    items = arrays.items() if isinstance(arrays, dict) else enumerate(arrays)
+
+    def one(x):
+        x = to_layout(np.ascontiguousarray(x), impl, sp, axis)
+        if mesh is None:
+            return x
+        spec = P(*(None,) * (axis - 1), *logical_to_spec(("batch", "length"), mesh))
+        return jax.device_put(x, NamedSharding(mesh, spec))
+
+    placed = {k: one(x) for k, x in items}
+    if isinstance(arrays, dict):
+        return placed
+    return type(arrays)(placed[i] for i in range(len(arrays)))

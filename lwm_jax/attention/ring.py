@@ -32,7 +32,7 @@ from jax.sharding import PartitionSpec as P
 
 from lwm_jax.attention import kernels as K
 from lwm_jax.attention.blockwise import check_inputs
-from lwm_jax.attention.layout import zigzag_indices
+from lwm_jax.attention.layout import check_mesh, ring_block, zigzag_indices
 from lwm_jax.errors import UserError
 
 SP = "sp"
@@ -41,18 +41,6 @@ HEADS_AXIS = "tp"
 
 
 # Static plan -----------------------------------------------------------------------------------
-
-
-def ring_block(seq_len: int, sp: int, block_size: int) -> int:
-    """The block length the ring uses, `min(block_size, seq_len // (2*sp))`; raises UserError
-    unless `seq_len` is a multiple of `2*sp*block`."""
-    chunk = seq_len // (2 * sp)
-    block = min(block_size, chunk)
-    if block < 1 or seq_len % (2 * sp * block) or chunk % block:
-        raise UserError(
-            f"seq_len={seq_len} must be divisible by 2*sp*block={2 * sp * max(block, 1)} "
-            f"(sp={sp}, block=min(block_size={block_size}, seq_len//(2*sp)={chunk})={block})")
-    return block
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,10 +115,7 @@ def ring_attention(q, k, v, *, segment_ids=None, positions=None, causal: bool = 
     """
     check_inputs(q, k, v, segment_ids, positions)
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or SP not in mesh.axis_names:
-        where = "no mesh is set" if mesh.empty else f"the mesh has axes {mesh.axis_names}"
-        raise UserError(f"attention='ring' needs a device mesh with an 'sp' axis ({where}); run under "
-                        "`with jax.set_mesh(make_mesh(MeshConfig(sp=...)))` or use 'blockwise'")
+    check_mesh("ring", mesh)
     sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
     sp = sizes[SP]
     batch, seq, q_heads, head_dim = q.shape

@@ -22,8 +22,8 @@ from lwm_jax.convert.hf import hf_shapes, hf_tensors
 from lwm_jax.errors import UserError
 from lwm_jax.model.llama import Llama
 from lwm_jax.model.rope import inv_frequencies
+from lwm_jax.model.store import load_model, read_metadata
 from lwm_jax.progress import progress
-from lwm_jax.train.checkpoint import load_model, read_metadata
 
 QT = gguf.GGMLQuantizationType
 GGUF_TYPES = ("f32", "f16", "q8_0")

@@ -18,11 +18,14 @@ import ml_dtypes
 import numpy as np
 import safetensors
 import safetensors.numpy
+import yaml
 from flax import nnx
 
 from lwm_jax.config import ModelConfig
 from lwm_jax.errors import UserError
 from lwm_jax.model.llama import Llama
+from lwm_jax.model.store import read_hf_config
+from lwm_jax.parallel.mesh import state_shardings
 from lwm_jax.progress import progress
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -81,20 +84,6 @@ def hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 # Import ------------------------------------------------------------------------------------------
 
 
-def read_hf_config(hf_dir: str | Path, **runtime) -> ModelConfig:
-    hf_dir = Path(hf_dir)
-    if not hf_dir.is_dir():
-        raise UserError(f"{hf_dir} is not a directory (expected a Hugging Face model folder)")
-    config_file = hf_dir / "config.json"
-    if not config_file.is_file():
-        raise UserError(f"{hf_dir} has no config.json (expected a Hugging Face Llama model folder)")
-    try:
-        hf = json.loads(config_file.read_text())
-    except json.JSONDecodeError as err:
-        raise UserError(f"{config_file} is not valid JSON: {err}") from None
-    return ModelConfig.from_hf(hf, **runtime)
-
-
 def _weight_files(hf_dir: Path) -> dict[str, Path]:
     """HF tensor name -> the safetensors file holding it."""
     index = hf_dir / INDEX_FILE
@@ -115,7 +104,7 @@ def _weight_files(hf_dir: Path) -> dict[str, Path]:
     files = {}
     for path in single:
         with safetensors.safe_open(path, framework="numpy") as f:
-            files.update({name: path for name in f.keys()})
+            files.update(dict.fromkeys(f.keys(), path))  # a safe_open handle has keys() but is not iterable
     return files
 
 
@@ -160,13 +149,11 @@ def import_hf(hf_dir: str | Path, mesh=None, **runtime) -> Llama:
     graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
     shardings = None
     if mesh is not None:
-        from lwm_jax.parallel.mesh import state_shardings
-
         shardings = dict(nnx.to_flat_state(state_shardings(mesh, params)))
     flat = nnx.to_flat_state(params)
     values = {}
     layer_map = _layer_map(cfg)
-    for path, variable in progress(list(flat), desc="import-hf"):
+    for path, _ in progress(list(flat), desc="import-hf"):
         key = ".".join(str(p) for p in path)
         if key.startswith("layers."):
             hf_name, to_ours, _ = layer_map[key.removeprefix("layers.")]
@@ -187,6 +174,11 @@ def import_hf(hf_dir: str | Path, mesh=None, **runtime) -> Llama:
 
 
 # Export ------------------------------------------------------------------------------------------
+
+
+def import_hf_params(hf_dir: str | Path, mesh, runtime: dict) -> dict:
+    """Params (pure dict) of a Hugging Face folder on `mesh` (the `TrainHooks.load_hf` of training)."""
+    return nnx.to_pure_dict(nnx.state(import_hf(hf_dir, mesh=mesh, **runtime)))
 
 
 def hf_tensors(model: Llama) -> Iterator[tuple[str, np.ndarray]]:
@@ -292,10 +284,10 @@ def stage_checkpoint(workdir: str | Path, stage: str) -> tuple[Path, dict]:
 
 def write_model_card(out_dir: Path, record: dict, metadata: dict) -> Path:
     """Writes README.md for an exported stage: its length, theta, training step and the recipe."""
-    import yaml
-
     recipe = record["recipe"]
     stage = next(s for s in recipe["stages"] if s["name"] == metadata["stage"])
+    shape = (f"seq_len {stage['seq_len']:,}, batch {stage['batch_size']} x grad_accum {stage['grad_accum']}, "
+             f"{stage['steps']} steps")
     rows = "\n".join(f"| {s['name']} | {s['seq_len']:,} | {s['rope_theta']} | {s['batch_size']} | "
                       f"{s['grad_accum']} | {s['steps']} |" for s in recipe["stages"])
     text = f"""---
@@ -307,7 +299,7 @@ Exported by lwm-jax from stage `{metadata['stage']}` of recipe `{record['name']}
 
 - context length (`max_position_embeddings`): {metadata['max_position_embeddings']:,} tokens
 - RoPE theta (`rope_theta`): {metadata['rope_theta']:,.0f}
-- stage: seq_len {stage['seq_len']:,}, batch {stage['batch_size']} x grad_accum {stage['grad_accum']}, {stage['steps']} steps
+- stage: {shape}
 - recipe fingerprint: {record['fingerprint']}
 
 ## Stages of the recipe

@@ -8,6 +8,9 @@ from __future__ import annotations
 import functools
 import json
 
+import jinja2
+import jinja2.ext
+import jinja2.sandbox
 import numpy as np
 
 from lwm_jax.errors import UserError
@@ -21,10 +24,6 @@ class ChatTemplate:
     """A compiled chat template (sandboxed Jinja, as Hugging Face renders it)."""
 
     def __init__(self, source: str, special_tokens: dict[str, str]):
-        import jinja2
-        import jinja2.ext
-        import jinja2.sandbox
-
         def raise_exception(message):
             raise jinja2.exceptions.TemplateError(message)
 

@@ -16,9 +16,10 @@ import zlib
 from typing import Any
 
 import grain
+import jax
 import numpy as np
 
-from lwm_jax.data.config import DataConfig
+from lwm_jax.config import DataConfig
 from lwm_jax.data.manifest import load_manifest
 from lwm_jax.data.mixture import resolve_weights
 from lwm_jax.data.packing import decode_record, examples_batch
@@ -124,8 +125,6 @@ def _tag(index: int, data: bytes) -> tuple[int, bytes]:
 
 def _resolve_process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
     if process_index is None or process_count is None:
-        import jax
-
         process_index = jax.process_index() if process_index is None else process_index
         process_count = jax.process_count() if process_count is None else process_count
     if not (isinstance(process_count, int) and process_count >= 1 and 0 <= process_index < process_count):
@@ -238,8 +237,6 @@ def make_global_batch(local_batch: dict[str, np.ndarray], sharding: Any, *,
     that hold distinct rows, as JAX infers it. Shard the sequence axis only after
     `packing.split_inputs_targets` (seq_len divides evenly, seq_len + 1 does not).
     """
-    import jax
-
     out = {}
     for key, value in local_batch.items():
         s = sharding[key] if isinstance(sharding, dict) else sharding

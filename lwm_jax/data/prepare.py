@@ -12,9 +12,12 @@ import time
 from pathlib import Path
 
 import grain
+from absl import flags
+from array_record.python.array_record_module import ArrayRecordWriter
+from tqdm import tqdm
 
 from lwm_jax import __version__
-from lwm_jax.data.config import PrepareConfig
+from lwm_jax.config import PrepareConfig
 from lwm_jax.data.manifest import FORMAT, MANIFEST, VERSION, write_manifest
 from lwm_jax.data.packing import SequencePacker
 from lwm_jax.data.sources import SKIP_REASONS, plan_inputs
@@ -35,8 +38,6 @@ class _ShardWriter:
         self._tokens = 0
 
     def write(self, record: bytes, tokens: int) -> None:
-        from array_record.python.array_record_module import ArrayRecordWriter
-
         if self._writer is None or self._tokens >= self.shard_tokens:
             self.close()
             name = f"{SHARD_DIR}/{self.stem}-{len(self.files):05d}.array_record"
@@ -67,8 +68,6 @@ def _check_out_dir(out: Path, overwrite: bool) -> None:
 
 def _absl_flags_parsed() -> None:
     """grain's worker processes read absl flags, which fail unless parsed (google/grain#1355)."""
-    from absl import flags
-
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
 
@@ -90,8 +89,6 @@ def prepare(inputs: list[str], tokenizer: str | Path, out: str | Path, config: P
     Checks the tokenizer, every input and the output folder before any work (`UserError`). Bad
     records and zero-byte or corrupt files are skipped and counted under `skipped`.
     """
-    from tqdm import tqdm
-
     info = load_tokenizer_info(tokenizer)
     plan = plan_inputs(list(inputs))
     out = Path(out).expanduser()

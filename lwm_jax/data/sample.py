@@ -13,6 +13,10 @@ import platform
 import sysconfig
 from pathlib import Path
 
+import zstandard
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tqdm import tqdm
+
 from lwm_jax.errors import UserError
 
 SPECIAL_TOKENS = ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
@@ -31,7 +35,7 @@ MIN_DOC_CHARS = 60_000  # code of one package is cut into documents of at least 
 TRAIN_CHARS = 4_000_000  # text the tokenizer is trained on
 
 
-def _stdlib_files() -> list[tuple[str, Path]]:
+def stdlib_files() -> list[tuple[str, Path]]:
     """(relative path, path) of every standard-library .py file, sorted by relative path."""
     root = Path(sysconfig.get_paths()["stdlib"])
     out = []
@@ -52,7 +56,8 @@ def _texts(files: list[tuple[str, Path]]):
             continue
 
 
-def _is_test(rel: str) -> bool:
+def is_test_file(rel: str) -> bool:
+    """Whether a standard-library relative path is test code (under test/ or a tests/ folder, or test_*.py)."""
     parts = rel.split("/")
     return parts[0] == "test" or "tests" in parts[:-1] or parts[-1].startswith("test_")
 
@@ -85,7 +90,9 @@ def _test_documents(files, max_chars: int) -> list[str]:
     return docs
 
 
-def _docstring_documents(files, max_chars: int, max_chats: int) -> tuple[list[str], list[dict]]:
+def docstring_documents(files, max_chars: int, max_chats: int) -> tuple[list[str], list[dict]]:
+    """Docstring documents (one per module, about `max_chars` characters in all) and up to `max_chats`
+    chat records about documented functions, from (relative path, path) `files` in order."""
     docs, chats, total = [], [], 0
     for rel, text in _texts(files):
         if total >= max_chars and len(chats) >= max_chats:
@@ -131,15 +138,11 @@ def _docstrings(rel: str, text: str) -> tuple[str | None, list[dict]]:
 
 
 def _write_jsonl_zst(path: Path, records: list[dict]) -> None:
-    import zstandard
-
     data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
     path.write_bytes(zstandard.ZstdCompressor(level=3).compress(data))
 
 
 def _train_tokenizer(texts: list[str], vocab_size: int):
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-
     tok = Tokenizer(models.BPE(ignore_merges=True))
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
@@ -163,8 +166,6 @@ def build_sample(out_dir: str | Path, *, vocab_size: int = 4096, max_chars_per_s
     Deterministic for a given Python installation. Returns a summary (sources, documents,
     characters, files, vocabulary size, sha256 of every file written).
     """
-    from tqdm import tqdm
-
     if not (isinstance(vocab_size, int) and 512 <= vocab_size <= 65536):
         raise UserError(f"vocab_size={vocab_size!r} must be an integer in [512, 65536]")
     if not (isinstance(max_chars_per_source, int) and max_chars_per_source > 0):
@@ -174,14 +175,14 @@ def build_sample(out_dir: str | Path, *, vocab_size: int = 4096, max_chars_per_s
         raise UserError(f"output {out} exists and is not an empty folder; pass --overwrite or choose a new folder")
 
     steps = tqdm(total=4, desc="sample", unit="step", disable=not progress)
-    files = _stdlib_files()
+    files = stdlib_files()
     if not files:
         raise UserError(f"no standard-library sources found under {sysconfig.get_paths()['stdlib']}")
-    code = [f for f in files if not _is_test(f[0])]
-    tests = [f for f in files if _is_test(f[0])]
+    code = [f for f in files if not is_test_file(f[0])]
+    tests = [f for f in files if is_test_file(f[0])]
     sources = {"stdlib_code": _code_documents(code, max_chars_per_source)}
     steps.update(1)
-    sources["stdlib_docs"], chats = _docstring_documents(code, max_chars_per_source, max_chars_per_source // 1500)
+    sources["stdlib_docs"], chats = docstring_documents(code, max_chars_per_source, max_chars_per_source // 1500)
     steps.update(1)
     sources["stdlib_tests"] = _test_documents(tests, max_chars_per_source)
 

@@ -16,8 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow
+import pyarrow.parquet as pq
+import zstandard
+from array_record.python.array_record_module import ArrayRecordReader
 
-from lwm_jax.data.config import PrepareConfig
+from lwm_jax.config import PrepareConfig
 from lwm_jax.errors import UserError
 
 FORMATS = {".jsonl": "jsonl", ".jsonl.zst": "jsonl.zst", ".parquet": "parquet", ".array_record": "array_record"}
@@ -158,8 +162,6 @@ def plan_inputs(inputs: list[str], unit_bytes: int = UNIT_BYTES) -> InputPlan:
 
 
 def _parquet_row_groups(path: str) -> int:
-    import pyarrow.parquet as pq
-
     try:
         return pq.ParquetFile(path).num_row_groups
     except Exception as err:  # pyarrow raises several types for a bad footer
@@ -167,8 +169,6 @@ def _parquet_row_groups(path: str) -> int:
 
 
 def _array_record_len(path: str) -> int:
-    from array_record.python.array_record_module import ArrayRecordReader
-
     try:
         reader = ArrayRecordReader(path)
         n = reader.num_records()
@@ -240,8 +240,6 @@ def _jsonl_lines(unit: WorkUnit) -> Iterator[bytes]:
 
 def _zst_lines(unit: WorkUnit) -> Iterator[bytes]:
     """Lines of a (multi-frame) zstd file; raises EOFError after the last whole line of a truncated one."""
-    import zstandard
-
     dctx = zstandard.ZstdDecompressor()
     obj, pending, carry = dctx.decompressobj(), False, b""
     with open(unit.path, "rb") as f:
@@ -263,8 +261,6 @@ def _zst_lines(unit: WorkUnit) -> Iterator[bytes]:
 
 
 def _parquet_docs(unit: WorkUnit, cfg: PrepareConfig, counts: collections.Counter) -> Iterator[Doc | None]:
-    import pyarrow.parquet as pq
-
     table = pq.ParquetFile(unit.path).read_row_group(unit.start)
     names = set(table.column_names)
     wanted = [k for k in {cfg.text_key, cfg.messages_key, cfg.source_key.split(".")[0]} if k in names]
@@ -284,8 +280,6 @@ def _parquet_docs(unit: WorkUnit, cfg: PrepareConfig, counts: collections.Counte
 
 def _array_record_docs(unit: WorkUnit, cfg: PrepareConfig, vocab_size: int,
                        counts: collections.Counter) -> Iterator[Doc | None]:
-    from array_record.python.array_record_module import ArrayRecordReader
-
     reader = ArrayRecordReader(unit.path)
     try:
         for data in reader.read(list(range(unit.start, unit.end))):
@@ -308,9 +302,6 @@ def _array_record_docs(unit: WorkUnit, cfg: PrepareConfig, vocab_size: int,
 
 
 def _read_errors() -> tuple[type[BaseException], ...]:
-    import pyarrow
-    import zstandard
-
     return (OSError, EOFError, RuntimeError, zstandard.ZstdError, pyarrow.ArrowException)
 
 

@@ -14,8 +14,10 @@ from pathlib import Path
 
 import grain
 import numpy as np
+from tokenizers import Tokenizer
 
-from lwm_jax.data.config import PrepareConfig
+from lwm_jax.config import PrepareConfig
+from lwm_jax.data.chat import ChatTemplate, encode_chats
 from lwm_jax.data.mixture import keep_documents
 from lwm_jax.data.packing import with_bos_eos
 from lwm_jax.data.sources import Doc, WorkUnit, read_unit
@@ -53,8 +55,6 @@ _TOKENIZERS: dict[str, object] = {}
 
 def get_tokenizer(tokenizer_file: str):
     """The `tokenizers.Tokenizer` of a file, loaded once per process."""
-    from tokenizers import Tokenizer
-
     if tokenizer_file not in _TOKENIZERS:
         _TOKENIZERS[tokenizer_file] = Tokenizer.from_file(tokenizer_file)
     return _TOKENIZERS[tokenizer_file]
@@ -154,7 +154,7 @@ class _SourceParts:
         self.content_tokens = 0
 
     def result(self) -> dict:
-        cat = lambda xs, dt: np.concatenate(xs).astype(dt, copy=False) if xs else np.zeros(0, dt)  # noqa: E731
+        cat = lambda xs, dt: np.concatenate(xs).astype(dt, copy=False) if xs else np.zeros(0, dt)
         return {"kind": self.kind, "tokens": cat(self.tokens, np.int32), "lengths": cat(self.lengths, np.int64),
                 "mask": cat(self.masks, np.uint8) if self.kind == "chat" else None,
                 "documents": self.documents, "content_tokens": self.content_tokens}
@@ -180,8 +180,6 @@ class TokenizeUnit(grain.transforms.Map):
         parts: dict[tuple[str, str], _SourceParts] = {}
         template = None
         if info.chat_template is not None:
-            from lwm_jax.data.chat import ChatTemplate
-
             template = ChatTemplate(info.chat_template, dict(info.special_tokens))
 
         def part(source: str, kind: str) -> _SourceParts:
@@ -217,8 +215,6 @@ class TokenizeUnit(grain.transforms.Map):
             batch_chars = 0
 
         def flush_chats() -> None:
-            from lwm_jax.data.chat import encode_chats
-
             results = encode_chats(tok, template, [d.payload for d in chats], info.bos_id)
             for doc, res in zip(chats, results):
                 if res is None:

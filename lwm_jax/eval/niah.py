@@ -13,11 +13,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import zstandard
 
-from lwm_jax.data.synthetic import _sentences, niah_sample
+from lwm_jax.data.sample import docstring_documents, is_test_file, stdlib_files
+from lwm_jax.data.synthetic import niah_sample, split_sentences
 from lwm_jax.errors import UserError
-from lwm_jax.eval.scoring import (ChatWrap, LogitsFn, build_to_length, by_length, cell_seed, probe_from_sample,
-                                  run_grid)
+from lwm_jax.eval import plots
+from lwm_jax.eval.probes import ChatWrap, build_to_length, cell_seed, probe_from_sample
+from lwm_jax.eval.scoring import LogitsFn, by_length, run_grid
 
 DEFAULT_DEPTHS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 DEMO_CHARS_PER_TOKEN = 8  # generous: the demo haystack is read until it holds enough tokens
@@ -30,8 +33,6 @@ def read_documents(path: Path) -> list[str]:
     raw = path.read_bytes()
     name = path.name
     if name.endswith(".zst"):
-        import zstandard
-
         raw = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(raw)).read()
         name = name[:-4]
     elif name.endswith(".gz"):
@@ -63,10 +64,8 @@ def _read_text(path: Path) -> str:
 def demo_haystack(min_tokens: int) -> str:
     """The demo corpus's natural-language source (standard-library docstrings), enough for `min_tokens`.
     Cached: parsing the standard library takes seconds, and evaluations ask again per length."""
-    from lwm_jax.data.sample import _docstring_documents, _is_test, _stdlib_files
-
-    files = [f for f in _stdlib_files() if not _is_test(f[0])]
-    docs, _ = _docstring_documents(files, DEMO_CHARS_PER_TOKEN * min_tokens + 20_000, 0)
+    files = [f for f in stdlib_files() if not is_test_file(f[0])]
+    docs, _ = docstring_documents(files, DEMO_CHARS_PER_TOKEN * min_tokens + 20_000, 0)
     return "\n\n".join(docs)
 
 
@@ -75,7 +74,7 @@ class Haystack:
 
     def __init__(self, name: str, text: str, tokenizer):
         self.name = name
-        self.sentences = _sentences(text)
+        self.sentences = split_sentences(text)
         counts = [len(e.ids) for e in tokenizer.encode_batch([" " + s for s in self.sentences],
                                                              add_special_tokens=False)]
         self.cumulative = np.cumsum(counts)
@@ -146,8 +145,6 @@ def summarize(task: str, cells: list[dict], generated: bool, **extra) -> dict:
 
 def write_results(result: dict, out_dir: str | Path, stem: str, title: str, heatmap: bool) -> dict[str, str]:
     """Writes OUT/{stem}.json (every cell and sample) and OUT/{stem}.png; returns the paths."""
-    from lwm_jax.eval import plots
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": str(out / f"{stem}.json")}

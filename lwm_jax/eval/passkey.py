@@ -8,7 +8,8 @@ from collections.abc import Sequence
 
 from lwm_jax.data.synthetic import passkey_sample
 from lwm_jax.eval.niah import check_grid, summarize
-from lwm_jax.eval.scoring import ChatWrap, LogitsFn, build_to_length, cell_seed, probe_from_sample, run_grid
+from lwm_jax.eval.probes import ChatWrap, build_to_length, cell_seed, probe_from_sample
+from lwm_jax.eval.scoring import LogitsFn, run_grid
 
 DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 

@@ -9,15 +9,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
+from array_record.python.array_record_module import ArrayRecordReader
 from flax import nnx
-from jax.sharding import NamedSharding
 
+from lwm_jax.attention.layout import place
+from lwm_jax.data.manifest import load_manifest
+from lwm_jax.data.packing import decode_record
+from lwm_jax.data.tokenize import get_tokenizer, load_tokenizer_info
 from lwm_jax.errors import UserError
+from lwm_jax.eval.niah import read_documents
 from lwm_jax.model.llama import Llama
-from lwm_jax.parallel.mesh import logical_to_spec
 from lwm_jax.train.loss import chunked_cross_entropy
 
 
@@ -62,15 +65,7 @@ def mean_nll(model: Llama, tokens: np.ndarray, mesh=None) -> tuple[float, int]:
     batch, seq = tokens.shape
     positions, targets = _next_token_arrays(tokens, mesh)
     weights = np.concatenate([np.ones((batch, seq - 1), np.float32), np.zeros((batch, 1), np.float32)], axis=1)
-    arrays = (tokens, positions, targets, weights)
-    if model.config.attention == "ring":
-        from lwm_jax.attention.layout import to_zigzag
-
-        sp = mesh.shape["sp"] if mesh is not None else 1
-        arrays = tuple(to_zigzag(a, sp) for a in arrays)
-    if mesh is not None:
-        sharding = NamedSharding(mesh, logical_to_spec(("batch", "length"), mesh))
-        arrays = tuple(jax.device_put(a, sharding) for a in arrays)
+    arrays = place((tokens, positions, targets, weights), model.config.attention, mesh)
 
     @nnx.jit
     def run(model, tokens, positions, targets, weights):
@@ -121,18 +116,8 @@ def nll_by_position(model: Llama, tokens: np.ndarray, edges: list[int], mesh=Non
     valid = positions < seq - 1
     weights = np.stack([(valid & (positions >= a) & (positions < b)).astype(np.float32)
                         for a, b in zip(edges[:-1], edges[1:])])  # [buckets, batch, seq]
-    arrays = [tokens, np.ascontiguousarray(positions), targets]
-    if model.config.attention == "ring":
-        from lwm_jax.attention.layout import to_zigzag
-
-        sp = mesh.shape["sp"] if mesh is not None else 1
-        arrays = [to_zigzag(a, sp) for a in arrays]
-        weights = to_zigzag(weights, sp, axis=2)
-    if mesh is not None:
-        sharding = NamedSharding(mesh, logical_to_spec(("batch", "length"), mesh))
-        arrays = [jax.device_put(a, sharding) for a in arrays]
-        weights = jax.device_put(weights, NamedSharding(mesh, jax.sharding.PartitionSpec(
-            None, *logical_to_spec(("batch", "length"), mesh))))
+    arrays = place([tokens, positions, targets], model.config.attention, mesh)
+    weights = place([weights], model.config.attention, mesh, axis=2)[0]
 
     @nnx.jit
     def run(model, tokens, positions, targets, weights):
@@ -160,11 +145,6 @@ def load_eval_data(paths: list[str], seq_len: int, num_sequences: int, vocab_siz
             break
         path = Path(raw)
         if path.is_dir():
-            from array_record.python.array_record_module import ArrayRecordReader
-
-            from lwm_jax.data.manifest import load_manifest
-            from lwm_jax.data.packing import decode_record
-
             for source in load_manifest(path)["sources"].values():
                 for shard in source["shard_paths"]:
                     reader = ArrayRecordReader(shard)
@@ -184,8 +164,6 @@ def load_eval_data(paths: list[str], seq_len: int, num_sequences: int, vocab_siz
             if tokenizer_dir is None:
                 raise UserError(f"--data {path} is text: give --tokenizer DIR to tokenize it")
             if tokenizer is None:
-                from lwm_jax.data.tokenize import get_tokenizer, load_tokenizer_info
-
                 info = load_tokenizer_info(tokenizer_dir)
                 tokenizer = get_tokenizer(info.tokenizer_file)
             for text in _documents(path):
@@ -205,6 +183,4 @@ def load_eval_data(paths: list[str], seq_len: int, num_sequences: int, vocab_siz
 
 def _documents(path: Path) -> list[str]:
     """The documents of a text file (the whole file) or of a .jsonl[.zst|.gz] file (its text fields)."""
-    from lwm_jax.eval.niah import read_documents
-
     return read_documents(path)

@@ -12,11 +12,12 @@ import numpy as np
 NIAH_COLORS = ("#F0496E", "#EBB839", "#0CD79F")
 
 
-def _pyplot():
-    import matplotlib
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files only, no display)."""
+    import matplotlib  # on first use: slow to import, and Agg must be chosen before pyplot loads
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after use("Agg"): pyplot picks its backend when imported
 
     return plt
 
@@ -33,9 +34,9 @@ def short_length(n: int) -> str:
 def niah_heatmap(cells: list[dict], path: str | Path, title: str, key: str = "score", ykey: str = "depth") -> Path:
     """Heatmap of `key` per cell: x context length, y depth % (0 at the top) or task (`ykey`), red (0)
     to green (1)."""
-    from matplotlib.colors import LinearSegmentedColormap
+    from matplotlib.colors import LinearSegmentedColormap  # matplotlib is imported on first use (see pyplot)
 
-    plt = _pyplot()
+    plt = pyplot()
     lengths = sorted({c["length"] for c in cells})
     depths = sorted({c["depth"] for c in cells}) if ykey == "depth" else list(dict.fromkeys(c[ykey] for c in cells))
     grid = np.full((len(depths), len(lengths)), np.nan)
@@ -64,7 +65,7 @@ def niah_heatmap(cells: list[dict], path: str | Path, title: str, key: str = "sc
 def line_plot(series: dict[str, tuple[list[float], list[float]]], path: str | Path, title: str, xlabel: str,
               ylabel: str, logx: bool = False, mark_x: float | None = None) -> Path:
     """One line per series name ((x, y) values); an optional vertical marker at `mark_x`."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, (x, y) in series.items():
         ax.plot(x, y, marker="o", label=name)

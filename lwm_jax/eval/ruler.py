@@ -12,10 +12,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from lwm_jax.data.synthetic import _ADJECTIVES, _NOUNS, FILLER, NIAH_INTRO, SyntheticSample, _sentences
+from lwm_jax.data.synthetic import FILLER, KEY_ADJECTIVES, KEY_NOUNS, NIAH_INTRO, SyntheticSample, split_sentences
 from lwm_jax.errors import UserError
 from lwm_jax.eval.niah import check_grid, summarize
-from lwm_jax.eval.scoring import ChatWrap, LogitsFn, build_to_length, by_length, cell_seed, probe_from_sample, run_grid
+from lwm_jax.eval.probes import ChatWrap, build_to_length, cell_seed, probe_from_sample
+from lwm_jax.eval.scoring import LogitsFn, by_length, run_grid
 
 TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "cwe")
 NEEDLES = 4  # needles of the multi-key / multi-value / multi-query tasks
@@ -33,7 +34,7 @@ def _enc(tokenizer, text: str) -> list[int]:
 
 
 def _key(rng) -> str:
-    return f"{_ADJECTIVES[rng.integers(len(_ADJECTIVES))]}-{_NOUNS[rng.integers(len(_NOUNS))]}"
+    return f"{KEY_ADJECTIVES[rng.integers(len(KEY_ADJECTIVES))]}-{KEY_NOUNS[rng.integers(len(KEY_NOUNS))]}"
 
 
 def _keys(rng, n: int) -> list[str]:
@@ -63,7 +64,8 @@ def _haystack_sample(tokenizer, task: str, length: int, rng, intro: str, needles
     budget = length - len(head) - sum(map(len, needle_ids)) - len(question_ids)
     if budget < 0:
         raise UserError(f"length={length} is too short for the {task} task (needs at least {length - budget} tokens)")
-    sentences = [e.ids for e in tokenizer.encode_batch([" " + s for s in _sentences(FILLER)], add_special_tokens=False)]
+    sentences = [e.ids for e in tokenizer.encode_batch([" " + s for s in split_sentences(FILLER)],
+                                                       add_special_tokens=False)]
     hay: list[int] = []
     bounds = [0]
     while len(hay) < budget:
@@ -106,7 +108,7 @@ def _needle(key: str, value: str) -> str:
 def ruler_sample(tokenizer, task: str, length: int, seed: int, *, bos_id: int | None = None) -> SyntheticSample:
     """One RULER-style probe of exactly `length` tokens (before any chat template)."""
     rng = np.random.default_rng(seed)
-    make = lambda *a: _haystack_sample(tokenizer, task, length, rng, *a, bos_id=bos_id)  # noqa: E731
+    make = lambda *a: _haystack_sample(tokenizer, task, length, rng, *a, bos_id=bos_id)
     if task == "niah_single":
         key, value = _key(rng), _number(rng)
         return make(NIAH_INTRO, [_needle(key, value)], _niah_question([key], False), value)

@@ -1,103 +1,29 @@
-"""Shared machinery of the retrieval probes (NIAH, passkey, RULER): a probe as prompt + answer
-tokens built to an exact total length (chat template included), a Llama wrapped as a `logits_fn`,
-and teacher-forced / generated-answer scoring against any `logits_fn(ids) -> logits`.
+"""Scoring of the retrieval probes (NIAH, passkey, RULER): a Llama wrapped as a `logits_fn`,
+teacher-forced and generated-answer scoring against any `logits_fn(ids) -> logits`, the grid of
+(length, depth) cells, and the setup every probe command shares.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from collections.abc import Callable
 
+import jax
 import numpy as np
 from flax import nnx
 
+from lwm_jax.attention.layout import check_mesh, from_layout, padded_length, place, sp_size
+from lwm_jax.data.tokenize import get_tokenizer, load_tokenizer_info
 from lwm_jax.errors import UserError
+from lwm_jax.eval.probes import ChatWrap, Probe, chat_wrap_for
+from lwm_jax.generate import generate
+from lwm_jax.model.store import load_model, read_metadata
+from lwm_jax.progress import progress
 
 # `logits_fn(ids: int32 [seq]) -> float [k, vocab]`: logits of the last k positions (any k >= 1;
 # the scorer needs k >= len(answer) + 1). A Llama (`ModelLogits`) or a test oracle.
 LogitsFn = Callable[[np.ndarray], np.ndarray]
-_CHAT_MARK = "\x00LWM_CONTENT\x00"
-
-
-@dataclasses.dataclass(frozen=True)
-class Probe:
-    """One scored prompt: `prompt` then `answer_ids` is the whole sequence the model sees."""
-
-    task: str
-    prompt: np.ndarray  # int32 [prompt_len]
-    answer: str
-    answer_ids: list[int]
-    needle_start: int  # token span of the (first) needle inside `prompt`
-    needle_end: int
-    depth: float
-    actual_depth: float
-
-    @property
-    def length(self) -> int:
-        """Total tokens the model reads when teacher-forced: prompt + answer."""
-        return len(self.prompt) + len(self.answer_ids)
-
-
-class ChatWrap:
-    """The user turn and assistant header of a chat template, as token ids around a prompt body."""
-
-    def __init__(self, tokenizer, template_source: str, special_tokens: dict[str, str]):
-        from lwm_jax.data.chat import ChatTemplate
-
-        text = ChatTemplate(template_source, special_tokens).render(
-            [{"role": "user", "content": _CHAT_MARK}], add_generation_prompt=True)
-        if text.count(_CHAT_MARK) != 1:
-            raise UserError("the chat template does not render a user message verbatim; "
-                            "cannot build probes with --chat")
-        pre, post = text.split(_CHAT_MARK)
-        self.tokenizer = tokenizer
-        self.pre = tokenizer.encode(pre, add_special_tokens=False).ids
-        self.post = tokenizer.encode(post, add_special_tokens=False).ids
-
-    def wrap(self, body: list[int], question: str) -> tuple[list[int], int]:
-        """(ids, offset of `body` in ids): `question` split at its first '? ' into the user turn
-        (the question) and an assistant prefill (the answer prefix), so the answer follows it."""
-        ask, sep, prefill = question.partition("? ")
-        ask = ask + "?" if sep else ask
-        enc = lambda s: self.tokenizer.encode(s, add_special_tokens=False).ids  # noqa: E731
-        ids = self.pre + body + enc("\n" + ask) + self.post + (enc(prefill) if sep else [])
-        return ids, len(self.pre)
-
-
-def chat_wrap_for(tokenizer, info, chat: bool) -> ChatWrap | None:
-    """The `ChatWrap` of a tokenizer when `chat` is asked; a UserError when it has no template."""
-    if not chat:
-        return None
-    if info.chat_template is None:
-        raise UserError(f"tokenizer {info.directory} has no chat template (tokenizer_config.json chat_template or "
-                        "chat_template.jinja); drop --chat or use a tokenizer that has one")
-    return ChatWrap(tokenizer, info.chat_template, dict(info.special_tokens))
-
-
-def probe_from_sample(sample, chat: ChatWrap | None) -> Probe:
-    """A `Probe` from a `SyntheticSample` (plain: its ids as they are; chat: wrapped)."""
-    if chat is None:
-        return Probe(sample.task, np.asarray(sample.ids, np.int32), sample.answer, list(sample.answer_ids),
-                     sample.needle_start, sample.needle_end, sample.depth, sample.actual_depth)
-    ids, offset = chat.wrap(np.asarray(sample.ids[: sample.question_start]).tolist(), sample.question)
-    return Probe(sample.task, np.asarray(ids, np.int32), sample.answer, list(sample.answer_ids),
-                 sample.needle_start + offset, sample.needle_end + offset, sample.depth, sample.actual_depth)
-
-
-def build_to_length(make: Callable[[int], Probe], length: int) -> Probe:
-    """The probe whose total length (prompt + answer) is `length`: built once at `length`, then
-    rebuilt with the haystack shortened by what the template, question and answer added."""
-    probe = make(length)
-    extra = probe.length - length
-    if extra:
-        if length - extra <= 0:
-            raise UserError(f"length={length} is too short for this probe (needs at least {probe.length} tokens)")
-        probe = make(length - extra)
-    if abs(probe.length - length) > max(1, 0.01 * length):
-        raise UserError(f"could not build a probe of {length} tokens (got {probe.length})")
-    return probe
 
 
 def score_teacher_forced(logits_fn: LogitsFn, probe: Probe) -> tuple[float, float]:
@@ -116,12 +42,6 @@ def score_teacher_forced(logits_fn: LogitsFn, probe: Probe) -> tuple[float, floa
 
 def generate_fn_for(model, mesh, stop_ids) -> Callable[[np.ndarray, int], list[int]]:
     """Greedy `(prompt, max_new_tokens) -> new tokens` through `lwm_jax.generate.generate`."""
-    try:
-        from lwm_jax.generate import generate
-    except ImportError:
-        raise UserError("--generate needs lwm_jax.generate, which this installation does not have; "
-                        "drop --generate to score teacher-forced only") from None
-
     def run(prompt: np.ndarray, max_new_tokens: int) -> list[int]:
         return list(generate(model, np.asarray(prompt).tolist(), max_new_tokens=max_new_tokens, greedy=True,
                              stop_ids=tuple(stop_ids), mesh=mesh))
@@ -136,28 +56,10 @@ def score_generated(generate_fn, tokenizer, probe: Probe, slack: int = 8) -> flo
     return float(text.startswith(probe.answer.strip()))
 
 
-def _padded_length(seq: int, impl: str, sp: int, block: int) -> int:
-    """The smallest length >= seq that the attention implementation accepts."""
-    if impl == "blockwise":
-        return seq if seq <= block else math.ceil(seq / block) * block
-    if impl == "ring":
-        unit = 2 * sp
-        if seq <= unit * block:
-            return math.ceil(seq / unit) * unit
-        return math.ceil(seq / (unit * block)) * unit * block
-    return seq
-
-
 @functools.partial(nnx.jit, static_argnames=("start", "tail", "sp"))
 def _tail_logits(model, tokens, positions, *, start: int, tail: int, sp: int):
     """Float32 logits `[batch, tail, vocab]` of natural positions [start, start+tail)."""
-    import jax
-
-    from lwm_jax.attention.layout import from_zigzag
-
-    hidden = model.hidden(tokens, positions)  # [batch, seq, embed], zigzag order under ring
-    if sp:
-        hidden = from_zigzag(hidden, sp)
+    hidden = from_layout(model.hidden(tokens, positions), model.config.attention, sp)  # natural order
     return model.logits(jax.lax.slice_in_dim(hidden, start, start + tail, axis=1))
 
 
@@ -173,9 +75,8 @@ class ModelLogits:
         self.model, self.mesh, self.tail = model, mesh, tail
         cfg = model.config
         self.max_length = max_length or cfg.max_position_embeddings
-        if cfg.attention == "ring" and mesh is None:
-            raise UserError("attention='ring' needs a mesh with an sp axis, e.g. --mesh sp=4")
-        self.sp = mesh.shape["sp"] if mesh is not None else 1
+        check_mesh(cfg.attention, mesh)
+        self.sp = sp_size(mesh)
         self.batch = mesh.shape["dp"] * mesh.shape["fsdp"] if mesh is not None else 1
 
     def ensure_tail(self, rows: int) -> None:
@@ -188,33 +89,17 @@ class ModelLogits:
                             "(the checkpoint's max_position_embeddings); pass --max-length to evaluate past it")
 
     def __call__(self, ids: np.ndarray) -> np.ndarray:
-        import jax
-        from jax.sharding import NamedSharding
-
-        from lwm_jax.attention.layout import to_zigzag
-        from lwm_jax.parallel.mesh import logical_to_spec
-
         cfg = self.model.config
         seq = len(ids)
         self.check_length(seq)
-        padded = _padded_length(seq, cfg.attention, self.sp, cfg.attention_block_size)
+        padded = padded_length(seq, cfg.attention, self.sp, cfg.attention_block_size)
         tokens = np.zeros((self.batch, padded), np.int32)
         tokens[:, :seq] = ids
         positions = np.broadcast_to(np.arange(padded, dtype=np.int32), tokens.shape)
-        ring = cfg.attention == "ring"
-        if ring:
-            tokens, positions = to_zigzag(tokens, self.sp), to_zigzag(np.ascontiguousarray(positions), self.sp)
-        if self.mesh is not None:
-            sharding = NamedSharding(self.mesh, logical_to_spec(("batch", "length"), self.mesh))
-            tokens, positions = (jax.device_put(a, sharding) for a in (tokens, positions))
+        tokens, positions = place((tokens, positions), cfg.attention, self.mesh)
         tail = min(self.tail, seq)
-        out = _tail_logits(self.model, tokens, positions, start=seq - tail, tail=tail, sp=self.sp if ring else 0)
+        out = _tail_logits(self.model, tokens, positions, start=seq - tail, tail=tail, sp=self.sp)
         return np.asarray(jax.device_get(out[0]))
-
-
-def cell_seed(seed: int, *parts: float) -> int:
-    """A per-sample seed from the run seed and the cell coordinates (stable across runs)."""
-    return int(np.random.SeedSequence([seed, *(int(round(p * 1000)) for p in parts)]).generate_state(1)[0])
 
 
 def run_grid(make_probe: Callable[[int, float, int], Probe], logits_fn: LogitsFn, *, lengths, depths, samples: int,
@@ -224,8 +109,6 @@ def run_grid(make_probe: Callable[[int, float, int], Probe], logits_fn: LogitsFn
     Returns one dict per cell: length, depth, score (mean exact match, teacher-forced),
     token_accuracy, generated_score (with `generate_fn`) and the per-sample records.
     """
-    from lwm_jax.progress import progress
-
     if samples < 1:
         raise UserError(f"samples={samples} must be >= 1")
     cells = [(length, depth) for length in lengths for depth in depths]
@@ -272,9 +155,6 @@ def setup_probes(ckpt: str, tokenizer_dir: str, *, mesh=None, chat: bool = False
 
     Tokenizer and bad lengths are checked before the checkpoint is restored, so bad input fails fast.
     """
-    from lwm_jax.data.tokenize import get_tokenizer, load_tokenizer_info
-    from lwm_jax.train.checkpoint import load_model, read_metadata
-
     info = load_tokenizer_info(tokenizer_dir)
     tokenizer = get_tokenizer(info.tokenizer_file)
     wrap = chat_wrap_for(tokenizer, info, chat)
@@ -287,8 +167,7 @@ def setup_probes(ckpt: str, tokenizer_dir: str, *, mesh=None, chat: bool = False
     if meta["model"]["vocab_size"] < info.vocab_size:
         raise UserError(f"tokenizer {info.directory} has {info.vocab_size} tokens but the model's vocab_size is "
                         f"{meta['model']['vocab_size']}")
-    if runtime.get("attention") == "ring" and mesh is None:
-        raise UserError("--attention ring needs a mesh with an sp axis, e.g. --mesh sp=4")
+    check_mesh(runtime.get("attention"), mesh)
     model, _ = load_model(ckpt, mesh=mesh, **runtime)
     stop = [info.eos_id] + [i for i in (tokenizer.token_to_id("<|eot_id|>"),) if i is not None]
     return ProbeSetup(tokenizer, info, ModelLogits(model, mesh, tail=tail, max_length=limit), wrap,

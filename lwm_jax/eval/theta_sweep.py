@@ -10,13 +10,17 @@ import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import jax
 import numpy as np
 from flax import nnx
 
+from lwm_jax.config import ThetaSweepConfig
 from lwm_jax.errors import UserError
-from lwm_jax.eval.perplexity import mean_nll
+from lwm_jax.eval.perplexity import load_eval_data, mean_nll
+from lwm_jax.eval.plots import line_plot
 from lwm_jax.model.rope import scaling_law_theta
-from lwm_jax.train.checkpoint import merge_params
+from lwm_jax.model.store import merge_params
+from lwm_jax.progress import log
 
 DEFAULT_CANDIDATES = 7  # log-spaced points
 DEFAULT_SPAN = 8.0  # candidates run from center/span to center*span
@@ -73,8 +77,6 @@ def theta_sweep(model, tokens: np.ndarray, *, context: int, candidates: Sequence
     `search` a golden-section search over [center/span, center*span]. Returns {"points": [{theta,
     mean_nll}] sorted by theta, "best_theta", "best_nll", "center_theta", "trained_theta"}.
     """
-    from lwm_jax.progress import log
-
     config = model.config
     if tokens.shape[1] != context:
         raise UserError(f"tokens have length {tokens.shape[1]} but --context is {context}")
@@ -111,8 +113,6 @@ def sweep_table(result: dict) -> list[str]:
 
 def save_sweep(result: dict, directory: str | Path) -> dict[str, str]:
     """Writes `theta_sweep.json` and `theta_sweep.png` (loss against log theta) into `directory`."""
-    from lwm_jax.eval.plots import line_plot
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     files = {"json": str(directory / "theta_sweep.json"), "png": str(directory / "theta_sweep.png")}
@@ -122,3 +122,17 @@ def save_sweep(result: dict, directory: str | Path) -> dict[str, str]:
               f"theta sweep at context {result['context']:,} (scaling law {result['center_theta']:,.0f})",
               "RoPE theta", "mean NLL", logx=True, mark_x=result["best_theta"])
     return files
+
+
+def stage_sweep(model, paths, *, context: int, sweep: ThetaSweepConfig, sequences: int, orig_context: int, mesh,
+                out_dir: str | Path) -> float:
+    """A recipe stage's `rope_theta: sweep` (the `TrainHooks.sweep_theta` the CLI passes to training):
+    the search on the first `sequences` of the stage's data; process 0 writes and logs the table."""
+    tokens = load_eval_data(paths, context, sequences, model.config.vocab_size)
+    result = theta_sweep(model, tokens, context=context, num=sweep.num, span=sweep.span, search=sweep.search,
+                         iterations=sweep.iterations, orig_context=orig_context, mesh=mesh)
+    if jax.process_index() == 0:
+        save_sweep(result, out_dir)
+        for line in sweep_table(result):
+            log(line)
+    return result["best_theta"]

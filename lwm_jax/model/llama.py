@@ -4,7 +4,8 @@ Layers are stacked (leading `layers` axis on every weight) and run with `jax.lax
 time does not grow with depth; each layer is wrapped in `jax.checkpoint` under the configured remat
 policy. Weights are float32 masters carrying logical sharding names; matmuls run in `config.dtype`.
 Weight layout follows Hugging Face (only transposed / split per head), so conversion needs no
-q/k permutation.
+q/k permutation. One forward pass serves training, prefill (it also returns every layer's keys and
+values) and cached decoding (`KVCache`, flash-decoding over the sequence-sharded cache).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lwm_jax.attention import attention
+from lwm_jax.attention.decode import KVCache, cache_attention
 from lwm_jax.config import ModelConfig
 from lwm_jax.model.rope import apply_rope, model_inv_frequencies
 from lwm_jax.parallel.mesh import constrain
@@ -68,12 +70,17 @@ class Attention(nnx.Module):
         """`[batch, seq, embed]` from the attention output `[batch, seq, heads, head_dim]`."""
         return jnp.einsum("bshk,hkd->bsd", out, self.o_proj[...].astype(out.dtype))
 
-    def __call__(self, x, positions, segment_ids):
+    def __call__(self, x, positions, segment_ids=None, cache: KVCache | None = None, layer=None):
+        """`(out [batch, seq, embed], kv)`: `kv` is this layer's `(k, v)` without a cache; with one
+        (decoding, `x: [batch, 1, embed]`) it is the cache with them written at layer `layer`."""
         cfg = self.config
         q, k, v = self.qkv(x, positions)
+        if cache is not None:
+            out, cache = cache_attention(q, k, v, cache, layer)
+            return self.project_out(out), cache
         out = attention(q, k, v, segment_ids=segment_ids, positions=positions, causal=True,
                         impl=cfg.attention, block_size=cfg.attention_block_size, kernel=cfg.attention_kernel)
-        return self.project_out(out)
+        return self.project_out(out), (k, v)
 
 
 class MLP(nnx.Module):
@@ -100,18 +107,12 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config, rngs)
 
-    def __call__(self, x, positions, segment_ids):
-        x = x + self.self_attn(self.input_layernorm(x), positions, segment_ids)
+    def __call__(self, x, positions, segment_ids=None, cache: KVCache | None = None, layer=None):
+        """`(x, kv)` after the layer; `kv` as `Attention.__call__` returns it."""
+        out, kv = self.self_attn(self.input_layernorm(x), positions, segment_ids, cache, layer)
+        x = x + out
         x = x + self.mlp(self.post_attention_layernorm(x))
-        return constrain(x, ("batch", "length", "act_embed"))
-
-    def run(self, x, positions, attend):
-        """`(x, aux)`: the layer with `attend(q, k, v) -> (out, aux)` as its attention (KV caches)."""
-        q, k, v = self.self_attn.qkv(self.input_layernorm(x), positions)
-        out, aux = attend(q, k, v)
-        x = x + self.self_attn.project_out(out)
-        x = x + self.mlp(self.post_attention_layernorm(x))
-        return constrain(x, ("batch", "length", "act_embed")), aux
+        return constrain(x, ("batch", "length", "act_embed")), kv
 
 
 def _stack_layers(config: ModelConfig, rngs: nnx.Rngs) -> DecoderLayer:
@@ -146,31 +147,55 @@ class Llama(nnx.Module):
         """The `[embed, vocab]` output projection (the embedding, transposed, when tied)."""
         return self.embed_tokens[...].T if self.lm_head is None else self.lm_head[...]
 
-    def hidden(self, tokens, positions=None, segment_ids=None) -> jax.Array:
-        """Final-norm hidden states `[batch, seq, embed]` in the compute dtype."""
-        cfg = self.config
-        dtype = jnp.dtype(cfg.dtype)
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    def embed(self, tokens) -> jax.Array:
+        """Token embeddings `[batch, seq, embed]` in the compute dtype."""
         # The table is gathered whole (FSDP) before the lookup, so its gradient is one scatter-add into
         # a local float32 table and a reduce-scatter, whatever the mesh; left to itself the SPMD
         # partitioner picks a mesh-dependent plan and, on fsdp x sp meshes, replicates through it.
         table = constrain(self.embed_tokens[...], ("vocab", None))
-        x = jnp.take(table, tokens, axis=0).astype(dtype)
-        x = constrain(x, ("batch", "length", "act_embed"))
+        x = jnp.take(table, tokens, axis=0).astype(jnp.dtype(self.config.dtype))
+        return constrain(x, ("batch", "length", "act_embed"))
+
+    def forward(self, tokens, positions=None, segment_ids=None, *, cache: KVCache | None = None,
+                return_kv: bool = False):
+        """`(hidden, kv)`: final-norm hidden states `[batch, seq, embed]` in the compute dtype, and
+
+        - training and scoring (no cache, `return_kv=False`): `kv` is None;
+        - prefill (`return_kv=True`): every layer's keys and values, `[layers, batch, seq, kv_heads,
+          head_dim]` each, in the token order of the input;
+        - decoding (`cache`): `tokens: [batch, 1]` at position `cache.pos`; `kv` is the cache with
+          the new keys and values written.
+        """
+        cfg = self.config
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
         graphdef, state = nnx.split(self.layers)
 
-        def layer_step(h, layer_state):
-            return nnx.merge(graphdef, layer_state)(h, positions, segment_ids), None
+        def layer_step(carry, inputs):
+            h, c = carry
+            layer_state, index = inputs
+            h, kv = nnx.merge(graphdef, layer_state)(h, positions, segment_ids, c, index)
+            if c is not None:
+                return (h, kv), None
+            return (h, None), kv if return_kv else None
 
-        if cfg.remat != "none":
+        if cfg.remat != "none" and cache is None and not return_kv:
             layer_step = jax.checkpoint(layer_step, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+        carry, inputs = (self.embed(tokens), cache), (state, jnp.arange(cfg.num_layers, dtype=jnp.int32))
         if cfg.scan_layers:
-            x, _ = jax.lax.scan(layer_step, x, state)
+            carry, kv = jax.lax.scan(layer_step, carry, inputs)
         else:
+            outs = []
             for i in range(cfg.num_layers):
-                x, _ = layer_step(x, jax.tree.map(lambda a, i=i: a[i], state))
-        return self.norm(x)
+                carry, out = layer_step(carry, jax.tree.map(lambda a, i=i: a[i], inputs))
+                outs.append(out)
+            kv = jax.tree.map(lambda *xs: jnp.stack(xs), *outs) if return_kv and cache is None else None
+        x, cache = carry
+        return self.norm(x), cache if cache is not None else kv
+
+    def hidden(self, tokens, positions=None, segment_ids=None) -> jax.Array:
+        """Final-norm hidden states `[batch, seq, embed]` in the compute dtype (training, scoring)."""
+        return self.forward(tokens, positions, segment_ids)[0]
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Float32 logits `[..., vocab]` for hidden states `[..., embed]`."""

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 
+import jax
+
 from lwm_jax.errors import UserError
 
 CLUSTER_ENV = ("SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS", "OMPI_COMM_WORLD_SIZE")
@@ -21,8 +23,6 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     A process that stops answering for `heartbeat_timeout_s` makes the others exit with an error
     instead of hanging in a collective.
     """
-    import jax
-
     explicit = (coordinator, num_processes, process_id)
     if any(v is not None for v in explicit):
         if not all(v is not None for v in explicit):
@@ -44,8 +44,6 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
 
 def is_main_process() -> bool:
     """True on the process that writes shared files (logs, metrics, markers)."""
-    import jax
-
     return jax.process_index() == 0
 
 
@@ -55,8 +53,6 @@ def data_share(sharding, global_shape: tuple[int, ...], batch_axis: int) -> tupl
     Processes that hold the same rows (e.g. when `sp` spans hosts) get the same share, so they
     read identical data; the data pipeline's `process_index/process_count` take these values.
     """
-    import jax
-
     rows = set()
     for device, index in sharding.devices_indices_map(global_shape).items():
         if device.process_index == jax.process_index():

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from lwm_jax.config import MESH_AXES, MeshConfig
 
@@ -74,8 +76,6 @@ def constrain(x: jax.Array, logical_axes: tuple[str | None, ...]) -> jax.Array:
 
 def state_shardings(mesh: Mesh, state):
     """NamedShardings for an NNX state whose Variables carry `logical_axes` metadata."""
-    from flax import nnx
-
     def one(variable):
         axes = variable.get_metadata().get("logical_axes")
         if axes is None:

@@ -76,7 +76,7 @@ class MetricsWriter:
         self.path = workdir / "metrics.jsonl"
         self._tb = None
         if enabled:
-            from tensorboardX import SummaryWriter
+            from tensorboardX import SummaryWriter  # slow to import (~2 s): only when metrics are written
 
             self._tb = SummaryWriter(str(workdir / "tensorboard"))
 

@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from lwm_jax.config import ModelConfig
 from lwm_jax.model.llama import Llama
@@ -109,7 +110,7 @@ def build_step(config: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, new_opt_state = tx.update(grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)
-        keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731 - skip a non-finite step
+        keep = lambda new, old: jnp.where(finite, new, old)
         params = jax.tree.map(keep, new_params, params)
         opt_state = jax.tree.map(keep, new_opt_state, opt_state)
         return params, opt_state, {"loss": loss, "grad_norm": grad_norm, "tokens": weight, "finite": finite}

@@ -21,10 +21,11 @@ import inspect
 import jax
 import jax.numpy as jnp
 
-from lwm_jax.attention.kernels import Kernel, Meta, Tiling, register
+from lwm_jax.attention.kernels.base import Kernel
+from lwm_jax.attention.kernels.rows import Meta, Tiling
 
 try:
-    from jax._src.cudnn import fused_attention_stablehlo as _fa
+    from jax._src.cudnn import fused_attention_stablehlo as _fa  # JAX internal, may move: checked here at import
 except ImportError:  # pragma: no cover - depends on the JAX version
     _fa = None
 
@@ -84,4 +85,4 @@ class CudnnKernel(Kernel):
         return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
 
 
-CUDNN = register(CudnnKernel())
+CUDNN = CudnnKernel()

@@ -13,7 +13,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from lwm_jax.attention.kernels import Kernel, Meta, Tiling, register
+from lwm_jax.attention.kernels.base import Kernel
+from lwm_jax.attention.kernels.rows import Meta, Tiling
 
 _LANES = 128  # splash tiles head_dim and blocks by the TPU lane width
 
@@ -30,7 +31,7 @@ class SplashKernel(Kernel):
         return None
 
     def forward(self, q, k, v, meta: Meta, tiling: Tiling, *, causal):
-        from jax.experimental.pallas.ops.tpu import splash_attention as splash
+        from jax.experimental.pallas.ops.tpu import splash_attention as splash  # TPU-only Pallas ops: load on use
 
         bk, rows, d = q.shape
         g, q_len, kv_len = tiling.group, rows // tiling.group, k.shape[1]
@@ -54,4 +55,4 @@ class SplashKernel(Kernel):
         return out.astype(jnp.float32), lse.astype(jnp.float32)
 
 
-SPLASH = register(SplashKernel())
+SPLASH = SplashKernel()

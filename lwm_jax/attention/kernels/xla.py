@@ -1,4 +1,5 @@
-"""Pure-JAX tiled attention for one chunk pair: the portable kernel and every backward pass.
+"""Pure-JAX tiled attention for one chunk pair: the blocks of the portable kernel and of every
+backward pass.
 
 Flash-style: scores exist one `[bk, block*group, block]` block at a time; the forward keeps an
 online softmax per query block, the backward recomputes each block's probabilities from the
@@ -12,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from lwm_jax.attention.kernels import LSE_EMPTY, Kernel, Meta, Tiling, register
+from lwm_jax.attention.kernels.rows import LSE_EMPTY, Meta, Tiling
 
 # Start value of the running row maximum: below any real score, finite so that
 # exp(scale * (m_old - m_new)) is 0 rather than NaN for rows that have seen only masked keys.
@@ -157,16 +158,3 @@ def chunk_backward(q, k, v, dout, lse, delta, meta: Meta, tiling: Tiling, *, cau
     zeros_kv = jnp.zeros((bk, d, k.shape[1]), jnp.float32)
     dq, dk_t, dv_t = lax.fori_loop(0, nq, q_block, (jnp.zeros(q.shape, jnp.float32), zeros_kv, zeros_kv))
     return dq, jnp.swapaxes(dk_t, 1, 2) * scale, jnp.swapaxes(dv_t, 1, 2)
-
-
-class XlaKernel(Kernel):
-    """The pure-JAX kernel: every platform, every dtype, segments supported."""
-
-    name = "xla"
-    platforms = ()
-
-    def forward(self, q, k, v, meta, tiling, *, causal):
-        return chunk_forward(q, k, v, meta, tiling, causal=causal)
-
-
-XLA = register(XlaKernel())

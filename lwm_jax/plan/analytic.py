@@ -27,6 +27,8 @@ import numpy as np
 
 from lwm_jax.config import MESH_AXES, MeshConfig, ModelConfig, RecipeConfig
 from lwm_jax.parallel.mesh import LOGICAL_RULES
+from lwm_jax.train.metrics import flops_per_token
+from lwm_jax.train.stages import plan_recipe
 
 GIB = 2**30
 
@@ -132,8 +134,6 @@ def memory_per_device(model: ModelConfig, mesh: MeshConfig, seq_len: int, batch_
 def step_seconds(model: ModelConfig, mesh: MeshConfig, seq_len: int, batch_size: int, grad_accum: int,
                  hw: Hardware) -> dict[str, float]:
     """Estimated seconds per optimizer step: compute vs. ring and FSDP communication."""
-    from lwm_jax.train.metrics import flops_per_token
-
     devices = math.prod(mesh.shape)
     tokens = seq_len * batch_size * grad_accum
     recompute = 8 / 6 if model.remat in ("full", "offload") else 1.0
@@ -170,8 +170,6 @@ def plan_stage(model: ModelConfig, mesh: MeshConfig, seq_len: int, batch_size: i
 def plan_recipe_stages(recipe: RecipeConfig, hw: Hardware, devices: int | None = None,
                        only_stage: str | None = None) -> list[dict[str, Any]]:
     """One analytic plan per stage, each on its own mesh (or all on `devices`)."""
-    from lwm_jax.train.runner import plan_recipe
-
     out = []
     for plan in plan_recipe(recipe, devices, check_sources=False):
         if only_stage not in (None, plan.name):
@@ -182,37 +180,3 @@ def plan_recipe_stages(recipe: RecipeConfig, hw: Hardware, devices: int | None =
         out.append({"name": plan.name, "seq_len": stage.seq_len, "devices": math.prod(plan.mesh.shape),
                     "mesh": plan.mesh.spec(), "remat": plan.model.remat, **result})
     return out
-
-
-def aot_memory(recipe: RecipeConfig, stage_name: str, devices: int | None = None) -> dict[str, int]:
-    """XLA's per-device memory of the stage's real train step, compiled for its mesh, never run.
-
-    Needs as many (simulated) devices as the stage's mesh has; the CLI starts a process per stage
-    with `--cpu-devices` set accordingly.
-    """
-    import jax
-
-    from lwm_jax.parallel.mesh import make_mesh
-    from lwm_jax.train.checkpoint import params_target
-    from lwm_jax.train.optimizer import make_optimizer
-    from lwm_jax.train.runner import plan_recipe
-    from lwm_jax.train.step import BATCH_KEYS, build_step
-
-    plan = next(p for p in plan_recipe(recipe, devices, check_sources=False) if p.name == stage_name)
-    stage = plan.stage
-    mesh = make_mesh(plan.mesh, devices=jax.devices()[: math.prod(plan.mesh.shape)])
-    tx = make_optimizer(stage.optimizer_config, stage.steps)
-    with jax.set_mesh(mesh):
-        fns = build_step(plan.model, tx, mesh, recipe.loss_chunk, document_mask=recipe.data.document_mask)
-        p_abs = params_target(plan.model, mesh)
-        o_abs = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                             jax.eval_shape(tx.init, p_abs), fns.opt_shardings)
-        shape = (stage.grad_accum, stage.batch_size, stage.seq_len)
-        b_abs = {k: jax.ShapeDtypeStruct(shape, np.float32 if k == "loss_weights" else np.int32,
-                                         sharding=fns.batch_sharding) for k in BATCH_KEYS}
-        compiled = fns.train_step.lower(p_abs, o_abs, b_abs).compile()
-    mem = compiled.memory_analysis()
-    total = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
-             - mem.alias_size_in_bytes)
-    return {"total": int(total), "arguments": int(mem.argument_size_in_bytes), "outputs": int(mem.output_size_in_bytes),
-            "temp": int(mem.temp_size_in_bytes), "alias": int(mem.alias_size_in_bytes)}

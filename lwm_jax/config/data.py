@@ -10,19 +10,13 @@ import math
 from pathlib import Path
 from typing import Any
 
-from lwm_jax.config import apply_overrides, from_dict, load_yaml
-from lwm_jax.errors import UserError
+from lwm_jax.config.schema import apply_overrides, check, from_dict, load_yaml
 
 PACKING_MODES = ("continuous", "document")
 
 
-def _check(cond: bool, msg: str) -> None:
-    if not cond:
-        raise UserError(msg)
-
-
 def _positive_int(name: str, value: Any) -> None:
-    _check(isinstance(value, int) and not isinstance(value, bool) and value > 0,
+    check(isinstance(value, int) and not isinstance(value, bool) and value > 0,
            f"{name}={value!r} must be a positive integer")
 
 
@@ -44,18 +38,18 @@ class PrepareConfig:
 
     def __post_init__(self):
         _positive_int("seq_len", self.seq_len)
-        _check(isinstance(self.seed, int) and 0 <= self.seed < 2**32,
+        check(isinstance(self.seed, int) and 0 <= self.seed < 2**32,
                f"seed={self.seed!r} must be an integer in [0, 2**32)")
         for name in ("text_key", "messages_key", "source_key", "default_source", "chat_source"):
             value = getattr(self, name)
-            _check(isinstance(value, str) and value.strip() != "", f"{name}={value!r} must be a non-empty string")
-        _check(isinstance(self.min_doc_tokens, int) and self.min_doc_tokens >= 0,
+            check(isinstance(value, str) and value.strip() != "", f"{name}={value!r} must be a non-empty string")
+        check(isinstance(self.min_doc_tokens, int) and self.min_doc_tokens >= 0,
                f"min_doc_tokens={self.min_doc_tokens!r} must be an integer >= 0")
-        _check(isinstance(self.short_keep_prob, (int, float)) and 0.0 <= self.short_keep_prob <= 1.0,
+        check(isinstance(self.short_keep_prob, (int, float)) and 0.0 <= self.short_keep_prob <= 1.0,
                f"short_keep_prob={self.short_keep_prob!r} must be a probability in [0, 1]")
-        _check(isinstance(self.workers, int) and 0 <= self.workers <= 256,
+        check(isinstance(self.workers, int) and 0 <= self.workers <= 256,
                f"workers={self.workers!r} must be an integer in [0, 256] (0 = tokenize in this process)")
-        _check(isinstance(self.shard_tokens, int) and self.shard_tokens >= self.seq_len + 1,
+        check(isinstance(self.shard_tokens, int) and self.shard_tokens >= self.seq_len + 1,
                f"shard_tokens={self.shard_tokens!r} must be an integer >= seq_len+1={self.seq_len + 1}")
 
 
@@ -79,23 +73,23 @@ class DataConfig:
         paths = (self.paths,) if isinstance(self.paths, str) else tuple(self.paths)
         object.__setattr__(self, "paths", paths)
         for i, p in enumerate(paths):
-            _check(isinstance(p, str) and p.strip() != "", f"paths[{i}]={p!r} must be a non-empty path")
+            check(isinstance(p, str) and p.strip() != "", f"paths[{i}]={p!r} must be a non-empty path")
         if self.weights is not None:
-            _check(isinstance(self.weights, dict) and self.weights,
+            check(isinstance(self.weights, dict) and self.weights,
                    f"weights={self.weights!r} must be a non-empty mapping source name -> weight (or null)")
             clean = {}
             for name, w in self.weights.items():
-                _check(isinstance(name, str) and name != "", f"weights key {name!r} must be a source name")
-                _check(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w >= 0,
+                check(isinstance(name, str) and name != "", f"weights key {name!r} must be a source name")
+                check(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w >= 0,
                        f"weights.{name}={w!r} must be a number >= 0")
                 clean[name] = float(w)
-            _check(sum(clean.values()) > 0, f"weights={clean} must not all be zero")
+            check(sum(clean.values()) > 0, f"weights={clean} must not all be zero")
             object.__setattr__(self, "weights", clean)
-        _check(isinstance(self.chat_ratio, (int, float)) and 0.0 <= self.chat_ratio <= 1.0,
+        check(isinstance(self.chat_ratio, (int, float)) and 0.0 <= self.chat_ratio <= 1.0,
                f"chat_ratio={self.chat_ratio!r} must be in [0, 1]")
-        _check(self.packing in PACKING_MODES, f"packing={self.packing!r} is not one of {PACKING_MODES}")
-        _check(isinstance(self.shuffle, bool), f"shuffle={self.shuffle!r} must be true or false")
-        _check(isinstance(self.read_threads, int) and 0 <= self.read_threads <= 64,
+        check(self.packing in PACKING_MODES, f"packing={self.packing!r} is not one of {PACKING_MODES}")
+        check(isinstance(self.shuffle, bool), f"shuffle={self.shuffle!r} must be true or false")
+        check(isinstance(self.read_threads, int) and 0 <= self.read_threads <= 64,
                f"read_threads={self.read_threads!r} must be an integer in [0, 64]")
         _positive_int("prefetch_batches", self.prefetch_batches)
 
@@ -111,7 +105,7 @@ class DataConfig:
 
     def resolved_paths(self, seq_len: int) -> list[Path]:
         """The prepared-dataset directories with `{seq_len}` filled in."""
-        _check(bool(self.paths), "data.paths is empty: name at least one prepared dataset directory "
+        check(bool(self.paths), "data.paths is empty: name at least one prepared dataset directory "
                                  "(made by `lwm-jax data prepare`)")
         return [Path(p.replace("{seq_len}", str(seq_len))).expanduser() for p in self.paths]
 

@@ -1,12 +1,20 @@
-"""The `lwm-jax data` command (`prepare`, `sample`): argument parsing and printing only, over
+"""`lwm-jax data prepare` and `data sample`: argument parsing and printing only, over
 `lwm_jax.data.prepare.prepare` and `lwm_jax.data.sample.build_sample`. `register(subparsers)` is
-called by `lwm_jax/cli.py`; handlers take the parsed args and return an exit code.
+called by `lwm_jax.cli.build_parser`; handlers take the parsed args and return an exit code.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+
+from rich.console import Console
+from rich.table import Table
+
+from lwm_jax.cli.common import command
+from lwm_jax.config import PrepareConfig
+from lwm_jax.data.prepare import prepare
+from lwm_jax.data.sample import build_sample
 
 PREPARE_EPILOG = """\
 inputs:
@@ -41,11 +49,14 @@ def register(subparsers) -> argparse.ArgumentParser:
                                  description="Prepare long-context training data (tokenize, pack, shard) "
                                              "and write the offline demo corpus.")
     sub = data.add_subparsers(dest="data_command", metavar="{prepare,sample}", required=True)
+    _add_prepare(sub)
+    _add_sample(sub)
+    return data
 
-    p = sub.add_parser("prepare", help="tokenize and pack raw text into array_record shards",
-                       description="Tokenize raw inputs once, pack each source into sequences of seq_len+1 "
-                                   "tokens and write array_record shards plus manifest.json to --out.",
-                       epilog=PREPARE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+def _add_prepare(sub) -> None:
+    p = command(sub, "prepare", prepare_command, help="tokenize and pack raw text into array_record shards",
+                epilog=PREPARE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="file, directory, glob, or NAME=PATTERN")
     p.add_argument("--tokenizer", required=True, metavar="DIR", help="folder with tokenizer.json "
                    "(and tokenizer_config.json for BOS/EOS and the chat template)")
@@ -69,28 +80,20 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--shard-tokens", type=int, default=1 << 28, metavar="N",
                    help="tokens per shard file before a new one starts (default 2^28)")
     p.add_argument("--overwrite", action="store_true", help="replace a prepared dataset already in --out")
-    p.add_argument("--json", action="store_true", help="print the summary as one JSON object on the last line")
-    p.set_defaults(func=prepare_command)
 
-    s = sub.add_parser("sample", help="write the offline demo corpus and tokenizer",
-                       description="Write a SlimPajama-format demo corpus built only from text that ships "
-                                   "with Python, chat records, and a BPE tokenizer trained on it (no download). "
-                                   "Deterministic for a given Python installation.",
-                       epilog=SAMPLE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+def _add_sample(sub) -> None:
+    s = command(sub, "sample", sample_command, help="write the offline demo corpus and tokenizer",
+                epilog=SAMPLE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("out_dir", metavar="OUT_DIR", help="output folder (new or empty)")
     s.add_argument("--vocab-size", type=int, default=4096, help="tokenizer vocabulary incl. special tokens "
                                                                 "(default 4096)")
     s.add_argument("--max-chars-per-source", type=int, default=6_000_000, metavar="N",
                    help="characters of text per source (default 6,000,000)")
     s.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT_DIR")
-    s.add_argument("--json", action="store_true", help="print the summary as one JSON object on the last line")
-    s.set_defaults(func=sample_command)
-    return data
 
 
 def _console():
-    from rich.console import Console
-
     console = Console(highlight=False)
     if not console.is_terminal:  # piped or logged: do not squeeze tables into 80 columns
         console.width = 160
@@ -98,12 +101,8 @@ def _console():
 
 
 def prepare_command(args) -> int:
-    """`lwm-jax data prepare`: returns 0; bad input raises `UserError` (exit code 2 in the CLI)."""
-    from rich.table import Table
-
-    from lwm_jax.data.config import PrepareConfig
-    from lwm_jax.data.prepare import prepare
-
+    """Tokenize raw inputs once, pack each source into sequences of seq_len+1 tokens and write
+    array_record shards plus manifest.json to --out."""
     config = PrepareConfig(
         seq_len=args.seq_len, seed=args.seed, text_key=args.text_key, messages_key=args.messages_key,
         source_key=args.source_key, default_source=args.default_source, chat_source=args.chat_source,
@@ -145,11 +144,9 @@ def prepare_command(args) -> int:
 
 
 def sample_command(args) -> int:
-    """`lwm-jax data sample`: returns 0; bad input raises `UserError`."""
-    from rich.table import Table
-
-    from lwm_jax.data.sample import build_sample
-
+    """Write a SlimPajama-format demo corpus built only from text that ships with Python, chat
+    records, and a BPE tokenizer trained on it (no download). Deterministic for a given Python
+    installation."""
     summary = build_sample(args.out_dir, vocab_size=args.vocab_size,
                            max_chars_per_source=args.max_chars_per_source, overwrite=args.overwrite,
                            progress=True)

@@ -1,0 +1,62 @@
+"""The `lwm-jax` command: global options (simulated CPU devices, multi-host start-up) and one
+sub-command group per module (`convert`, `evaluate`, `generate`, `train`, `data`), each a thin layer
+of parsing and printing over one library function per command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import jax
+
+from lwm_jax.cli import convert, data, evaluate, generate, train
+from lwm_jax.errors import UserError
+from lwm_jax.parallel.distributed import initialize
+
+GROUPS = (convert, evaluate, generate, train, data)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The global options, then each group's sub-commands (`register(sub)` of every module in GROUPS)."""
+    parser = argparse.ArgumentParser(
+        prog="lwm-jax",
+        description="Extend Llama-3 context to a million tokens: progressive RoPE-theta training "
+                    "with ring attention on JAX.")
+    parser.add_argument("--cpu-devices", type=int, metavar="N",
+                        help="simulate N CPU devices (for meshes on a laptop); set before JAX starts")
+    group = parser.add_argument_group("multi-host (one process per host; TPU VMs and SLURM are detected)")
+    group.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0's coordinator")
+    group.add_argument("--num-processes", type=int, metavar="N", help="number of processes in the run")
+    group.add_argument("--process-id", type=int, metavar="I", help="this process's index, 0..N-1")
+    group.add_argument("--heartbeat-timeout", type=int, default=60, metavar="S",
+                       help="exit with an error when another process is silent this long (default 60)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in GROUPS:
+        module.register(sub)
+    return parser
+
+
+def set_cpu_devices(n: int) -> None:
+    """Makes JAX simulate `n` CPU devices; JAX refuses if its backends already started."""
+    try:
+        jax.config.update("jax_num_cpu_devices", n)
+    except RuntimeError as err:
+        raise UserError(f"--cpu-devices must be applied before JAX initialises ({err})") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parses `argv`, applies the global options and runs the command; `UserError` -> one
+    `lwm-jax: error: ...` line on stderr and exit code 2."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.cpu_devices is not None:
+            if args.cpu_devices < 1:
+                raise UserError(f"--cpu-devices={args.cpu_devices} must be >= 1")
+            set_cpu_devices(args.cpu_devices)
+        initialize(args.coordinator, args.num_processes, args.process_id, args.heartbeat_timeout)
+        return args.func(args)
+    except UserError as err:
+        print(f"lwm-jax: error: {err}", file=sys.stderr)
+        return 2

@@ -1,0 +1,94 @@
+"""`lwm-jax import-hf`, `export-hf` and `export-gguf`: checkpoint conversion to and from Hugging Face
+folders and GGUF files, over `lwm_jax.convert`.
+"""
+
+from __future__ import annotations
+
+import os
+
+from lwm_jax.cli.common import command, mesh_from_args, print_result
+from lwm_jax.convert.gguf import export_checkpoint
+from lwm_jax.convert.hf import export_hf, import_hf, parse_size, stage_checkpoint, write_model_card
+from lwm_jax.model.store import load_model, model_metadata, save_model
+
+
+def cmd_import_hf(args) -> int:
+    """Reads config.json and safetensors weights (single or sharded with
+    model.safetensors.index.json) and writes an orbax checkpoint with metadata. Pickle (.bin)
+    weights are refused."""
+    model = import_hf(args.hf_dir, mesh=mesh_from_args(args))
+    path = save_model(args.ckpt, model, model_metadata(model.config, source=os.path.abspath(args.hf_dir)),
+                      overwrite=args.force)
+    cfg = model.config
+    print_result(args, {"checkpoint": str(path), "params": cfg.num_params, "rope_theta": cfg.rope_theta},
+                 [f"imported {cfg.num_params:,} params (theta {cfg.rope_theta:,.0f}) into {path}"])
+    return 0
+
+
+def cmd_export_hf(args) -> int:
+    """Writes safetensors (sharded past --max-shard-size, with an index), config.json with the
+    checkpoint's rope_theta and max_position_embeddings, generation_config.json and, with
+    --tokenizer, the tokenizer files."""
+    max_shard = parse_size(args.max_shard_size)
+    ckpt, card = (stage_checkpoint(args.ckpt, args.stage) if args.stage else (args.ckpt, None))
+    model, meta = load_model(ckpt)
+    out = export_hf(model, args.out_dir, dtype=args.dtype, tokenizer_dir=args.tokenizer,
+                    max_position_embeddings=meta.get("max_position_embeddings"),
+                    max_shard_bytes=max_shard, force=args.force)
+    if card is not None:
+        write_model_card(out, card, meta)
+    print_result(args, {"out_dir": str(out), "dtype": args.dtype},
+                 [f"wrote Hugging Face model ({args.dtype}) to {out}"])
+    return 0
+
+
+def cmd_export_gguf(args) -> int:
+    """Writes one GGUF file for llama.cpp (llama architecture): the weights (f32, f16 or q8_0; norms
+    stay f32), context length = the checkpoint's max_position_embeddings, rope freq base = its
+    theta, and the Llama-3 tokenizer from DIR (BPE tokens, merges, special ids, chat template). The
+    file is written under a temporary name and renamed when complete."""
+    r = export_checkpoint(args.ckpt, args.out, args.tokenizer, type=args.type, force=args.force)
+    size = r["file_bytes"] / 2**20
+    print_result(args, r, [f"wrote {r['type']} GGUF ({r['tensors']} tensors, {size:,.1f} MiB) to {r['path']}: "
+                           f"context {r['context_length']:,}, rope base {r['rope_theta']:,.0f}"])
+    return 0
+
+
+def _add_import_hf(sub) -> None:
+    p = command(sub, "import-hf", cmd_import_hf, help="Hugging Face Llama folder -> lwm-jax orbax checkpoint")
+    p.add_argument("hf_dir", help="Hugging Face model folder")
+    p.add_argument("ckpt", help="output checkpoint folder (must not exist or be empty)")
+    p.add_argument("--mesh", help="shard params while importing, e.g. fsdp=8")
+    p.add_argument("--force", action="store_true", help="write into a non-empty checkpoint folder")
+
+
+def _add_export_hf(sub) -> None:
+    p = command(sub, "export-hf", cmd_export_hf, help="lwm-jax checkpoint -> Hugging Face Llama folder")
+    p.add_argument("ckpt", help="checkpoint folder (latest step is used), or a train workdir with --stage")
+    p.add_argument("out_dir", help="output folder (must not exist or be empty unless --force)")
+    p.add_argument("--stage", metavar="NAME", help="CKPT is a train workdir: export this stage's last checkpoint "
+                                                   "and write a model card (README.md) with its seq_len and theta")
+    p.add_argument("--dtype", choices=("bfloat16", "float32", "float16"), default="bfloat16",
+                   help="weight dtype in the safetensors files (default bfloat16)")
+    p.add_argument("--tokenizer", metavar="DIR", help="copy tokenizer.json / tokenizer_config.json from DIR")
+    p.add_argument("--max-shard-size", default="5GB", help="split weights into files of at most this size")
+    p.add_argument("--force", action="store_true", help="write into a non-empty folder")
+
+
+def _add_export_gguf(sub) -> None:
+    p = command(sub, "export-gguf", cmd_export_gguf, help="lwm-jax checkpoint -> GGUF file for llama.cpp")
+    p.add_argument("ckpt", help="checkpoint folder (latest step is used)")
+    p.add_argument("out", metavar="OUT.gguf", help="output file (must not exist unless --force)")
+    p.add_argument("--tokenizer", metavar="DIR", required=True,
+                   help="Hugging Face tokenizer folder (tokenizer.json, tokenizer_config.json); "
+                        "its vocab must match the model's")
+    p.add_argument("--type", choices=("f32", "f16", "q8_0"), default="f16",
+                   help="weight type of the matrices (default f16); q8_0 is 8-bit, about half of f16's size")
+    p.add_argument("--force", action="store_true", help="overwrite OUT.gguf if it exists")
+
+
+def register(sub) -> None:
+    """Adds `import-hf`, `export-hf` and `export-gguf`."""
+    _add_import_hf(sub)
+    _add_export_hf(sub)
+    _add_export_gguf(sub)

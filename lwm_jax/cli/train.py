@@ -1,0 +1,137 @@
+"""`lwm-jax train`, `plan` and `theta`: running a context-extension recipe, planning its memory and
+time, and the RoPE theta rules. Parsing and printing only, over `train.runner`, `plan` and `model.rope`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from lwm_jax.cli.common import command, print_result
+from lwm_jax.config import load_recipe
+from lwm_jax.convert.hf import import_hf_params
+from lwm_jax.errors import UserError
+from lwm_jax.eval.theta_sweep import stage_sweep
+from lwm_jax.model.rope import theta_for
+from lwm_jax.plan import aot_worker, plan_report
+from lwm_jax.train.runner import TrainHooks, train
+
+# What training takes from conversion and evaluation: HF weights for `init_from: hf:DIR`, the theta
+# search for `rope_theta: sweep`.
+HOOKS = TrainHooks(load_hf=import_hf_params, sweep_theta=stage_sweep)
+
+GIB = 2**30
+
+
+def cmd_theta(args) -> int:
+    """Computes the RoPE base (theta) for a target context from the scaling-law rule
+    b**(ln(L/2pi)/ln(L0/2pi)) (what Gradient used) or the NTK-aware rule b*(L/L0)**(d/(d-2))."""
+    if args.context <= 0 or args.orig_context <= 0 or args.base <= 0 or args.head_dim <= 2:
+        raise UserError("--context, --orig-context and --base must be positive and --head-dim > 2")
+    theta = theta_for(args.method, args.context, args.base, args.head_dim, args.orig_context)
+    print_result(args, {"theta": theta, "method": args.method, "context": args.context},
+                 [f"{args.method} theta for context {args.context:,}: {theta:,.0f}"])
+    return 0
+
+
+def _parse_profile(text: str | None) -> tuple[int, int] | None:
+    if not text:
+        return None
+    start, sep, end = text.partition(":")
+    if not (sep and start.isdigit() and end.isdigit() and int(start) < int(end)):
+        raise UserError(f"--profile {text!r} must be START:END step numbers with START < END")
+    return int(start), int(end)
+
+
+def cmd_train(args) -> int:
+    """Trains the stages of RECIPE in order (each from the previous stage's final params, with its
+    own seq_len and RoPE theta). The whole recipe is checked against the devices before anything
+    compiles. Rerunning the same command resumes an unfinished stage exactly and skips finished
+    ones. Writes WORKDIR/metrics.jsonl, TensorBoard events and orbax checkpoints."""
+    recipe = load_recipe(args.recipe, args.set or [])
+    profile = _parse_profile(args.profile)
+    workdir = args.workdir or f"runs/{recipe.name}"
+    summaries = train(recipe, workdir, only_stage=args.stage, profile=profile, hooks=HOOKS)
+    lines = [f"{'stage':>8} {'seq_len':>9} {'theta':>15} {'steps':>6} {'final loss':>11} {'tokens/s':>10}"]
+    for s in summaries:
+        loss = f"{s['final_loss']:.4f}" if s.get("final_loss") is not None else "-"
+        tps = f"{s['tokens_per_s']:,.0f}" if s.get("tokens_per_s") else "-"
+        lines.append(f"{s['stage']:>8} {s['seq_len']:>9,} {s['rope_theta']:>15,.0f} {s['steps']:>6} {loss:>11} "
+                     f"{tps:>10}")
+    lines.append(f"workdir: {workdir}")
+    print_result(args, {"workdir": str(workdir), "stages": summaries}, lines)
+    return 0
+
+
+def _plan_lines(result: dict, aot: bool) -> list[str]:
+    hw = result["hardware"]
+    # --aot compiles for XLA:CPU, which holds bf16 as float32: its figure is set beside the analytic
+    # one at 4-byte activations ("paper@cpu"), not beside the accelerator's.
+    lines = [f"{hw['name']}: {hw['memory_gib']:g} GiB, {hw['peak_tflops']:g} TFLOP/s at {hw['efficiency']:.0%} "
+             "efficiency",
+             f"{'stage':>7} {'seq_len':>10} {'devices':>7} {'GiB/device':>10} {'fits':>5} {'step s':>8} {'minutes':>8}"
+             + (f" {'paper@cpu':>9} {'aot GiB':>8}" if aot else "")]
+    for s in result["stages"]:
+        extra = (f" {s['memory_bytes_per_device_xla_cpu'] / GIB:>9.2f} {s['aot_memory_bytes_per_device'] / GIB:>8.2f}"
+                 if aot else "")
+        lines.append(f"{s['name']:>7} {s['seq_len']:>10,} {s['devices']:>7} "
+                     f"{s['memory_bytes_per_device'] / GIB:>10.2f} {'yes' if s['fits'] else 'NO':>5} "
+                     f"{s['step_s']:>8.1f} {s['estimated_minutes']:>8.1f}{extra}")
+    return lines
+
+
+def cmd_plan(args) -> int:
+    """Per stage and device: params, optimizer state, gradients, activations kept by the remat
+    policy, ring buffers, the loss chunk, the total and whether it fits; estimated step time from
+    FLOPs and link bandwidths. --aot compiles the real train step for each stage's mesh on simulated
+    CPU devices (nothing runs) and reports XLA's per-device memory next to the analytic figure."""
+    if args.aot_worker:  # one stage, in a process started with --cpu-devices = its device count
+        print(json.dumps(aot_worker(args.recipe, args.set or [], args.stage, args.devices)))
+        return 0
+    result = plan_report(args.recipe, args.set or [], stage=args.stage, devices=args.devices,
+                         hardware=args.hardware, memory_gib=args.device_memory, peak_tflops=args.peak_tflops,
+                         efficiency=args.efficiency, aot=args.aot)
+    print_result(args, result, _plan_lines(result, args.aot))
+    return 0
+
+
+def _add_theta(sub) -> None:
+    p = command(sub, "theta", cmd_theta, help="RoPE theta for a target context length")
+    p.add_argument("--context", type=int, required=True, help="target context length L in tokens")
+    p.add_argument("--base", type=float, default=500_000.0, help="original theta b (default 500000)")
+    p.add_argument("--head-dim", type=int, default=128, help="attention head dim d (default 128)")
+    p.add_argument("--orig-context", type=int, default=8192, help="original context L0 (default 8192)")
+    p.add_argument("--method", choices=("scaling-law", "ntk"), default="scaling-law",
+                   help="formula (default scaling-law)")
+
+
+def _add_train(sub) -> None:
+    p = command(sub, "train", cmd_train, help="run a progressive context-extension recipe")
+    p.add_argument("recipe", help="recipe YAML, e.g. configs/recipes/demo_cpu.yaml")
+    p.add_argument("--stage", metavar="NAME", help="run only this stage (its init source must exist)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a recipe key, e.g. --set stages.base.steps=3 --set model.remat=none")
+    p.add_argument("--workdir", metavar="DIR", help="run folder (default runs/<recipe name>)")
+    p.add_argument("--profile", metavar="START:END",
+                   help="write a JAX profiler trace of these steps to WORKDIR/profile")
+
+
+def _add_plan(sub) -> None:
+    p = command(sub, "plan", cmd_plan, help="memory and time per stage and device, on paper or compiled")
+    p.add_argument("recipe", help="recipe YAML")
+    p.add_argument("--stage", metavar="NAME", help="plan only this stage")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe key")
+    p.add_argument("--devices", type=int, metavar="N", help="device count for every stage (default: each stage's mesh)")
+    p.add_argument("--hardware", default="L40S", help="device kind: L40S (default), H100, A100, 'TPU v5p'")
+    p.add_argument("--device-memory", type=float, metavar="GIB", help="override the device memory")
+    p.add_argument("--peak-tflops", type=float, metavar="F", help="override the dense bf16 peak per device")
+    p.add_argument("--efficiency", type=float, metavar="X", help="fraction of peak reached (default 0.4)")
+    p.add_argument("--aot", action="store_true", help="also compile each stage with XLA (slow for large meshes)")
+    p.add_argument("--aot-worker", action="store_true", help=argparse.SUPPRESS)
+
+
+def register(sub) -> None:
+    """Adds `train`, `plan` and `theta`."""
+    _add_train(sub)
+    _add_plan(sub)
+    _add_theta(sub)

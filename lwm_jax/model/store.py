@@ -1,0 +1,129 @@
+"""The model store: a model's params with JSON metadata (model config, RoPE theta, stage) as an
+orbax checkpoint, and the Hugging Face `config.json` reader.
+
+A checkpoint path is an orbax `CheckpointManager` directory of numbered steps; loading takes the
+latest step unless one is named. Params are stored as plain nested dicts and restored straight
+into the shardings of the target mesh, so a checkpoint written on one mesh (or by several
+processes) restores onto any other. Training checkpoints (`train.checkpoint`) add optimizer and
+data-iterator state to the same layout.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.sharding import Mesh
+
+from lwm_jax.config import RUN_FIELDS, ModelConfig, from_dict, to_dict
+from lwm_jax.errors import UserError
+from lwm_jax.model.llama import Llama
+from lwm_jax.parallel.mesh import state_shardings
+
+FORMAT = "lwm-jax/1"
+
+
+def model_metadata(config: ModelConfig, **extra: Any) -> dict[str, Any]:
+    """The metadata stored beside params: the model config and its RoPE theta, plus `extra`."""
+    return {"format": FORMAT, "model": to_dict(config), "rope_theta": config.rope_theta,
+            "max_position_embeddings": config.max_position_embeddings, **extra}
+
+
+def save_model(path: str | Path, model: Llama, metadata: dict[str, Any], step: int = 0,
+               overwrite: bool = False) -> Path:
+    """Writes `model`'s params and `metadata` as step `step` of the checkpoint at `path`."""
+    path = Path(path).absolute()
+    if path.exists() and any(path.iterdir()) and not overwrite:
+        raise UserError(f"{path} already exists and is not empty; choose a new path or pass --force")
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    with ocp.CheckpointManager(path) as manager:
+        manager.save(step, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(params), metadata=ocp.args.JsonSave(metadata)), force=True)
+        manager.wait_until_finished()
+    return path
+
+
+def _manager_and_step(path: str | Path, step: int | None):
+    path = Path(path).absolute()
+    if not path.is_dir():
+        raise UserError(f"checkpoint {path} does not exist (expected a directory made by import-hf or train)")
+    manager = ocp.CheckpointManager(path)
+    steps = manager.all_steps()
+    if not steps:
+        manager.close()
+        raise UserError(f"{path} holds no orbax checkpoint steps")
+    if step is None:
+        step = max(steps)
+    elif step not in steps:
+        manager.close()
+        raise UserError(f"{path} has no step {step} (available: {sorted(steps)})")
+    return manager, step
+
+
+def read_metadata(path: str | Path, step: int | None = None) -> dict[str, Any]:
+    """The JSON metadata of a checkpoint step (latest by default)."""
+    manager, step = _manager_and_step(path, step)
+    with manager:
+        restored = manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))
+        return dict(restored["metadata"])
+
+
+def params_target(config: ModelConfig, mesh: Mesh | None) -> dict:
+    """Abstract params (pure dict of ShapeDtypeStruct) with the shardings they restore into."""
+    abstract = nnx.state(nnx.eval_shape(lambda: Llama(config, nnx.Rngs(0))))
+    if mesh is not None:
+        shardings = jax.tree.leaves(nnx.to_pure_dict(state_shardings(mesh, abstract)))
+    else:
+        shardings = [jax.sharding.SingleDeviceSharding(jax.devices()[0])] * len(jax.tree.leaves(abstract))
+    leaves, treedef = jax.tree.flatten(nnx.to_pure_dict(abstract))
+    return treedef.unflatten([jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s) for x, s in zip(leaves, shardings)])
+
+
+def restore_params(path: str | Path, config: ModelConfig, mesh: Mesh | None = None,
+                   step: int | None = None) -> dict:
+    """Params (pure dict) of a checkpoint step, sharded for `mesh`."""
+    manager, step = _manager_and_step(path, step)
+    with manager:
+        restored = manager.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(params_target(config, mesh))))
+    return restored["params"]
+
+
+def merge_params(config: ModelConfig, params: dict) -> Llama:
+    """A `Llama` module holding `params` (a pure dict)."""
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Llama(config, nnx.Rngs(0))))
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(graphdef, state)
+
+
+def load_model(path: str | Path, step: int | None = None, mesh: Mesh | None = None,
+               **runtime: Any) -> tuple[Llama, dict[str, Any]]:
+    """Restores a `Llama` (params sharded on `mesh` if given) and its metadata.
+
+    `runtime` overrides how the model runs (dtype, remat, attention, ...), never its shapes.
+    """
+    unknown = set(runtime) - set(RUN_FIELDS)
+    if unknown:
+        raise ValueError(f"cannot override {sorted(unknown)} at load time (run-only fields: {RUN_FIELDS})")
+    metadata = read_metadata(path, step)
+    config = from_dict(ModelConfig, metadata["model"]).replace(**runtime)
+    return merge_params(config, restore_params(path, config, mesh, step)), metadata
+
+
+def read_hf_config(hf_dir: str | Path, **runtime) -> ModelConfig:
+    """The `ModelConfig` of a Hugging Face Llama folder's `config.json` (`runtime`: run-only fields)."""
+    hf_dir = Path(hf_dir)
+    if not hf_dir.is_dir():
+        raise UserError(f"{hf_dir} is not a directory (expected a Hugging Face model folder)")
+    config_file = hf_dir / "config.json"
+    if not config_file.is_file():
+        raise UserError(f"{hf_dir} has no config.json (expected a Hugging Face Llama model folder)")
+    try:
+        hf = json.loads(config_file.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{config_file} is not valid JSON: {err}") from None
+    return ModelConfig.from_hf(hf, **runtime)

@@ -1,0 +1,21 @@
+"""The memory and time planner: `analytic` (what a recipe needs per stage and device, on paper),
+`aot` (what XLA compiles it to on simulated devices) and `report` (the two side by side for a recipe).
+"""
+
+from lwm_jax.plan.analytic import (
+                                   GIB,
+                                   HARDWARE,
+                                   Hardware,
+                                   layer_param_count,
+                                   memory_per_device,
+                                   param_bytes_per_device,
+                                   plan_recipe_stages,
+                                   plan_stage,
+                                   step_seconds,
+)
+from lwm_jax.plan.aot import aot_compare, aot_memory, aot_worker
+from lwm_jax.plan.report import plan_report, resolve_hardware
+
+__all__ = ["GIB", "HARDWARE", "Hardware", "aot_compare", "aot_memory", "aot_worker", "layer_param_count",
+           "memory_per_device", "param_bytes_per_device", "plan_recipe_stages", "plan_report", "plan_stage",
+           "resolve_hardware", "step_seconds"]
