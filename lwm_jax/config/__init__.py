@@ -9,6 +9,7 @@ from lwm_jax.config.model import (
                                   ATTENTION_IMPLS,
                                   ATTENTION_KERNELS,
                                   DTYPES,
+                                  EMBED_LOOKUPS,
                                   MESH_AXES,
                                   REMAT_POLICIES,
                                   RUN_FIELDS,
@@ -30,8 +31,9 @@ from lwm_jax.config.recipe import (
 from lwm_jax.config.schema import apply_overrides, check, from_dict, load_yaml, to_dict
 
 __all__ = [
-    "ATTENTION_IMPLS", "ATTENTION_KERNELS", "DTYPES", "MESH_AXES", "PACKING_MODES", "REMAT_POLICIES", "RUN_FIELDS",
-    "SCHEDULES", "THETA_RULES", "DataConfig", "MeshConfig", "ModelConfig", "OptimizerConfig", "PrepareConfig",
-    "RecipeConfig", "RopeScaling", "StageConfig", "ThetaSweepConfig", "apply_overrides", "check", "from_dict",
-    "load_data_config", "load_model_config", "load_recipe", "load_yaml", "recipe_dict", "to_dict",
+    "ATTENTION_IMPLS", "ATTENTION_KERNELS", "DTYPES", "EMBED_LOOKUPS", "MESH_AXES", "PACKING_MODES",
+    "REMAT_POLICIES", "RUN_FIELDS", "SCHEDULES", "THETA_RULES", "DataConfig", "MeshConfig", "ModelConfig",
+    "OptimizerConfig", "PrepareConfig", "RecipeConfig", "RopeScaling", "StageConfig", "ThetaSweepConfig",
+    "apply_overrides", "check", "from_dict", "load_data_config", "load_model_config", "load_recipe", "load_yaml",
+    "recipe_dict", "to_dict"
 ]

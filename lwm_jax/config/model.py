@@ -17,32 +17,143 @@ from lwm_jax.errors import UserError
 ATTENTION_IMPLS = ("reference", "blockwise", "ring")
 ATTENTION_KERNELS = ("auto", "xla", "cudnn", "splash")  # per-block kernels of blockwise and ring
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "offload")
+EMBED_LOOKUPS = ("sharded", "gathered")
 DTYPES = ("float32", "bfloat16", "float16")
 MESH_AXES = ("dp", "fsdp", "sp", "tp")
 # Fields that say how a model runs, not what it computes: a checkpoint loads, and a training run
 # resumes, with any of them changed.
-RUN_FIELDS = ("dtype", "scan_layers", "remat", "attention", "attention_block_size", "attention_kernel")
+RUN_FIELDS = ("dtype", "scan_layers", "remat", "attention", "attention_block_size", "attention_kernel", "seq_tile",
+              "embed_lookup")
+
+
+ROPE_TYPES = ("default", "linear", "yarn", "llama3")
+# The fields each RoPE type reads, as transformers' `modeling_rope_utils` defines them
+# (`_validate_<type>_rope_parameters`): (required, optional).
+ROPE_FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "default": ((), ()),
+    "linear": (("factor",), ()),
+    "yarn": (("factor", "original_max_position_embeddings"),
+             ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate")),
+    "llama3": (("factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor"), ()),
+}
+# The real-valued fields: the ones a stage can sweep (`StageConfig.sweep`).
+ROPE_SCALARS = ("factor", "low_freq_factor", "high_freq_factor", "attention_factor", "beta_fast", "beta_slow",
+                "mscale", "mscale_all_dim")
 
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
-    """Hugging Face `rope_scaling` of type `llama3` (Llama-3.1 checkpoints): inverse frequencies
-    whose wavelength exceeds `original_max_position_embeddings / low_freq_factor` are divided by
-    `factor`, those shorter than `... / high_freq_factor` kept, the band between interpolated."""
+    """A RoPE scaling method with transformers' fields and meaning (`rope_scaling` in 4.x,
+    `rope_parameters` in 5.x, less `rope_theta`): `linear` divides every inverse frequency by
+    `factor`; `yarn` interpolates the low frequencies by `factor`, keeps the high ones, ramps
+    between them (`beta_fast`/`beta_slow` rotations within `original_max_position_embeddings`) and
+    scales cos/sin by the attention factor; `llama3` (Llama-3.1) divides by `factor` the
+    frequencies whose wavelength exceeds `original_max_position_embeddings / low_freq_factor`,
+    keeps those below `... / high_freq_factor` and interpolates the band between. The formulas are
+    in `lwm_jax.model.rope`; a field a type does not read must stay unset (None)."""
 
-    factor: float = 8.0
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
-    original_max_position_embeddings: int = 8192
-    rope_type: str = "llama3"
+    factor: float | None = None
+    low_freq_factor: float | None = None
+    high_freq_factor: float | None = None
+    original_max_position_embeddings: int | None = None
+    rope_type: str | None = None
+    attention_factor: float | None = None
+    beta_fast: float | None = None
+    beta_slow: float | None = None
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    truncate: bool | None = None
+    type: str | None = None  # transformers' older spelling of rope_type, accepted and folded into it
 
     def __post_init__(self):
-        check(self.rope_type == "llama3",
-               f"rope_scaling.rope_type={self.rope_type!r} is not supported (valid: 'llama3' or no rope_scaling)")
-        check(self.factor > 0, f"rope_scaling.factor={self.factor} must be > 0")
-        check(self.high_freq_factor > self.low_freq_factor,
-               f"rope_scaling.high_freq_factor={self.high_freq_factor} must exceed "
-               f"low_freq_factor={self.low_freq_factor}")
+        if self.type is not None:
+            check(self.rope_type in (None, self.type),
+                  f"rope type={self.type!r} and rope_type={self.rope_type!r} disagree (give one)")
+            object.__setattr__(self, "rope_type", self.type)
+            object.__setattr__(self, "type", None)
+        check(self.rope_type is not None, f"rope type is missing (rope_type: one of {', '.join(ROPE_TYPES)})")
+        check(self.rope_type in ROPE_TYPES,
+              f"rope_type={self.rope_type!r} is not supported (valid: {', '.join(ROPE_TYPES)})")
+        required, optional = ROPE_FIELDS[self.rope_type]
+        for name in required:
+            check(getattr(self, name) is not None, f"rope {name} is missing: rope_type {self.rope_type!r} needs "
+                  f"{', '.join(required)}")
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.name in ("rope_type", "type") or value is None:
+                continue
+            check(field.name in required + optional,
+                  f"rope {field.name}={value!r} is not a field of rope_type {self.rope_type!r} "
+                  f"(its fields: {', '.join(required + optional) or 'none'})")
+            if field.name in ROPE_SCALARS:
+                check(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
+                      f"rope {field.name}={value!r} must be a number")
+        for name in ("factor", "low_freq_factor", "attention_factor"):
+            value = getattr(self, name)
+            check(value is None or value > 0, f"rope {name}={value} must be > 0")
+        orig = self.original_max_position_embeddings
+        check(orig is None or (isinstance(orig, int) and not isinstance(orig, bool) and orig > 0),
+              f"rope original_max_position_embeddings={orig!r} must be a positive integer")
+        check(self.truncate is None or isinstance(self.truncate, bool),
+              f"rope truncate={self.truncate!r} must be true or false")
+        if self.rope_type == "llama3":
+            check(self.high_freq_factor > self.low_freq_factor,
+                  f"rope high_freq_factor={self.high_freq_factor} must exceed low_freq_factor={self.low_freq_factor}")
+
+    def to_hf(self) -> dict[str, Any]:
+        """The `rope_scaling` dict of a Hugging Face config.json (the fields that are set)."""
+        names = [f.name for f in dataclasses.fields(self) if f.name not in ("rope_type", "type")]
+        return {"rope_type": self.rope_type, **{k: getattr(self, k) for k in names if getattr(self, k) is not None}}
+
+
+def rope_from_hf(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:
+    """`(rope_theta, scaling)` of a Hugging Face config.json, read as transformers reads it: 4.x's
+    `rope_theta` + `rope_scaling` (`type` or `rope_type`) or 5.x's `rope_parameters`, with
+    transformers' defaults (`original_max_position_embeddings` from `max_position_embeddings`; a
+    YaRN `factor` of null from their ratio)."""
+    where = "rope_scaling" if hf.get("rope_scaling") is not None else "rope_parameters"
+    raw = hf.get(where)
+    check(raw is None or isinstance(raw, dict), f"config.json {where}={raw!r} must be a mapping or null")
+    raw = dict(raw or {})
+    theta = raw.pop("rope_theta", hf.get("rope_theta", 10_000.0))
+    check(isinstance(theta, (int, float)) and not isinstance(theta, bool),
+          f"config.json rope_theta={theta!r} must be a number")
+    partial = raw.pop("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    check(partial == 1.0, f"config.json partial_rotary_factor={partial!r} is not supported (Llama rotates whole heads)")
+    rope_type = raw.pop("rope_type", None) or raw.pop("type", None) or "default"
+    raw.pop("type", None)
+    if rope_type == "default":
+        return float(theta), None
+    if rope_type in ("yarn", "llama3"):
+        raw.setdefault("original_max_position_embeddings", hf.get("max_position_embeddings", 8192))
+    if rope_type == "yarn" and "factor" in raw and raw["factor"] is None:
+        raw["factor"] = hf.get("max_position_embeddings", 8192) / raw["original_max_position_embeddings"]
+    names = {f.name for f in dataclasses.fields(RopeScaling)} - {"rope_type", "type"}
+    unknown = sorted(set(raw) - names)
+    check(not unknown, f"config.json {where} has key(s) {', '.join(unknown)} that no supported rope_type reads")
+    try:
+        return float(theta), RopeScaling(rope_type=rope_type, **raw)
+    except UserError as err:
+        raise UserError(f"config.json {where}: {err}") from None
+
+
+SPECIAL_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def special_ids_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
+    """`bos_token_id`, `eos_token_id` (a tuple) and `pad_token_id` of a Hugging Face config.json;
+    null or absent ids stay None (never 0: a null id means the model has no such token)."""
+    ids: dict[str, Any] = {}
+    for name in SPECIAL_IDS:
+        value = hf.get(name)
+        items = value if name == "eos_token_id" and isinstance(value, list) else [value]
+        check(all(v is None or (isinstance(v, int) and not isinstance(v, bool)) for v in items),
+              f"config.json {name}={value!r} must be a token id, null" + (" or a list of ids" if name == "eos_token_id"
+                                                                         else ""))
+        ids[name] = tuple(value) if isinstance(value, list) else value
+    if isinstance(ids["eos_token_id"], int):
+        ids["eos_token_id"] = (ids["eos_token_id"],)
+    return ids
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,8 +172,10 @@ class ModelConfig:
     rope_scaling: RopeScaling | None = None
     max_position_embeddings: int = 8192
     tie_word_embeddings: bool = False
-    bos_token_id: int = 128_000
-    eos_token_id: tuple[int, ...] = (128_001, 128_009)
+    # Special token ids; None where the model has none (a Hugging Face `null`), kept as None end to end.
+    bos_token_id: int | None = 128_000
+    eos_token_id: tuple[int, ...] | None = (128_001, 128_009)
+    pad_token_id: int | None = None
     initializer_range: float = 0.02
     # How to run it.
     dtype: str = "float32"
@@ -71,6 +184,11 @@ class ModelConfig:
     attention: str = "reference"
     attention_block_size: int = 512
     attention_kernel: str = "auto"  # auto: the platform's fused kernel where it applies, else xla
+    # Tokens per tile of a device's local sequence for the per-token work of a layer (output
+    # projection, norm, MLP), each tile recomputed on its own in the backward pass; 0: chosen from
+    # the shape (`model.llama.seq_tile_for`), the whole local sequence when it is short.
+    seq_tile: int = 0
+    embed_lookup: str = "sharded"  # sharded: the table's own shards look tokens up; gathered: whole table
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
@@ -82,14 +200,21 @@ class ModelConfig:
         check(self.head_dim % 2 == 0, f"head_dim={self.head_dim} must be even for RoPE")
         check(self.rope_theta > 0 and math.isfinite(self.rope_theta),
                f"rope_theta={self.rope_theta} must be a positive number")
+        if self.rope_scaling is not None and self.rope_scaling.rope_type == "default":
+            object.__setattr__(self, "rope_scaling", None)  # `rope: {type: default}` is no scaling
         check(self.rms_norm_eps > 0, f"rms_norm_eps={self.rms_norm_eps} must be > 0")
-        for token in (self.bos_token_id, *self.eos_token_id):
-            check(0 <= token < self.vocab_size,
-                   f"special token id {token} (bos_token_id/eos_token_id) is outside vocab_size={self.vocab_size}")
+        for name, token in (("bos_token_id", self.bos_token_id), ("pad_token_id", self.pad_token_id),
+                            *(("eos_token_id", t) for t in self.eos_token_id or ())):
+            check(token is None or (isinstance(token, int) and not isinstance(token, bool)
+                                    and 0 <= token < self.vocab_size),
+                  f"special token id {token!r} ({name}) is outside vocab_size={self.vocab_size}")
         check(self.dtype in DTYPES, f"dtype={self.dtype!r} is not one of {DTYPES}")
         check(self.remat in REMAT_POLICIES, f"remat={self.remat!r} is not one of {REMAT_POLICIES}")
         check(self.attention in ATTENTION_IMPLS,
                f"attention={self.attention!r} is not one of {ATTENTION_IMPLS}")
+        check(isinstance(self.seq_tile, int) and self.seq_tile >= 0,
+              f"seq_tile={self.seq_tile!r} must be an integer >= 0 (0: chosen from the shape)")
+        check(self.embed_lookup in EMBED_LOOKUPS, f"embed_lookup={self.embed_lookup!r} is not one of {EMBED_LOOKUPS}")
         check(self.attention_kernel in ATTENTION_KERNELS,
                f"attention_kernel={self.attention_kernel!r} is not one of {ATTENTION_KERNELS}")
 
@@ -120,23 +245,8 @@ class ModelConfig:
                f"hidden_act={hf.get('hidden_act')!r} is not supported (Llama uses 'silu')")
         check(not hf.get("attention_bias") and not hf.get("mlp_bias"),
                "attention_bias / mlp_bias are not supported (Llama-3 has no biases)")
-        # transformers >= 5 writes `rope_parameters`; older versions `rope_theta` + `rope_scaling`.
-        params = dict(hf.get("rope_parameters") or {})
-        scaling = hf.get("rope_scaling") or params
-        theta = hf.get("rope_theta", params.get("rope_theta", 10_000.0))
-        rope_scaling = None
-        rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
-        if rope_type == "llama3":
-            rope_scaling = RopeScaling(
-                factor=float(scaling["factor"]),
-                low_freq_factor=float(scaling["low_freq_factor"]),
-                high_freq_factor=float(scaling["high_freq_factor"]),
-                original_max_position_embeddings=int(scaling["original_max_position_embeddings"]))
-        else:
-            check(rope_type == "default",
-                   f"rope_scaling type {rope_type!r} is not supported (valid: 'llama3' or none)")
+        theta, rope_scaling = rope_from_hf(hf)
         num_heads = hf["num_attention_heads"]
-        eos = hf.get("eos_token_id", 128_001)
         return cls(
             vocab_size=hf["vocab_size"],
             hidden_size=hf["hidden_size"],
@@ -150,18 +260,22 @@ class ModelConfig:
             rope_scaling=rope_scaling,
             max_position_embeddings=hf.get("max_position_embeddings", 8192),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            bos_token_id=hf.get("bos_token_id", 128_000) or 0,
-            eos_token_id=tuple(eos) if isinstance(eos, list) else (eos,),
+            **special_ids_from_hf(hf),
             initializer_range=float(hf.get("initializer_range", 0.02)),
             **runtime,
         )
 
+    def special_ids_hf(self) -> dict[str, Any]:
+        """The special token ids as config.json and generation_config.json write them (None -> null,
+        one eos id as an int, several as a list)."""
+        eos = self.eos_token_id
+        return {"bos_token_id": self.bos_token_id,
+                "eos_token_id": None if eos is None else (eos[0] if len(eos) == 1 else list(eos)),
+                "pad_token_id": self.pad_token_id}
+
     def to_hf(self, torch_dtype: str = "bfloat16") -> dict[str, Any]:
         """The Hugging Face `config.json` dict (written in the pre-5.0 layout every loader reads)."""
-        rope_scaling = None
-        if self.rope_scaling is not None:
-            rope_scaling = dataclasses.asdict(self.rope_scaling)
-        eos = list(self.eos_token_id)
+        rope_scaling = None if self.rope_scaling is None else self.rope_scaling.to_hf()
         return {
             "architectures": ["LlamaForCausalLM"],
             "model_type": "llama",
@@ -182,8 +296,7 @@ class ModelConfig:
             "mlp_bias": False,
             "attention_dropout": 0.0,
             "initializer_range": self.initializer_range,
-            "bos_token_id": self.bos_token_id,
-            "eos_token_id": eos[0] if len(eos) == 1 else eos,
+            **self.special_ids_hf(),
             "torch_dtype": torch_dtype,
             "use_cache": True,
         }

@@ -10,11 +10,12 @@ from pathlib import Path
 from typing import Any
 
 from lwm_jax.config.data import DataConfig
-from lwm_jax.config.model import REMAT_POLICIES, MeshConfig, ModelConfig
+from lwm_jax.config.model import REMAT_POLICIES, ROPE_FIELDS, ROPE_SCALARS, MeshConfig, ModelConfig, RopeScaling
 from lwm_jax.config.schema import apply_overrides, check, from_dict, load_yaml
 from lwm_jax.errors import UserError
 
 THETA_RULES = ("scaling-law", "ntk", "sweep")
+MOMENT_DTYPES = ("float32", "bfloat16")
 SCHEDULES = ("constant", "cosine", "linear")
 
 
@@ -31,6 +32,7 @@ class OptimizerConfig:
     eps: float = 1e-8
     weight_decay: float = 0.1
     clip_norm: float = 1.0
+    moment_dtype: str = "float32"  # bfloat16: both AdamW moments stored in bf16 (half the state)
 
     def __post_init__(self):
         check(self.lr > 0, f"optimizer.lr={self.lr} must be > 0")
@@ -41,6 +43,8 @@ class OptimizerConfig:
         check(self.eps > 0, f"optimizer.eps={self.eps} must be > 0")
         check(self.weight_decay >= 0, f"optimizer.weight_decay={self.weight_decay} must be >= 0")
         check(self.clip_norm >= 0, f"optimizer.clip_norm={self.clip_norm} must be >= 0 (0 disables clipping)")
+        check(self.moment_dtype in MOMENT_DTYPES,
+              f"optimizer.moment_dtype={self.moment_dtype!r} is not one of {MOMENT_DTYPES}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +75,12 @@ class StageConfig:
     seq_len: int
     steps: int
     rope_theta: str = "scaling-law"  # a number; scaling-law / ntk from the previous stage; or sweep
-    theta_sweep: ThetaSweepConfig = ThetaSweepConfig()  # used when rope_theta is sweep
+    # RoPE scaling method (transformers' fields: {type: linear|yarn|llama3|default, factor, ...});
+    # None: the method of the model the stage starts from.
+    rope: RopeScaling | None = None
+    # One scalar field of `rope` (e.g. factor) searched like `rope_theta: sweep`, centred on its value.
+    sweep: str | None = None
+    theta_sweep: ThetaSweepConfig = ThetaSweepConfig()  # the search, used when rope_theta or `sweep` sweeps
     batch_size: int = 1  # global sequences per micro-step
     grad_accum: int = 1
     lr: float | None = None  # shortcut for optimizer.lr
@@ -97,6 +106,15 @@ class StageConfig:
                 raise UserError(f"{where}.rope_theta={self.rope_theta!r} must be a number or one of "
                                 f"{THETA_RULES}") from None
             check(theta > 0 and math.isfinite(theta), f"{where}.rope_theta={self.rope_theta} must be > 0")
+        if self.sweep is not None:
+            check(self.rope_theta != "sweep", f"{where}: rope_theta: sweep and sweep={self.sweep} both ask for a "
+                  "search; a stage sweeps one scalar")
+            required, optional = ROPE_FIELDS[self.rope.rope_type if self.rope else "default"]
+            fields = [f for f in required + optional if f in ROPE_SCALARS]
+            check(self.sweep in fields, f"{where}.sweep={self.sweep!r} must be a real-valued field of the stage's "
+                  f"rope ({', '.join(fields) or 'none: give rope with a scaling type'})")
+            check(getattr(self.rope, self.sweep) is not None,
+                  f"{where}.sweep={self.sweep} needs rope.{self.sweep} set: the search is centred on it")
         if self.lr is not None:
             check(self.lr > 0, f"{where}.lr={self.lr} must be > 0")
         if self.remat is not None:
@@ -104,6 +122,11 @@ class StageConfig:
         kind, _, target = self.init_from.partition(":")
         check(self.init_from in ("previous", "scratch") or (kind in ("hf", "ckpt") and target),
                f"{where}.init_from={self.init_from!r} must be previous, scratch, hf:DIR or ckpt:DIR")
+
+    @property
+    def swept(self) -> str | None:
+        """The scalar searched before training: `rope_theta`, a field of `rope`, or None."""
+        return "rope_theta" if self.rope_theta == "sweep" else self.sweep
 
     @property
     def tokens_per_step(self) -> int:
@@ -158,7 +181,10 @@ def _stages_by_name(raw: dict[str, Any]) -> dict[str, Any]:
     stages = raw.get("stages")
     check(isinstance(stages, list) and all(isinstance(s, dict) and "name" in s for s in stages),
            "recipe `stages` must be a list of mappings, each with a `name`")
-    return {**raw, "stages": {str(s["name"]): s for s in stages}}
+    names = [str(s["name"]) for s in stages]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    check(not dupes, f"stage names must be unique; repeated: {', '.join(dupes)}")  # before the dict merges them
+    return {**raw, "stages": dict(zip(names, stages))}
 
 
 def recipe_dict(path: str | Path, overrides: list[str] = ()) -> dict[str, Any]:

@@ -13,19 +13,70 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from lwm_jax.attention import attention
 from lwm_jax.attention.decode import KVCache, cache_attention
 from lwm_jax.config import ModelConfig
-from lwm_jax.model.rope import apply_rope, model_inv_frequencies
+from lwm_jax.model.embed import embed_lookup
+from lwm_jax.model.rope import apply_rope, model_inv_frequencies, model_rope_scale
 from lwm_jax.parallel.mesh import constrain
 
+LAYER_INPUT = "layer_input"  # the residual stream entering a layer: what the layer scan keeps for the backward
 REMAT_POLICIES = {
     "full": None,
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "offload": jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host"),
+    # Full remat with the kept layer inputs in host memory, fetched back layer by layer in the backward.
+    "offload": jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=(), names_which_can_be_offloaded=(LAYER_INPUT,),
+        offload_src="device", offload_dst="pinned_host"),
 }
+TILE_TOKENS = 2048  # the default tile: the MLP working set of 2,048 tokens is well under the attention's
+
+
+def _sp_size() -> int:
+    """The size of the current mesh's `sp` axis (1 without a mesh or the axis)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return 1 if mesh.empty else dict(zip(mesh.axis_names, mesh.axis_sizes)).get("sp", 1)
+
+
+def seq_tile_for(config: ModelConfig, local_len: int) -> int:
+    """Tokens per tile of a device's `local_len` tokens: `config.seq_tile`, or the largest halving of
+    `local_len` that is at most TILE_TOKENS (the whole local sequence when it is that short)."""
+    tile = config.seq_tile or local_len
+    if not config.seq_tile:
+        while tile > TILE_TOKENS and tile % 2 == 0:
+            tile //= 2
+    return tile
+
+
+def map_tiles(fn, arrays: tuple, tile: int, remat: bool):
+    """`fn(*arrays)` (an array or a tuple of arrays `[batch, seq, ...]`) for arrays `[batch, seq, ...]`
+    with seq over the mesh's `sp` axis, computed one
+    tile of every device's local sequence at a time (a `lax.map`, each tile recomputed on its own in
+    the backward when `remat`), so per-token work holds one tile's intermediates, not the sequence's."""
+    sp = _sp_size()
+    batch, seq = arrays[0].shape[:2]
+    n = seq // sp // tile
+    if n <= 1:
+        return fn(*arrays)
+    if seq % (sp * tile):
+        raise ValueError(f"seq_tile={tile} must divide the local sequence {seq // sp} (seq {seq}, sp={sp})")
+
+    def split(a):  # [b, s, *r] -> [n, b, sp*tile, *r]: tile t of every device's local chunk
+        rest = a.shape[2:]
+        a = constrain(a.reshape(batch, sp, n, tile, *rest), ("batch", "length") + (None,) * (2 + len(rest)))
+        return jnp.moveaxis(a, 2, 0).reshape(n, batch, sp * tile, *rest)
+
+    def merge(y):  # [n, b, sp*tile, *r] -> [b, s, *r]
+        rest = y.shape[3:]
+        y = jnp.moveaxis(y.reshape(n, batch, sp, tile, *rest), 0, 2)
+        return constrain(y, ("batch", "length") + (None,) * (2 + len(rest))).reshape(batch, seq, *rest)
+
+    body = (lambda xs: fn(*xs))
+    out = jax.lax.map(jax.checkpoint(body) if remat else body, tuple(split(a) for a in arrays))
+    return jax.tree.map(merge, out)
 
 
 def _param(rngs: nnx.Rngs, shape, axes, stddev: float) -> nnx.Param:
@@ -63,24 +114,23 @@ class Attention(nnx.Module):
         q = constrain(q, ("batch", "length", "act_heads", None))
         k = constrain(k, ("batch", "length", "act_kv_heads", None))
         v = constrain(v, ("batch", "length", "act_kv_heads", None))
-        inv_freq = model_inv_frequencies(self.config)
-        return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
+        inv_freq, scale = model_inv_frequencies(self.config), model_rope_scale(self.config)
+        return apply_rope(q, positions, inv_freq, scale), apply_rope(k, positions, inv_freq, scale), v
 
     def project_out(self, out):
         """`[batch, seq, embed]` from the attention output `[batch, seq, heads, head_dim]`."""
         return jnp.einsum("bshk,hkd->bsd", out, self.o_proj[...].astype(out.dtype))
 
-    def __call__(self, x, positions, segment_ids=None, cache: KVCache | None = None, layer=None):
-        """`(out [batch, seq, embed], kv)`: `kv` is this layer's `(k, v)` without a cache; with one
-        (decoding, `x: [batch, 1, embed]`) it is the cache with them written at layer `layer`."""
+    def attend(self, q, k, v, positions, segment_ids=None, cache: KVCache | None = None, layer=None):
+        """`(heads [batch, seq, heads, head_dim], kv)`: the attention output before `project_out`;
+        `kv` is this layer's `(k, v)` without a cache; with one (decoding, one token) it is the cache
+        with them written at layer `layer`."""
         cfg = self.config
-        q, k, v = self.qkv(x, positions)
         if cache is not None:
-            out, cache = cache_attention(q, k, v, cache, layer)
-            return self.project_out(out), cache
+            return cache_attention(q, k, v, cache, layer)
         out = attention(q, k, v, segment_ids=segment_ids, positions=positions, causal=True,
                         impl=cfg.attention, block_size=cfg.attention_block_size, kernel=cfg.attention_kernel)
-        return self.project_out(out), (k, v)
+        return out, (k, v)
 
 
 class MLP(nnx.Module):
@@ -102,17 +152,32 @@ class MLP(nnx.Module):
 
 class DecoderLayer(nnx.Module):
     def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+        self.config = config
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = Attention(config, rngs)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config, rngs)
 
     def __call__(self, x, positions, segment_ids=None, cache: KVCache | None = None, layer=None):
-        """`(x, kv)` after the layer; `kv` as `Attention.__call__` returns it."""
-        out, kv = self.self_attn(self.input_layernorm(x), positions, segment_ids, cache, layer)
-        x = x + out
+        """`(x, kv)` after the layer; `kv` as `Attention.attend` returns it. Everything but the
+        attention itself is per token and runs over sequence tiles (`map_tiles`): the norm and the
+        q/k/v projections before it, the output projection, norm and MLP after it."""
+        cfg = self.config
+        tile = seq_tile_for(cfg, x.shape[1] // _sp_size()) if cache is None else x.shape[1]
+        remat = cfg.remat in ("full", "offload")
+        q, k, v = map_tiles(self.project_in, (x, positions), tile, remat)
+        heads, kv = self.self_attn.attend(q, k, v, positions, segment_ids, cache, layer)
+        return map_tiles(self.finish, (x, heads), tile, remat), kv
+
+    def project_in(self, x, positions):
+        """The per-token start of the layer: norm, then RoPE'd q, k, v."""
+        return self.self_attn.qkv(self.input_layernorm(x), positions)
+
+    def finish(self, x, heads):
+        """The per-token rest of the layer: output projection and residual, norm, MLP and residual."""
+        x = x + self.self_attn.project_out(heads)
         x = x + self.mlp(self.post_attention_layernorm(x))
-        return constrain(x, ("batch", "length", "act_embed")), kv
+        return constrain(x, ("batch", "length", "act_embed"))
 
 
 def _stack_layers(config: ModelConfig, rngs: nnx.Rngs) -> DecoderLayer:
@@ -149,12 +214,14 @@ class Llama(nnx.Module):
 
     def embed(self, tokens) -> jax.Array:
         """Token embeddings `[batch, seq, embed]` in the compute dtype."""
-        # The table is gathered whole (FSDP) before the lookup, so its gradient is one scatter-add into
-        # a local float32 table and a reduce-scatter, whatever the mesh; left to itself the SPMD
-        # partitioner picks a mesh-dependent plan and, on fsdp x sp meshes, replicates through it.
+        dtype = jnp.dtype(self.config.dtype)
+        if self.config.embed_lookup == "sharded":
+            return constrain(embed_lookup(self.embed_tokens[...], tokens, dtype), ("batch", "length", "act_embed"))
+        # Gathered: the table whole (FSDP) before the lookup, its gradient one scatter-add into a local
+        # float32 table and a reduce-scatter; left to itself the SPMD partitioner picks a mesh-dependent
+        # plan and, on fsdp x sp meshes, replicates through it.
         table = constrain(self.embed_tokens[...], ("vocab", None))
-        x = jnp.take(table, tokens, axis=0).astype(jnp.dtype(self.config.dtype))
-        return constrain(x, ("batch", "length", "act_embed"))
+        return constrain(jnp.take(table, tokens, axis=0).astype(dtype), ("batch", "length", "act_embed"))
 
     def forward(self, tokens, positions=None, segment_ids=None, *, cache: KVCache | None = None,
                 return_kv: bool = False):
@@ -173,6 +240,7 @@ class Llama(nnx.Module):
 
         def layer_step(carry, inputs):
             h, c = carry
+            h = checkpoint_name(h, LAYER_INPUT)  # the remat policy `offload` keeps it in host memory
             layer_state, index = inputs
             h, kv = nnx.merge(graphdef, layer_state)(h, positions, segment_ids, c, index)
             if c is not None:

@@ -6,7 +6,10 @@ from lwm_jax.plan.analytic import (
                                    GIB,
                                    HARDWARE,
                                    Hardware,
+                                   host_bytes_per_device,
                                    layer_param_count,
+                                   length_unit,
+                                   longest_fitting,
                                    memory_per_device,
                                    param_bytes_per_device,
                                    plan_recipe_stages,
@@ -16,6 +19,7 @@ from lwm_jax.plan.analytic import (
 from lwm_jax.plan.aot import aot_compare, aot_memory, aot_worker
 from lwm_jax.plan.report import plan_report, resolve_hardware
 
-__all__ = ["GIB", "HARDWARE", "Hardware", "aot_compare", "aot_memory", "aot_worker", "layer_param_count",
-           "memory_per_device", "param_bytes_per_device", "plan_recipe_stages", "plan_report", "plan_stage",
-           "resolve_hardware", "step_seconds"]
+__all__ = ["GIB", "HARDWARE", "Hardware", "aot_compare", "aot_memory", "aot_worker", "host_bytes_per_device",
+           "layer_param_count",
+           "length_unit", "longest_fitting", "memory_per_device", "param_bytes_per_device", "plan_recipe_stages",
+           "plan_report", "plan_stage", "resolve_hardware", "step_seconds"]

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from lwm_jax.config import MESH_AXES, MeshConfig, ModelConfig, RecipeConfig
+from lwm_jax.model.llama import seq_tile_for
 from lwm_jax.parallel.mesh import LOGICAL_RULES
 from lwm_jax.train.metrics import flops_per_token
 from lwm_jax.train.stages import plan_recipe
@@ -95,14 +96,16 @@ def layer_param_count(model: ModelConfig) -> int:
 
 
 def memory_per_device(model: ModelConfig, mesh: MeshConfig, seq_len: int, batch_size: int, grad_accum: int,
-                      loss_chunk: int, activation_bytes: int | None = None) -> dict[str, int]:
-    """Analytic bytes per device by component (see the module docstring).
+                      loss_chunk: int, activation_bytes: int | None = None,
+                      moment_bytes: int = 4) -> dict[str, int]:
+    """Analytic device bytes per device by component (see the module docstring) and their `total`;
+    the host's are `host_bytes_per_device`.
 
     `activation_bytes`: bytes per element of compute-dtype activations (default: the model dtype's;
-    4 for XLA:CPU, which holds bf16 values as float32).
+    4 for XLA:CPU, which holds bf16 values as float32). `moment_bytes`: bytes per AdamW moment.
     """
     dt = activation_bytes or np.dtype(model.dtype).itemsize
-    d, hd, f, L = model.hidden_size, model.head_dim, model.intermediate_size, model.num_layers
+    d, hd, f, L, v = model.hidden_size, model.head_dim, model.intermediate_size, model.num_layers, model.vocab_size
     hq, hkv = model.num_heads // mesh.tp, model.num_kv_heads // mesh.tp
     b = max(batch_size // (mesh.dp * mesh.fsdp), 1)
     s = seq_len // mesh.sp
@@ -111,24 +114,56 @@ def memory_per_device(model: ModelConfig, mesh: MeshConfig, seq_len: int, batch_
     saved_per_layer = {"full": d, "offload": d, "dots": d + hd * (2 * hq + 2 * hkv) + 2 * f + d,
                        "dots_no_batch": d + hd * (2 * hq + 2 * hkv) + 2 * f + d,
                        "none": 3 * d + hd * (3 * hq + 2 * hkv) + 4 * f}[model.remat]
-    activations = L * tokens * saved_per_layer * dt
-    # One layer recomputed in the backward pass: its forward values and their cotangents.
-    layer_work = 2 * tokens * (3 * d + hd * (2 * hq + 2 * hkv) + 3 * f) * dt
-    # Ring: KV block held + in flight (fwd); KV + dK/dV in flight and float32 accumulators (bwd).
-    ring = tokens * hkv * hd * (4 * dt + 4 * 4) + tokens * hq * (hd + 1) * 4 * 2
-    chunk = min(loss_chunk, seq_len) // mesh.sp if seq_len >= loss_chunk else s
-    loss = 2 * b * chunk * (model.vocab_size // mesh.tp) * 4  # float32 logits and their cotangent
-    # FSDP: the layer being computed has its weights all-gathered (float32, cast after the gather),
-    # and the token lookup's gradient is a scatter-add into a full float32 [vocab, embed] table that
-    # is reduce-scattered only afterwards; it lives through the whole backward pass.
+    saved = L * tokens * saved_per_layer * dt
+    offload = model.remat == "offload"
+    # One layer recomputed in the backward pass, values and cotangents: over the whole local sequence
+    # only what the attention itself needs (the layer input, q/k/v and the output); the per-token work
+    # around it (norm and projections before, projection, norm and MLP after) one tile at a time.
+    attention_work = 2 * tokens * (d + hd * (2 * hq + 2 * hkv)) * dt
+    tile_work = 2 * b * seq_tile_for(model, s) * (2 * d + 3 * f) * dt  # norm in and out, gate/up/hidden
+    # Ring: K/V blocks held and in flight (forward and backward), dK/dV float32 accumulators and the
+    # ones in flight, and the queries' float32 accumulator with its log-sum-exp: the output's in the
+    # (recomputed) forward ring, dQ's in the backward ring, one at a time.
+    ring_kv = tokens * hkv * hd * 4 * dt
+    ring_dkv = tokens * hkv * hd * 4 * 4
+    ring_q = tokens * hq * (hd + 1) * 4
+    # Loss: the output projection split by vocabulary over the weight shards (fsdp, sp, tp), float32
+    # [embed, vocab/N] and its gradient; each chunk's float32 logits for the group's tokens. Without
+    # such a split the projection is gathered whole (and its gradient with it).
+    ways = mesh.fsdp * mesh.sp * mesh.tp
+    split = ways > 1 and v % ways == 0 and seq_len % mesh.sp == 0
+    chunk = min(loss_chunk, seq_len)
+    if split:
+        head = 2 * d * (v // ways) * 4
+        loss = b * mesh.fsdp * chunk * (v // ways) * 4  # its cotangent is formed in the same fusion
+    else:
+        head = 2 * d * v * 4 if ways > 1 else 0
+        loss = 2 * b * max(chunk // mesh.sp, 1) * v * 4
+    # FSDP: the layer being computed has its weights all-gathered (float32, cast after the gather).
+    # The embedding is looked up on its own shards (`model.embed`): the group's tokens at 1/G of the
+    # columns, the size of one local activation.
     shards = mesh.fsdp * mesh.sp
-    gathered = 4 * (layer_param_count(model) // mesh.tp + model.vocab_size // mesh.tp * d) if shards > 1 else 0
-    batch = 5 * grad_accum * tokens * 4
-    out = {"params": params, "optimizer": 2 * params, "gradients": params * (2 if grad_accum > 1 else 1),
-           "activations": activations, "layer_recompute": layer_work, "ring_buffers": ring,
-           "loss_chunk": loss, "gathered_weights": gathered, "batch": batch}
+    gathered = 4 * layer_param_count(model) // mesh.tp if shards > 1 else 0
+    embed = tokens * d * dt if model.embed_lookup == "sharded" else (v // mesh.tp * d * 4 if shards > 1 else 0)
+    out = {"params": params, "optimizer": 2 * params * moment_bytes // 4,
+           "gradients": params * (2 if grad_accum > 1 else 1),
+           "activations": 2 * tokens * d * dt if offload else saved,  # offload: two layers' inputs in flight
+           "layer_recompute": attention_work + tile_work,
+           "ring_kv": ring_kv, "ring_dkv": ring_dkv, "ring_q": ring_q,
+           "loss_chunk": loss, "output_head": head, "gathered_weights": gathered, "embedding": embed,
+           "batch": 5 * grad_accum * tokens * 4}
     out["total"] = sum(out.values())
     return out
+
+
+def host_bytes_per_device(model: ModelConfig, mesh: MeshConfig, seq_len: int, batch_size: int,
+                          activation_bytes: int | None = None) -> int:
+    """Host memory per device: the layer inputs the `offload` remat policy keeps there (else 0)."""
+    if model.remat != "offload":
+        return 0
+    dt = activation_bytes or np.dtype(model.dtype).itemsize
+    b = max(batch_size // (mesh.dp * mesh.fsdp), 1)
+    return model.num_layers * b * (seq_len // mesh.sp) * model.hidden_size * dt
 
 
 def step_seconds(model: ModelConfig, mesh: MeshConfig, seq_len: int, batch_size: int, grad_accum: int,
@@ -157,26 +192,68 @@ def step_seconds(model: ModelConfig, mesh: MeshConfig, seq_len: int, batch_size:
 
 
 def plan_stage(model: ModelConfig, mesh: MeshConfig, seq_len: int, batch_size: int, grad_accum: int, steps: int,
-               loss_chunk: int, hw: Hardware) -> dict[str, Any]:
-    memory = memory_per_device(model, mesh, seq_len, batch_size, grad_accum, loss_chunk)
-    xla_cpu = memory_per_device(model, mesh, seq_len, batch_size, grad_accum, loss_chunk, activation_bytes=4)
+               loss_chunk: int, hw: Hardware, moment_bytes: int = 4) -> dict[str, Any]:
+    """The plan of one stage: memory by component (device and host apart), whether it fits, time."""
+    memory = memory_per_device(model, mesh, seq_len, batch_size, grad_accum, loss_chunk, moment_bytes=moment_bytes)
+    xla_cpu = memory_per_device(model, mesh, seq_len, batch_size, grad_accum, loss_chunk, activation_bytes=4,
+                                moment_bytes=moment_bytes)
     time = step_seconds(model, mesh, seq_len, batch_size, grad_accum, hw)
-    return {"memory": memory, "memory_bytes_per_device": memory["total"],
-            "memory_bytes_per_device_xla_cpu": xla_cpu["total"],
+    host = host_bytes_per_device(model, mesh, seq_len, batch_size)
+    # XLA:CPU keeps host-offloaded buffers in ordinary memory, so its figure holds both.
+    return {"memory": memory, "memory_bytes_per_device": memory["total"], "host_bytes_per_device": host,
+            "memory_bytes_per_device_xla_cpu": xla_cpu["total"] + host_bytes_per_device(model, mesh, seq_len,
+                                                                                         batch_size, 4),
             "fits": memory["total"] <= hw.memory_gib * GIB, "step_s": time["step_s"], "time": time,
             "estimated_minutes": time["step_s"] * steps / 60}
 
 
+def length_unit(model: ModelConfig, mesh: MeshConfig) -> int:
+    """The step between the long sequence lengths the stage's attention accepts on `mesh`."""
+    if model.attention == "ring":
+        return 2 * mesh.sp * model.attention_block_size
+    if model.attention == "blockwise":
+        return math.lcm(model.attention_block_size, mesh.sp)
+    return mesh.sp
+
+
+def longest_fitting(model: ModelConfig, mesh: MeshConfig, batch_size: int, grad_accum: int, loss_chunk: int,
+                    hw: Hardware, moment_bytes: int = 4) -> int:
+    """The longest `seq_len`, a multiple of `length_unit`, whose device memory fits `hw` (0: none)."""
+    unit = length_unit(model, mesh)
+    limit = hw.memory_gib * GIB
+
+    def fits(n: int) -> bool:
+        return memory_per_device(model, mesh, n * unit, batch_size, grad_accum, loss_chunk,
+                                 moment_bytes=moment_bytes)["total"] <= limit
+
+    if not fits(1):
+        return 0
+    hi = 1
+    while fits(2 * hi) and hi < 2**40 // unit:
+        hi *= 2
+    lo, hi = hi, 2 * hi  # fits(lo), not fits(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo * unit
+
+
 def plan_recipe_stages(recipe: RecipeConfig, hw: Hardware, devices: int | None = None,
-                       only_stage: str | None = None) -> list[dict[str, Any]]:
-    """One analytic plan per stage, each on its own mesh (or all on `devices`)."""
+                       only_stage: str | None = None, max_seq_len: bool = False) -> list[dict[str, Any]]:
+    """One analytic plan per stage, each on its own mesh (or all on `devices`); with `only_stage`,
+    that stage's alone (the other stages' meshes are not checked); with `max_seq_len`, each entry
+    also gives the longest sequence that fits the stage's devices (`longest_fitting`)."""
+    if only_stage is not None:
+        recipe.stage(only_stage)  # an unknown name is an error, not an empty plan
     out = []
-    for plan in plan_recipe(recipe, devices, check_sources=False):
-        if only_stage not in (None, plan.name):
-            continue
+    for plan in plan_recipe(recipe, devices, check_sources=False, only_stage=only_stage):
         stage = plan.stage
+        moment_bytes = np.dtype(stage.optimizer_config.moment_dtype).itemsize
         result = plan_stage(plan.model, plan.mesh, stage.seq_len, stage.batch_size, stage.grad_accum, stage.steps,
-                            recipe.loss_chunk, hw)
+                            recipe.loss_chunk, hw, moment_bytes)
         out.append({"name": plan.name, "seq_len": stage.seq_len, "devices": math.prod(plan.mesh.shape),
                     "mesh": plan.mesh.spec(), "remat": plan.model.remat, **result})
+        if max_seq_len:
+            out[-1]["max_seq_len"] = longest_fitting(plan.model, plan.mesh, stage.batch_size, stage.grad_accum,
+                                                     recipe.loss_chunk, hw, moment_bytes)
     return out

@@ -29,7 +29,8 @@ def aot_memory(recipe: RecipeConfig, stage_name: str, devices: int | None = None
     Needs as many (simulated) devices as the stage's mesh has; the CLI starts a process per stage
     with `--cpu-devices` set accordingly.
     """
-    plan = next(p for p in plan_recipe(recipe, devices, check_sources=False) if p.name == stage_name)
+    plan = next(p for p in plan_recipe(recipe, devices, check_sources=False, only_stage=stage_name)
+                if p.name == stage_name)
     stage = plan.stage
     mesh = make_mesh(plan.mesh, devices=jax.devices()[: math.prod(plan.mesh.shape)])
     tx = make_optimizer(stage.optimizer_config, stage.steps)

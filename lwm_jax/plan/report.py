@@ -25,12 +25,13 @@ def resolve_hardware(name: str, memory_gib: float | None = None, peak_tflops: fl
 
 def plan_report(recipe_path: str, overrides: Sequence[str] = (), *, stage: str | None = None,
                 devices: int | None = None, hardware: str = "L40S", memory_gib: float | None = None,
-                peak_tflops: float | None = None, efficiency: float | None = None, aot: bool = False) -> dict:
-    """`{"hardware": ..., "stages": [...]}`: the recipe's plan on `hardware` (with overrides), and
-    with `aot` XLA's memory beside it (`aot_compare`)."""
+                peak_tflops: float | None = None, efficiency: float | None = None, aot: bool = False,
+                max_seq_len: bool = False) -> dict:
+    """`{"hardware": ..., "stages": [...]}`: the recipe's plan on `hardware` (with overrides), with
+    `max_seq_len` the longest sequence each stage fits, and with `aot` XLA's memory beside it."""
     recipe = load_recipe(recipe_path, list(overrides))
     hw = resolve_hardware(hardware, memory_gib, peak_tflops, efficiency)
-    stages = plan_recipe_stages(recipe, hw, devices, stage)
+    stages = plan_recipe_stages(recipe, hw, devices, stage, max_seq_len=max_seq_len)
     if aot:
         aot_compare(recipe_path, overrides, stages, devices)
     return {"hardware": dataclasses.asdict(hw), "stages": stages}

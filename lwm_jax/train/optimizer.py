@@ -1,11 +1,13 @@
 """AdamW with global-norm clipping and a warmup + constant/cosine/linear schedule, from config.
 
-Weight decay skips the RMSNorm scales (as the Hugging Face trainer EasyContext used does).
+Weight decay skips the RMSNorm scales (as the Hugging Face trainer EasyContext used does). The
+moments may be stored in bfloat16 (`moment_dtype`): the update itself runs in float32.
 """
 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from lwm_jax.config import OptimizerConfig
@@ -33,8 +35,25 @@ def _decay_mask(params):
         lambda path, _: not any("norm" in str(getattr(k, "key", k)) for k in path), params)
 
 
+def stored_as(inner: optax.GradientTransformation, dtype) -> optax.GradientTransformation:
+    """`inner` with its floating-point state (AdamW's moments) stored in `dtype` between steps and
+    computed in float32 within one: optax's `mu_dtype` covers only the first moment."""
+    def cast(tree, to):
+        return jax.tree.map(lambda x: x.astype(to) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+    def init(params):
+        return cast(inner.init(params), dtype)
+
+    def update(updates, state, params=None):
+        updates, state = inner.update(updates, cast(state, jnp.float32), params)
+        return updates, cast(state, dtype)
+
+    return optax.GradientTransformation(init, update)
+
+
 def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
     parts = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm > 0 else []
     parts.append(optax.adamw(make_schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                              weight_decay=cfg.weight_decay, mask=_decay_mask))
-    return optax.chain(*parts)
+    tx = optax.chain(*parts)
+    return tx if cfg.moment_dtype == "float32" else stored_as(tx, jnp.dtype(cfg.moment_dtype))

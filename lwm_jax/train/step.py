@@ -22,7 +22,7 @@ from jax.sharding import PartitionSpec as P
 from lwm_jax.config import ModelConfig
 from lwm_jax.model.llama import Llama
 from lwm_jax.parallel.mesh import logical_to_spec, state_shardings
-from lwm_jax.train.loss import chunked_cross_entropy
+from lwm_jax.train.loss import vocab_parallel_cross_entropy
 
 BATCH_KEYS = ("inputs", "positions", "segment_ids", "targets", "loss_weights")
 
@@ -90,29 +90,37 @@ def build_step(config: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh
         model = nnx.merge(graphdef, state)
         segment_ids = micro["segment_ids"] if document_mask else None
         hidden = model.hidden(micro["inputs"], micro["positions"], segment_ids)
-        return chunked_cross_entropy(hidden, model.output_weights(), micro["targets"],
+        return vocab_parallel_cross_entropy(hidden, model.output_weights(), micro["targets"],
                                      micro["loss_weights"], loss_chunk)
 
     def train_step(params, opt_state, batch):
-        zeros = jax.tree.map(jnp.zeros_like, params)
-
-        def micro_step(carry, micro):
-            grads, nll, weight = carry
-            (micro_nll, micro_weight), micro_grads = jax.value_and_grad(nll_sum, has_aux=True)(params, micro)
-            grads = jax.tree.map(jnp.add, grads, micro_grads)
-            return (grads, nll + micro_nll, weight + micro_weight), None
-
-        (grads, nll, weight), _ = jax.lax.scan(micro_step, (zeros, 0.0, 0.0), batch)
+        # The loss is normalised by the step's total weight up front (known from the batch), so the
+        # gradients come out normalised and no pass over them divides or adds a zero-filled copy.
+        weight = jnp.sum(batch["loss_weights"])
         denom = jnp.maximum(weight, 1.0)
-        grads = jax.tree.map(lambda g: g / denom, grads)
-        loss = nll / denom
+
+        def micro_loss(params, micro):
+            return nll_sum(params, micro)[0] / denom
+
+        grad_fn = jax.value_and_grad(micro_loss)
+        loss, grads = grad_fn(params, jax.tree.map(lambda x: x[0], batch))
+        if batch["inputs"].shape[0] > 1:  # gradient accumulation: the other micro-batches, one at a time
+            def micro_step(carry, micro):
+                micro_loss_value, micro_grads = grad_fn(params, micro)
+                return jax.tree.map(jnp.add, carry, (micro_loss_value, micro_grads)), None
+
+            (loss, grads), _ = jax.lax.scan(micro_step, (loss, grads), jax.tree.map(lambda x: x[1:], batch))
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updates, new_opt_state = tx.update(grads, opt_state, params)
-        new_params = optax.apply_updates(params, updates)
-        keep = lambda new, old: jnp.where(finite, new, old)
-        params = jax.tree.map(keep, new_params, params)
-        opt_state = jax.tree.map(keep, new_opt_state, opt_state)
+
+        def update(state):
+            params, opt_state = state
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state
+
+        # A non-finite step is skipped. A `cond` rather than a select of new against old state: the
+        # update can then run in place in the donated buffers, without a copy of params and moments.
+        params, opt_state = jax.lax.cond(finite, update, lambda state: state, (params, opt_state))
         return params, opt_state, {"loss": loss, "grad_norm": grad_norm, "tokens": weight, "finite": finite}
 
     batch_shardings = {k: b_sharding for k in BATCH_KEYS}
