@@ -1,10 +1,11 @@
 """A miniature reproduction of Gradient's claim: raising RoPE theta and training briefly at the longer
 length gives retrieval at that length. A small Llama-3-shaped model (head_dim 64) learns passkey and
 needle-in-a-haystack retrieval at a short length L0 (a length curriculum up to L0: copy documents
-first, then retrieval documents mixed with copy documents and the demo corpus); then three arms
+first, then retrieval documents mixed with copy documents and the demo corpus); then four arms
 extend it to 4x and 16x L0 in two stages with the same steps and data: theta by the scaling-law
-rule, by the NTK rule, and unchanged (the control). Passkey and NIAH accuracy per arm and length
-are printed as a table and drawn as a PNG.
+rule, by the NTK rule, unchanged (the control), and unchanged with YaRN scaling instead (factor
+4 and 16 over the original L0, transformers' `yarn` with its attention factor). Passkey and NIAH
+accuracy per arm and length are printed as a table and drawn as a PNG.
 
 Everything goes through the project's own code: `lwm_jax.data.synthetic` for the copy and retrieval
 documents, `lwm_jax.data.prepare` for the data, `lwm_jax.train.runner.train` for every stage (recipes
@@ -46,7 +47,8 @@ from lwm_jax.eval.plots import pyplot, short_length
 # first (XLA_FLAGS, jax_num_cpu_devices), and --help stays instant.
 
 ROOT = Path(__file__).resolve().parents[1]
-ARMS = (("scaling-law", "scaling-law"), ("ntk", "ntk"), ("control", None))  # (name, stage rope_theta rule)
+# (name, stage rope_theta rule); the yarn arm keeps theta and scales RoPE with YaRN instead.
+ARMS = (("scaling-law", "scaling-law"), ("ntk", "ntk"), ("control", None), ("yarn", "yarn"))
 TASKS = RETRIEVAL_TASKS  # ("passkey", "niah")
 EVAL_SEED = 12345  # probes scored are built from other seeds than the training documents
 
@@ -256,16 +258,25 @@ def train_base(s: Settings, out: Path, devices: int) -> tuple[Path, list[dict]]:
     return ckpt, summaries
 
 
-def train_arm(s: Settings, out: Path, arm: str, rule: str | None, base_ckpt: Path, devices: int) -> list[dict]:
-    from lwm_jax.train.runner import train
-
+def arm_stages(s: Settings, rule: str | None, base_ckpt: Path) -> list[dict]:
+    """An arm's extension stages: the same lengths, steps, batches and optimizer for every arm."""
     stages = []
     for i, (mult, steps, batch, lr) in enumerate(s.extension):
-        stages.append(stage(f"x{mult}", mult * s.l0, steps, batch, lr, rule or s.base_theta,
+        theta = s.base_theta if rule in (None, "yarn") else rule
+        stages.append(stage(f"x{mult}", mult * s.l0, steps, batch, lr, theta,
                             f"ckpt:{base_ckpt}" if i == 0 else "previous"))
+        if rule == "yarn":  # YaRN's factor is over the length the base was trained at
+            stages[-1]["rope"] = {"type": "yarn", "factor": mult, "original_max_position_embeddings": s.l0}
     # Constant LR after a short warmup, as Gradient's stages (EasyContext: constant, no decay).
     for st in stages:
         st["optimizer"].update(schedule="constant", min_lr_ratio=0.0)
+    return stages
+
+
+def train_arm(s: Settings, out: Path, arm: str, rule: str | None, base_ckpt: Path, devices: int) -> list[dict]:
+    from lwm_jax.train.runner import train
+
+    stages = arm_stages(s, rule, base_ckpt)
     recipe = make_recipe(f"mini_{arm}", s, out, stages, devices, s.retrieval_share)
     say(f"arm {arm}: " + " -> ".join(f"{st['seq_len']} tokens x {st['steps']} steps" for st in stages))
     return train(recipe, out / f"arm-{arm}")
@@ -305,7 +316,8 @@ def plot(results: dict, s: Settings, path: Path) -> Path:
     plt = pyplot()
     lengths = [s.l0 * m for m in (1, *[m for m, *_ in s.extension])]
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.4))
-    styles = {"scaling-law": ("#0CD79F", "o"), "ntk": ("#EBB839", "s"), "control": ("#F0496E", "^")}
+    styles = {"scaling-law": ("#0CD79F", "o"), "ntk": ("#EBB839", "s"), "control": ("#F0496E", "^"),
+              "yarn": ("#3F6FD8", "D")}
     for ax, task in zip(axes, TASKS):
         base = results["base"]["scores"][task]
         ax.plot(lengths, [base[n] for n in lengths], color="grey", linestyle=":", marker="x",

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-ARMS = ("scaling-law", "ntk", "control")
+ARMS = ("scaling-law", "ntk", "yarn", "control")
 TASKS = ("passkey", "niah")
 
 

@@ -21,7 +21,7 @@ from lwm_jax.config import ModelConfig, RopeScaling
 from lwm_jax.convert.hf import hf_shapes, hf_tensors
 from lwm_jax.errors import UserError
 from lwm_jax.model.llama import Llama
-from lwm_jax.model.rope import inv_frequencies
+from lwm_jax.model.rope import attention_factor, inv_frequencies
 from lwm_jax.model.store import load_model, read_metadata
 from lwm_jax.progress import progress
 
@@ -169,12 +169,40 @@ def rope_freq_factors(head_dim: int, theta: float, scaling: RopeScaling) -> np.n
     return (base / inv_frequencies(head_dim, theta, scaling)).astype(np.float32)
 
 
+def _llama3(cfg: ModelConfig) -> bool:
+    return cfg.rope_scaling is not None and cfg.rope_scaling.rope_type == "llama3"
+
+
+def add_rope_scaling(writer: gguf.GGUFWriter, cfg: ModelConfig) -> None:
+    """llama.cpp's rope-scaling metadata for `cfg.rope_scaling`, or a UserError naming what it cannot
+    represent. `llama3` travels as the `rope_freqs` tensor (as llama.cpp's own converter writes it);
+    `linear` and `yarn` as `rope.scaling.*` keys. llama.cpp's YaRN always rounds the ramp's ends
+    outward (transformers' `truncate: true`) and multiplies cos/sin by `rope.scaling.attn_factor *
+    (1 + 0.1 ln factor)`, so transformers' attention factor is written as that quotient."""
+    scaling = cfg.rope_scaling
+    if scaling is None or scaling.rope_type in ("default", "llama3"):
+        return
+    if scaling.rope_type == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(scaling.factor)
+        return
+    if scaling.truncate is False:
+        raise UserError("rope_scaling yarn with truncate=false cannot be exported to GGUF: llama.cpp always "
+                        "rounds YaRN's correction range to whole dimensions (truncate=true)")
+    writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+    writer.add_rope_scaling_factor(scaling.factor)
+    writer.add_rope_scaling_orig_ctx_len(scaling.original_max_position_embeddings)
+    writer.add_rope_scaling_yarn_beta_fast(scaling.beta_fast or 32.0)
+    writer.add_rope_scaling_yarn_beta_slow(scaling.beta_slow or 1.0)
+    writer.add_rope_scaling_attn_factors(attention_factor(scaling) / (1.0 + 0.1 * np.log(scaling.factor)))
+
+
 def _plan(cfg: ModelConfig, type: str) -> list[_Planned]:
     """Every tensor of the file in write order: generated ones first, then `hf_tensors`' order."""
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_layers)
     shapes = hf_shapes(cfg)
     order = {"model.embed_tokens.weight": 0, "model.norm.weight": 2, "lm_head.weight": 3}
-    plan = [_Planned(ROPE_FREQS, (cfg.head_dim // 2,), QT.F32)] if cfg.rope_scaling is not None else []
+    plan = [_Planned(ROPE_FREQS, (cfg.head_dim // 2,), QT.F32)] if _llama3(cfg) else []
     for hf_name in sorted(shapes, key=lambda n: order.get(n, 1)):  # stable: layers keep their order
         shape = shapes[hf_name]
         qtype = QT.F32 if len(shape) == 1 else MATRIX_TYPES[type]
@@ -188,7 +216,7 @@ def _llama_cpp_tensors(model: Llama, theta: float) -> Iterator[tuple[str, np.nda
     """Yields (llama.cpp name, float32 array in llama.cpp's layout) for every tensor of the file."""
     cfg = model.config
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_layers)
-    if cfg.rope_scaling is not None:
+    if _llama3(cfg):
         yield ROPE_FREQS, rope_freq_factors(cfg.head_dim, theta, cfg.rope_scaling)
     for hf_name, value in hf_tensors(model):
         if hf_name.endswith("self_attn.q_proj.weight"):
@@ -217,6 +245,7 @@ def _add_metadata(writer: gguf.GGUFWriter, cfg: ModelConfig, vocab: Vocab, *, na
     writer.add_value_length(cfg.head_dim)
     writer.add_rope_dimension_count(cfg.head_dim)
     writer.add_rope_freq_base(rope_theta)
+    add_rope_scaling(writer, cfg)
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
 
     writer.add_tokenizer_model("gpt2")  # llama.cpp's name for byte-level BPE

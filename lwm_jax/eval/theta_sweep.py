@@ -1,10 +1,12 @@
-"""The empirical RoPE-theta search: long-context loss of a checkpoint at candidate thetas, without
-training (same weights, only the rotary base changed), over log-spaced candidates around the
-scaling-law value or by golden-section search in log theta; returns every point and the best.
+"""The empirical RoPE search: long-context loss of a checkpoint at candidate thetas (or values of one
+scalar of its RoPE scaling method, such as YaRN's factor), without training (same weights, only
+that number changed), over log-spaced candidates around the scaling-law theta (or the method's own
+value) or by golden-section search in log space; returns every point and the best.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -68,26 +70,44 @@ def golden_section(loss: Callable[[float], float], lo: float, hi: float, iterati
     return seen
 
 
+def with_value(config, param: str, value: float):
+    """`config` with `param` (`rope_theta` or a field of its `rope_scaling`) set to `value`."""
+    if param == "rope_theta":
+        return config.replace(rope_theta=float(value))
+    return config.replace(rope_scaling=dataclasses.replace(config.rope_scaling, **{param: float(value)}))
+
+
 def theta_sweep(model, tokens: np.ndarray, *, context: int, candidates: Sequence[float] | None = None,
                 search: bool = False, num: int = DEFAULT_CANDIDATES, span: float = DEFAULT_SPAN,
-                iterations: int = 10, orig_context: int | None = None, mesh=None) -> dict:
-    """Mean NLL of `model`'s weights on `tokens` ([batch, context]) at each candidate theta.
+                iterations: int = 10, orig_context: int | None = None, mesh=None, param: str = "rope_theta") -> dict:
+    """Mean NLL of `model`'s weights on `tokens` ([batch, context]) at each candidate value of
+    `param`: `rope_theta`, or a real-valued field of the model's `rope_scaling` (e.g. `factor`).
 
-    Candidates: the given list, else `num` log-spaced around the scaling-law center, or with
-    `search` a golden-section search over [center/span, center*span]. Returns {"points": [{theta,
-    mean_nll}] sorted by theta, "best_theta", "best_nll", "center_theta", "trained_theta"}.
+    Candidates: the given list, else `num` log-spaced around the center (the scaling-law theta; the
+    model's own value of any other field), or with `search` a golden-section search over
+    [center/span, center*span]. Returns {"param", "points": [{value, mean_nll}] sorted by value,
+    "best_value", "best_nll", "center_value", "trained_value", ...}; a theta sweep also names them
+    "theta", "best_theta", "center_theta" and "trained_theta".
     """
     config = model.config
     if tokens.shape[1] != context:
         raise UserError(f"tokens have length {tokens.shape[1]} but --context is {context}")
     if candidates is not None and any(not (t > 0 and math.isfinite(t)) for t in candidates):
         raise UserError(f"candidates {list(candidates)} must be positive numbers")
+    if param == "rope_theta":
+        trained = config.rope_theta
+        center = center_theta(config.rope_theta, context, orig_context or config.max_position_embeddings)
+    else:
+        trained = getattr(config.rope_scaling, param, None) if config.rope_scaling is not None else None
+        if trained is None:
+            raise UserError(f"cannot sweep {param}: the model's rope_scaling "
+                            f"({config.rope_scaling.rope_type if config.rope_scaling else 'none'}) does not set it")
+        center = float(trained)
     params = nnx.to_pure_dict(nnx.state(model))
-    center = center_theta(config.rope_theta, context, orig_context or config.max_position_embeddings)
 
-    def loss(theta: float) -> float:
-        nll, _ = mean_nll(merge_params(config.replace(rope_theta=float(theta)), params), tokens, mesh)
-        log(f"theta {theta:,.1f}: mean NLL {nll:.5f}")
+    def loss(value: float) -> float:
+        nll, _ = mean_nll(merge_params(with_value(config, param, value), params), tokens, mesh)
+        log(f"{param} {value:,.4g}: mean NLL {nll:.5f}")
         return nll
 
     if search:
@@ -96,18 +116,30 @@ def theta_sweep(model, tokens: np.ndarray, *, context: int, candidates: Sequence
         points = [(float(t), loss(t)) for t in (candidates or log_spaced(center, num, span))]
     points.sort()
     best = min(points, key=lambda p: p[1])
-    return {"points": [{"theta": t, "mean_nll": v} for t, v in points], "best_theta": best[0], "best_nll": best[1],
-            "center_theta": center, "trained_theta": config.rope_theta, "context": context,
-            "method": "golden-section" if search else ("candidates" if candidates else "log-spaced")}
+    result = {"param": param, "points": [{"value": t, "mean_nll": v} for t, v in points], "best_value": best[0],
+              "best_nll": best[1], "center_value": center, "trained_value": float(trained), "context": context,
+              "method": "golden-section" if search else ("candidates" if candidates else "log-spaced")}
+    if param == "rope_theta":
+        result["points"] = [{"theta": p["value"], **p} for p in result["points"]]
+        result.update(best_theta=best[0], center_theta=center, trained_theta=float(trained))
+    return result
+
+
+def _label(result: dict) -> str:
+    return "theta" if result.get("param", "rope_theta") == "rope_theta" else result["param"]
 
 
 def sweep_table(result: dict) -> list[str]:
-    """The sweep as printable lines: theta and mean NLL per point, then the best."""
-    lines = [f"{'theta':>18} {'mean NLL':>9}"]
-    lines += [f"{p['theta']:>18,.1f} {p['mean_nll']:>9.4f}{'  <- best' if p['theta'] == result['best_theta'] else ''}"
-              for p in result["points"]]
-    lines.append(f"best theta {result['best_theta']:,.1f} (scaling-law value {result['center_theta']:,.1f}, "
-                 f"trained at {result['trained_theta']:,.1f})")
+    """The sweep as printable lines: the swept value and mean NLL per point, then the best."""
+    name, fmt = _label(result), (",.1f" if _label(result) == "theta" else ".4g")
+    best = result.get("best_value", result.get("best_theta"))
+    lines = [f"{name:>18} {'mean NLL':>9}"]
+    for p in result["points"]:
+        value = p.get("value", p.get("theta"))
+        lines.append(f"{value:>18{fmt}} {p['mean_nll']:>9.4f}{'  <- best' if value == best else ''}")
+    center = "scaling-law value" if name == "theta" else "recipe value"
+    lines.append(f"best {name} {best:{fmt}} ({center} {result.get('center_value', result.get('center_theta')):{fmt}}, "
+                 f"trained at {result.get('trained_value', result.get('trained_theta')):{fmt}})")
     return lines
 
 
@@ -117,22 +149,27 @@ def save_sweep(result: dict, directory: str | Path) -> dict[str, str]:
     directory.mkdir(parents=True, exist_ok=True)
     files = {"json": str(directory / "theta_sweep.json"), "png": str(directory / "theta_sweep.png")}
     Path(files["json"]).write_text(json.dumps({**result, "files": files}, indent=1))
-    points = result["points"]
-    line_plot({"mean NLL": ([p["theta"] for p in points], [p["mean_nll"] for p in points])}, files["png"],
-              f"theta sweep at context {result['context']:,} (scaling law {result['center_theta']:,.0f})",
-              "RoPE theta", "mean NLL", logx=True, mark_x=result["best_theta"])
+    points, name = result["points"], _label(result)
+    values = [p.get("value", p.get("theta")) for p in points]
+    center = result.get("center_value", result.get("center_theta"))
+    title = (f"theta sweep at context {result['context']:,} (scaling law {center:,.0f})" if name == "theta" else
+             f"{name} sweep at context {result['context']:,} (recipe value {center:.4g})")
+    line_plot({"mean NLL": (values, [p["mean_nll"] for p in points])}, files["png"], title,
+              "RoPE theta" if name == "theta" else f"RoPE {name}", "mean NLL", logx=True,
+              mark_x=result.get("best_value", result.get("best_theta")))
     return files
 
 
 def stage_sweep(model, paths, *, context: int, sweep: ThetaSweepConfig, sequences: int, orig_context: int, mesh,
-                out_dir: str | Path) -> float:
-    """A recipe stage's `rope_theta: sweep` (the `TrainHooks.sweep_theta` the CLI passes to training):
-    the search on the first `sequences` of the stage's data; process 0 writes and logs the table."""
+                out_dir: str | Path, param: str = "rope_theta") -> float:
+    """A recipe stage's `rope_theta: sweep` or `sweep: FIELD` (the `TrainHooks.sweep_theta` the CLI
+    passes to training): the search on the first `sequences` of the stage's data; process 0 writes
+    and logs the table. Returns the best value."""
     tokens = load_eval_data(paths, context, sequences, model.config.vocab_size)
     result = theta_sweep(model, tokens, context=context, num=sweep.num, span=sweep.span, search=sweep.search,
-                         iterations=sweep.iterations, orig_context=orig_context, mesh=mesh)
+                         iterations=sweep.iterations, orig_context=orig_context, mesh=mesh, param=param)
     if jax.process_index() == 0:
         save_sweep(result, out_dir)
         for line in sweep_table(result):
             log(line)
-    return result["best_theta"]
+    return result["best_value"]

@@ -54,25 +54,28 @@ def init_source(stage: StageConfig, recipe: RecipeConfig) -> ModelConfig:
 
 
 def plan_recipe(recipe: RecipeConfig, num_devices: int | None, check_sources: bool = True,
-                swept: dict[str, float] | None = None) -> list[StagePlan]:
+                swept: dict[str, float] | None = None, only_stage: str | None = None) -> list[StagePlan]:
     """Resolves theta, mesh and model per stage and checks everything that can fail before compiling.
 
     `num_devices=None` sizes each stage by its own mesh (which then may not use -1), as the planner
     does for recipes whose stages run on different clusters. `check_sources=False` skips looking at
-    init folders (planning on a machine that does not hold the weights). `swept` holds the thetas
-    that `rope_theta: sweep` stages have found so far; a stage not yet swept is planned with the
-    scaling-law value (shapes do not depend on theta) and marked `theta_pending`.
+    init folders (planning on a machine that does not hold the weights). `swept` holds the values
+    that sweeping stages (`rope_theta: sweep`, or `sweep: FIELD` of their `rope`) have found so far; a
+    stage not yet swept is planned with the scaling-law theta or its recipe value of the field
+    (shapes do not depend on them) and marked `theta_pending`. A stage without `rope` keeps the RoPE
+    scaling method of the model it starts from. `only_stage`: plan (and check the mesh of) that stage
+    alone; the others still pass their theta and RoPE on to it.
     """
     plans = []
     swept = swept or {}
     first = recipe.stages[0]
     previous = init_source(first, recipe) if check_sources else recipe.model
-    prev_theta, prev_len = previous.rope_theta, previous.max_position_embeddings
+    prev_theta, prev_len, prev_rope = previous.rope_theta, previous.max_position_embeddings, previous.rope_scaling
     for index, stage in enumerate(recipe.stages):
         where = f"stages.{stage.name}"
-        pending = stage.rope_theta == "sweep" and stage.name not in swept
-        if stage.rope_theta == "sweep" and stage.init_from == "scratch":
-            raise UserError(f"{where}: rope_theta: sweep needs trained weights to measure, but the stage "
+        pending = stage.swept is not None and stage.name not in swept
+        if stage.swept is not None and stage.init_from == "scratch":
+            raise UserError(f"{where}: a {stage.swept} sweep needs trained weights to measure, but the stage "
                             "starts from scratch; give a number or a rule")
         if stage.rope_theta == "sweep" and not pending:
             theta = swept[stage.name]
@@ -85,15 +88,20 @@ def plan_recipe(recipe: RecipeConfig, num_devices: int | None, check_sources: bo
             raise UserError(f"{where}.rope_theta resolves to {theta}; it must be > 0")
         if check_sources and index > 0 and stage.init_from != "previous":
             init_source(stage, recipe)  # checks the folder exists and its shapes match
+        rope = prev_rope if stage.rope is None else stage.rope
+        if stage.swept not in (None, "rope_theta") and not pending:
+            rope = dataclasses.replace(rope, **{stage.swept: swept[stage.name]})
+        model = recipe.model.replace(rope_theta=theta, rope_scaling=rope, max_position_embeddings=stage.seq_len,
+                                     remat=stage.remat or recipe.model.remat)
+        prev_theta, prev_len, prev_rope = theta, stage.seq_len, model.rope_scaling
+        if only_stage not in (None, stage.name):
+            continue
         mesh_cfg = stage.mesh or recipe.mesh
         if num_devices is None and -1 in mesh_cfg.shape:
             raise UserError(f"{where}: mesh {mesh_cfg.spec()} has a -1 axis; give the device count (--devices)")
         mesh = mesh_cfg.resolve(num_devices if num_devices is not None else math.prod(mesh_cfg.shape))
-        model = recipe.model.replace(rope_theta=theta, max_position_embeddings=stage.seq_len,
-                                     remat=stage.remat or recipe.model.remat)
         _check_stage(where, stage, model, mesh)
         plans.append(StagePlan(index, stage, model, mesh, theta_pending=pending))
-        prev_theta, prev_len = theta, stage.seq_len
     return plans
 
 
@@ -103,7 +111,7 @@ def _check_stage(where: str, stage: StageConfig, model: ModelConfig, mesh: MeshC
         raise UserError(f"{where}.batch_size={stage.batch_size} must be divisible by dp*fsdp={data_ways} "
                         f"(mesh {mesh.spec()}); the global batch per step is batch_size*grad_accum")
     rows = stage.theta_sweep.sequences
-    if stage.rope_theta == "sweep" and rows and rows % data_ways:
+    if stage.swept is not None and rows and rows % data_ways:
         raise UserError(f"{where}.theta_sweep.sequences={rows} must be divisible by dp*fsdp={data_ways}")
     if model.num_heads % mesh.tp or model.num_kv_heads % mesh.tp:
         raise UserError(f"{where}: num_heads={model.num_heads} and num_kv_heads={model.num_kv_heads} must be "
