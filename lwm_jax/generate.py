@@ -21,6 +21,7 @@ from lwm_jax.config import ModelConfig, from_dict
 from lwm_jax.data.chat import ChatTemplate
 from lwm_jax.data.tokenize import get_tokenizer, load_tokenizer_info
 from lwm_jax.errors import UserError
+from lwm_jax.model.context import check_context
 from lwm_jax.model.store import load_model, read_metadata
 from lwm_jax.parallel.mesh import state_shardings
 
@@ -282,7 +283,8 @@ def generate_command(ckpt, *, prompt: str | None = None, tokens=None, tokenizer=
     prompt_ids = check_prompt(ids, config.vocab_size)
     memory = None if device_memory_gib is None else int(device_memory_gib * 2**30)
     plan_cache(config, len(prompt_ids), max_new_tokens, mesh, memory)  # fails before loading
-    stop = set(config.eos_token_id)
+    check_context(len(prompt_ids) + max_new_tokens, config.max_position_embeddings, what="prompt + new tokens")
+    stop = set(config.eos_token_id or ())  # None: the model has no end token
     if tok is not None and tok.token_to_id(EOT_TOKEN) is not None:
         stop.add(tok.token_to_id(EOT_TOKEN))
     model, _ = load_model(ckpt, mesh=mesh, attention=attention)

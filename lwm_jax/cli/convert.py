@@ -4,41 +4,27 @@ folders and GGUF files, over `lwm_jax.convert`.
 
 from __future__ import annotations
 
-import os
-
 from lwm_jax.cli.common import command, mesh_from_args, print_result
 from lwm_jax.convert.gguf import export_checkpoint
-from lwm_jax.convert.hf import export_hf, import_hf, parse_size, stage_checkpoint, write_model_card
-from lwm_jax.model.store import load_model, model_metadata, save_model
+from lwm_jax.convert.hf import export_hf_checkpoint, import_hf_checkpoint, parse_size
 
 
 def cmd_import_hf(args) -> int:
     """Reads config.json and safetensors weights (single or sharded with
-    model.safetensors.index.json) and writes an orbax checkpoint with metadata. Pickle (.bin)
-    weights are refused."""
-    model = import_hf(args.hf_dir, mesh=mesh_from_args(args))
-    path = save_model(args.ckpt, model, model_metadata(model.config, source=os.path.abspath(args.hf_dir)),
-                      overwrite=args.force)
-    cfg = model.config
-    print_result(args, {"checkpoint": str(path), "params": cfg.num_params, "rope_theta": cfg.rope_theta},
-                 [f"imported {cfg.num_params:,} params (theta {cfg.rope_theta:,.0f}) into {path}"])
+    model.safetensors.index.json) and writes an orbax checkpoint with metadata, one param leaf in
+    memory at a time. Pickle (.bin) weights are refused."""
+    r = import_hf_checkpoint(args.hf_dir, args.ckpt, mesh=mesh_from_args(args), force=args.force)
+    print_result(args, r, [f"imported {r['params']:,} params (theta {r['rope_theta']:,.0f}) into {r['checkpoint']}"])
     return 0
 
 
 def cmd_export_hf(args) -> int:
     """Writes safetensors (sharded past --max-shard-size, with an index), config.json with the
     checkpoint's rope_theta and max_position_embeddings, generation_config.json and, with
-    --tokenizer, the tokenizer files."""
-    max_shard = parse_size(args.max_shard_size)
-    ckpt, card = (stage_checkpoint(args.ckpt, args.stage) if args.stage else (args.ckpt, None))
-    model, meta = load_model(ckpt)
-    out = export_hf(model, args.out_dir, dtype=args.dtype, tokenizer_dir=args.tokenizer,
-                    max_position_embeddings=meta.get("max_position_embeddings"),
-                    max_shard_bytes=max_shard, force=args.force)
-    if card is not None:
-        write_model_card(out, card, meta)
-    print_result(args, {"out_dir": str(out), "dtype": args.dtype},
-                 [f"wrote Hugging Face model ({args.dtype}) to {out}"])
+    --tokenizer, the tokenizer files, reading one param leaf at a time."""
+    r = export_hf_checkpoint(args.ckpt, args.out_dir, stage=args.stage, dtype=args.dtype, tokenizer_dir=args.tokenizer,
+                             max_shard_bytes=parse_size(args.max_shard_size), force=args.force)
+    print_result(args, r, [f"wrote Hugging Face model ({r['dtype']}) to {r['out_dir']}"])
     return 0
 
 

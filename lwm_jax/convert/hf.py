@@ -3,37 +3,45 @@
 Import reads single-file or sharded safetensors (with `model.safetensors.index.json`), checks every
 tensor's shape against `config.json`, and never unpickles `.bin` files. Export writes safetensors
 (sharded past a size, with an index), `config.json` carrying the stage's `rope_theta` and
-`max_position_embeddings`, `generation_config.json`, and optionally the tokenizer files.
+`max_position_embeddings`, `generation_config.json`, and optionally the tokenizer files. Between
+files and checkpoints both directions stream: one stacked param leaf is in memory at a time.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import math
+import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import jax
 import ml_dtypes
 import numpy as np
-import safetensors
-import safetensors.numpy
 import yaml
 from flax import nnx
 
-from lwm_jax.config import ModelConfig
+from lwm_jax.config import ModelConfig, from_dict
+from lwm_jax.convert.safetensors_io import INDEX_FILE, TensorReader, plan_shards, weight_files, write_safetensors
 from lwm_jax.errors import UserError
 from lwm_jax.model.llama import Llama
-from lwm_jax.model.store import read_hf_config
+from lwm_jax.model.store import (
+    LazyLeaf,
+    iter_params,
+    model_metadata,
+    params_target,
+    read_hf_config,
+    read_metadata,
+    save_lazy_params,
+)
 from lwm_jax.parallel.mesh import state_shardings
 from lwm_jax.progress import progress
 
-INDEX_FILE = "model.safetensors.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 IGNORED_TENSORS = ("rotary_emb.inv_freq",)
 EXPORT_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
-PICKLE_HINT = ("convert them to safetensors first, e.g. python -c \"from transformers import "
-               "AutoModelForCausalLM as M; M.from_pretrained('IN').save_pretrained('OUT')\"")
 
 
 def _layer_map(cfg: ModelConfig) -> dict[str, tuple[str, Callable, Callable]]:
@@ -84,30 +92,6 @@ def hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 # Import ------------------------------------------------------------------------------------------
 
 
-def _weight_files(hf_dir: Path) -> dict[str, Path]:
-    """HF tensor name -> the safetensors file holding it."""
-    index = hf_dir / INDEX_FILE
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = {name: hf_dir / fname for name, fname in weight_map.items()}
-        missing = sorted({str(p.name) for p in files.values() if not p.is_file()})
-        if missing:
-            raise UserError(f"{index} names missing shard file(s): {', '.join(missing)}")
-        return files
-    single = sorted(hf_dir.glob("*.safetensors"))
-    if not single:
-        pickles = sorted(p.name for p in hf_dir.glob("*.bin")) + sorted(p.name for p in hf_dir.glob("*.pt*"))
-        if pickles:
-            raise UserError(f"{hf_dir} holds only pickle weights ({', '.join(pickles)}); lwm-jax never "
-                            f"unpickles files: {PICKLE_HINT}")
-        raise UserError(f"{hf_dir} has no *.safetensors weights")
-    files = {}
-    for path in single:
-        with safetensors.safe_open(path, framework="numpy") as f:
-            files.update(dict.fromkeys(f.keys(), path))  # a safe_open handle has keys() but is not iterable
-    return files
-
-
 def _check_names(files: dict[str, Path], cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     expected = hf_shapes(cfg)
     names = {n for n in files if not n.endswith(IGNORED_TENSORS)}
@@ -122,63 +106,88 @@ def _check_names(files: dict[str, Path], cfg: ModelConfig) -> dict[str, tuple[in
     return expected
 
 
-class _Reader:
-    """Reads HF tensors as float32 numpy, keeping each safetensors file open once."""
+def _open_hf(hf_dir: str | Path, **runtime) -> tuple[ModelConfig, Callable[[str], np.ndarray]]:
+    """`(config, build)` of a Hugging Face folder: `build(dotted param key)` makes that stacked
+    float32 param leaf from the HF tensors, holding one HF tensor (or a block of rows) beside it.
+    Every file is opened and every shape checked here, before any leaf is built."""
+    hf_dir = Path(hf_dir)
+    cfg = read_hf_config(hf_dir, **runtime)
+    files = weight_files(hf_dir)
+    read = TensorReader(files, _check_names(files, cfg))
+    read.check_all()
+    layer_map = _layer_map(cfg)
 
-    def __init__(self, files: dict[str, Path], shapes: dict[str, tuple[int, ...]]):
-        self.files, self.shapes, self.handles = files, shapes, {}
+    def build(key: str) -> np.ndarray:
+        if key.startswith("layers."):
+            hf_name, to_ours, _ = layer_map[key.removeprefix("layers.")]
+            out = None
+            for i in range(cfg.num_layers):
+                value = to_ours(read(f"model.layers.{i}.{hf_name}"))
+                if out is None:
+                    out = np.empty((cfg.num_layers, *value.shape), np.float32)
+                out[i] = value
+            return out
+        if key == "norm.weight":
+            return read("model.norm.weight")
+        names = {"embed_tokens": "model.embed_tokens.weight", "lm_head": "lm_head.weight"}
+        if key not in names:
+            raise AssertionError(f"no HF mapping for param {key}")
+        transpose = key == "lm_head"  # ours [d, vocab], HF [vocab, d]
+        shape = read.shapes[names[key]]
+        out = np.empty(shape[::-1] if transpose else shape, np.float32)
+        for start, stop, rows in read.blocks(names[key]):
+            if transpose:
+                out[:, start:stop] = rows.T
+            else:
+                out[start:stop] = rows
+        return out
 
-    def __call__(self, name: str) -> np.ndarray:
-        path = self.files[name]
-        if path not in self.handles:
-            self.handles[path] = safetensors.safe_open(path, framework="numpy")
-        tensor = self.handles[path].get_tensor(name)
-        if tuple(tensor.shape) != self.shapes[name]:
-            raise UserError(f"tensor {name} has shape {tuple(tensor.shape)} but the config expects "
-                            f"{self.shapes[name]}")
-        return np.asarray(tensor, dtype=np.float32)
+    return cfg, build
 
 
 def import_hf(hf_dir: str | Path, mesh=None, **runtime) -> Llama:
     """Builds a `Llama` holding the weights of the Hugging Face model in `hf_dir`."""
-    hf_dir = Path(hf_dir)
-    cfg = read_hf_config(hf_dir, **runtime)
-    files = _weight_files(hf_dir)
-    read = _Reader(files, _check_names(files, cfg))
+    cfg, build = _open_hf(hf_dir, **runtime)
     abstract = nnx.eval_shape(lambda: Llama(cfg, nnx.Rngs(0)))
     graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
     shardings = None
     if mesh is not None:
         shardings = dict(nnx.to_flat_state(state_shardings(mesh, params)))
     flat = nnx.to_flat_state(params)
-    values = {}
-    layer_map = _layer_map(cfg)
-    for path, _ in progress(list(flat), desc="import-hf"):
-        key = ".".join(str(p) for p in path)
-        if key.startswith("layers."):
-            hf_name, to_ours, _ = layer_map[key.removeprefix("layers.")]
-            value = np.stack([to_ours(read(f"model.layers.{i}.{hf_name}")) for i in range(cfg.num_layers)])
-        elif key == "embed_tokens":
-            value = read("model.embed_tokens.weight")
-        elif key == "norm.weight":
-            value = read("model.norm.weight")
-        elif key == "lm_head":
-            value = read("lm_head.weight").T
-        else:
-            raise AssertionError(f"no HF mapping for param {key}")
+    for path, variable in progress(list(flat), desc="import-hf"):
         sharding = shardings[path].get_value() if shardings is not None else None
-        values[path] = jax.device_put(np.ascontiguousarray(value), sharding)
-    for path, variable in flat:
-        variable.set_value(values[path])
+        variable.set_value(jax.device_put(build(".".join(str(p) for p in path)), sharding))
     return nnx.merge(graphdef, nnx.from_flat_state(flat), rest)
 
 
-# Export ------------------------------------------------------------------------------------------
+def import_hf_checkpoint(hf_dir: str | Path, ckpt: str | Path, *, mesh=None, force: bool = False) -> dict:
+    """`lwm-jax import-hf`: writes the Hugging Face model in `hf_dir` as an orbax checkpoint at
+    `ckpt`, one param leaf in memory at a time; returns `{"checkpoint", "params", "rope_theta"}`."""
+    cfg, build = _open_hf(hf_dir)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(params_target(cfg, mesh))
+    bar = progress(None, desc="import-hf", total=len(leaves))
+
+    def make(key: str) -> np.ndarray:
+        value = build(key)
+        bar.update(1)
+        return value
+
+    lazy = [LazyLeaf(functools.partial(make, ".".join(str(k.key) for k in path)), leaf.shape, leaf.dtype,
+                     leaf.sharding) for path, leaf in leaves]
+    try:
+        path = save_lazy_params(ckpt, treedef.unflatten(lazy),
+                                model_metadata(cfg, source=os.path.abspath(hf_dir)), overwrite=force)
+    finally:
+        bar.close()
+    return {"checkpoint": str(path), "params": cfg.num_params, "rope_theta": cfg.rope_theta}
 
 
 def import_hf_params(hf_dir: str | Path, mesh, runtime: dict) -> dict:
     """Params (pure dict) of a Hugging Face folder on `mesh` (the `TrainHooks.load_hf` of training)."""
     return nnx.to_pure_dict(nnx.state(import_hf(hf_dir, mesh=mesh, **runtime)))
+
+
+# Export ------------------------------------------------------------------------------------------
 
 
 def hf_tensors(model: Llama) -> Iterator[tuple[str, np.ndarray]]:
@@ -201,6 +210,28 @@ def hf_tensors(model: Llama) -> Iterator[tuple[str, np.ndarray]]:
         yield "lm_head.weight", np.ascontiguousarray(host("lm_head").T)
 
 
+def _hf_names(cfg: ModelConfig, key: str) -> list[str]:
+    """The HF tensors one of our param leaves (dotted key) becomes, in the order `_leaf_tensors` gives."""
+    if key.startswith("layers."):
+        hf_name = _layer_map(cfg)[key.removeprefix("layers.")][0]
+        return [f"model.layers.{i}.{hf_name}" for i in range(cfg.num_layers)]
+    return [{"embed_tokens": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+             "lm_head": "lm_head.weight"}[key]]
+
+
+def _leaf_tensors(cfg: ModelConfig, leaves: Iterable[tuple[str, np.ndarray]]) -> Iterator[tuple[str, np.ndarray]]:
+    """(HF name, array in HF layout) for each param leaf of `leaves`, leaf by leaf."""
+    layer_map = _layer_map(cfg)
+    for key, value in leaves:
+        if key.startswith("layers."):
+            to_hf = layer_map[key.removeprefix("layers.")][2]
+            for name, i in zip(_hf_names(cfg, key), range(cfg.num_layers)):
+                yield name, to_hf(value[i])
+        else:
+            yield _hf_names(cfg, key)[0], value.T if key == "lm_head" else value
+        del value  # freed before the next leaf is read
+
+
 def parse_size(text: str) -> int:
     """Parses sizes like `5GB`, `200MB`, `1024` into bytes."""
     units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
@@ -213,57 +244,92 @@ def parse_size(text: str) -> int:
     raise UserError(f"bad size {text!r} (examples: 5GB, 500MB, 1048576)")
 
 
-def export_hf(model: Llama, out_dir: str | Path, *, dtype: str = "bfloat16", max_position_embeddings: int | None = None,
-              tokenizer_dir: str | Path | None = None, max_shard_bytes: int = 5 * 10**9,
-              force: bool = False) -> Path:
-    """Writes `model` as a Hugging Face Llama folder; returns the folder."""
+def _check_export(out_dir: Path, dtype: str, tokenizer_dir, force: bool) -> Path | None:
+    """The tokenizer folder (or None) once the export's arguments are known good; nothing is read yet."""
     if dtype not in EXPORT_DTYPES:
         raise UserError(f"--dtype {dtype!r} is not one of {sorted(EXPORT_DTYPES)}")
-    out_dir = Path(out_dir)
     if tokenizer_dir is not None:
         tokenizer_dir = Path(tokenizer_dir)
         if not (tokenizer_dir / "tokenizer.json").is_file():
             raise UserError(f"--tokenizer {tokenizer_dir} has no tokenizer.json")
     if out_dir.exists() and any(out_dir.iterdir()) and not force:
         raise UserError(f"{out_dir} exists and is not empty; choose a new folder or pass --force")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    cfg = model.config
-    if max_position_embeddings is not None:
-        cfg = cfg.replace(max_position_embeddings=max_position_embeddings)
-    np_dtype = EXPORT_DTYPES[dtype]
+    return tokenizer_dir
 
-    shards: list[dict[str, np.ndarray]] = [{}]
-    size = 0
-    for name, value in progress(hf_tensors(model), desc="export-hf", total=len(hf_shapes(cfg))):
-        value = value.astype(np_dtype)
-        if shards[-1] and size + value.nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = value
-        size += value.nbytes
-    total = sum(v.nbytes for shard in shards for v in shard.values())
+
+def _write_hf(cfg: ModelConfig, leaves: Iterable[tuple[str, np.ndarray]], keys: list[str], out_dir: Path, *,
+              dtype: str, tokenizer_dir: Path | None, max_shard_bytes: int) -> Path:
+    """Writes the HF folder from `leaves` (dotted key, float32 leaf; in the order of `keys`), one
+    leaf in memory at a time: safetensors shards as a stream, then config, generation config, tokenizer."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    np_dtype = EXPORT_DTYPES[dtype]
+    shapes = hf_shapes(cfg)
+    entries = [(name, shapes[name]) for key in keys for name in _hf_names(cfg, key)]
+    shards = plan_shards(entries, np_dtype, max_shard_bytes)
+    tensors = iter(progress(_leaf_tensors(cfg, leaves), desc="export-hf", total=len(entries)))
     meta = {"format": "pt"}
     if len(shards) == 1:
-        safetensors.numpy.save_file(shards[0], out_dir / "model.safetensors", metadata=meta)
+        write_safetensors(out_dir / "model.safetensors", shards[0], np_dtype, tensors, meta)
     else:
         weight_map = {}
         for i, shard in enumerate(shards, start=1):
             fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            safetensors.numpy.save_file(shard, out_dir / fname, metadata=meta)
-            weight_map.update({name: fname for name in shard})
+            write_safetensors(out_dir / fname, shard, np_dtype, tensors, meta)
+            weight_map.update({name: fname for name, _ in shard})
+        total = sum(math.prod(shape) for _, shape in entries) * np.dtype(np_dtype).itemsize
         (out_dir / INDEX_FILE).write_text(json.dumps(
             {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     (out_dir / "config.json").write_text(json.dumps(cfg.to_hf(torch_dtype=dtype), indent=2))
-    eos = list(cfg.eos_token_id)
-    generation = {"bos_token_id": cfg.bos_token_id, "eos_token_id": eos[0] if len(eos) == 1 else eos,
-                  "do_sample": True, "temperature": 0.6, "top_p": 0.9,
+    generation = {**cfg.special_ids_hf(), "do_sample": True, "temperature": 0.6, "top_p": 0.9,
                   "max_length": cfg.max_position_embeddings}
     (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2))
     if tokenizer_dir is not None:
         for fname in TOKENIZER_FILES:
             if (tokenizer_dir / fname).is_file():
-                shutil.copy2(tokenizer_dir / fname, out_dir / fname)
+                shutil.copyfile(tokenizer_dir / fname, out_dir / fname)  # mode from the umask, as the rest
     return out_dir
+
+
+def _leaf_keys(cfg: ModelConfig) -> list[str]:
+    """Dotted keys of the param leaves, in the order of a checkpoint's (pure dict) tree."""
+    paths = jax.tree_util.tree_flatten_with_path(params_target(cfg, None))[0]
+    return [".".join(str(k.key) for k in path) for path, _ in paths]
+
+
+def export_hf(model: Llama, out_dir: str | Path, *, dtype: str = "bfloat16", max_position_embeddings: int | None = None,
+              tokenizer_dir: str | Path | None = None, max_shard_bytes: int = 5 * 10**9,
+              force: bool = False) -> Path:
+    """Writes `model` as a Hugging Face Llama folder; returns the folder."""
+    out_dir = Path(out_dir)
+    tokenizer_dir = _check_export(out_dir, dtype, tokenizer_dir, force)
+    cfg = model.config
+    if max_position_embeddings is not None:
+        cfg = cfg.replace(max_position_embeddings=max_position_embeddings)
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    keys = _leaf_keys(cfg)
+    values = (np.asarray(jax.device_get(leaf), np.float32) for leaf in jax.tree.leaves(params))
+    return _write_hf(cfg, zip(keys, values), keys, out_dir, dtype=dtype, tokenizer_dir=tokenizer_dir,
+                     max_shard_bytes=max_shard_bytes)
+
+
+def export_hf_checkpoint(ckpt: str | Path, out_dir: str | Path, *, stage: str | None = None, dtype: str = "bfloat16",
+                         tokenizer_dir: str | Path | None = None, max_shard_bytes: int = 5 * 10**9,
+                         force: bool = False) -> dict:
+    """`lwm-jax export-hf`: writes the latest step of checkpoint `ckpt` (with `stage`: `ckpt` is a
+    train workdir, and a model card is added) as a Hugging Face folder, reading one param leaf at a
+    time; returns `{"out_dir", "dtype"}`."""
+    out_dir = Path(out_dir)
+    ckpt, record = stage_checkpoint(ckpt, stage) if stage else (ckpt, None)
+    tokenizer_dir = _check_export(out_dir, dtype, tokenizer_dir, force)
+    meta = read_metadata(ckpt)
+    cfg = from_dict(ModelConfig, meta["model"])
+    if meta.get("max_position_embeddings") is not None:
+        cfg = cfg.replace(max_position_embeddings=meta["max_position_embeddings"])
+    _write_hf(cfg, iter_params(ckpt, cfg), _leaf_keys(cfg), out_dir, dtype=dtype, tokenizer_dir=tokenizer_dir,
+              max_shard_bytes=max_shard_bytes)
+    if record is not None:
+        write_model_card(out_dir, record, meta)
+    return {"out_dir": str(out_dir), "dtype": dtype}
 
 
 def stage_checkpoint(workdir: str | Path, stage: str) -> tuple[Path, dict]:

@@ -10,11 +10,15 @@ data-iterator state to the same layout.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh
@@ -64,12 +68,34 @@ def _manager_and_step(path: str | Path, step: int | None):
     return manager, step
 
 
+@contextlib.contextmanager
+def reading_checkpoint(where: str | Path) -> Iterator[None]:
+    """Turns a failure to read the checkpoint part `where` (a step's `params`, `metadata`, ...) into
+    one `UserError` naming it and the innermost cause: orbax wraps tensorstore's and json's errors,
+    and the innermost one names the file and what is wrong with it."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as err:  # orbax raises bare Exception around tensorstore's ValueError
+        cause = err
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+        lines = str(cause).strip().splitlines()
+        raise UserError(f"checkpoint {where} is damaged or unreadable ({type(cause).__name__}: "
+                        f"{lines[0] if lines else 'no detail'})") from err
+
+
 def read_metadata(path: str | Path, step: int | None = None) -> dict[str, Any]:
     """The JSON metadata of a checkpoint step (latest by default)."""
     manager, step = _manager_and_step(path, step)
-    with manager:
+    with manager, reading_checkpoint(Path(path).absolute() / str(step) / "metadata"):
         restored = manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))
-        return dict(restored["metadata"])
+        metadata = restored["metadata"]
+        if not isinstance(metadata, dict) or "model" not in metadata:
+            raise UserError(f"checkpoint {Path(path).absolute() / str(step) / 'metadata'} holds no model "
+                            "config (not written by lwm-jax, or damaged)")
+        return dict(metadata)
 
 
 def params_target(config: ModelConfig, mesh: Mesh | None) -> dict:
@@ -87,7 +113,7 @@ def restore_params(path: str | Path, config: ModelConfig, mesh: Mesh | None = No
                    step: int | None = None) -> dict:
     """Params (pure dict) of a checkpoint step, sharded for `mesh`."""
     manager, step = _manager_and_step(path, step)
-    with manager:
+    with manager, reading_checkpoint(Path(path).absolute() / str(step) / "params"):
         restored = manager.restore(step, args=ocp.args.Composite(
             params=ocp.args.StandardRestore(params_target(config, mesh))))
     return restored["params"]
@@ -127,3 +153,79 @@ def read_hf_config(hf_dir: str | Path, **runtime) -> ModelConfig:
     except json.JSONDecodeError as err:
         raise UserError(f"{config_file} is not valid JSON: {err}") from None
     return ModelConfig.from_hf(hf, **runtime)
+
+
+# Leaf by leaf: checkpoints of models larger than the host's memory ------------------------------
+
+
+class LazyLeaf:
+    """A param leaf made (`make() -> numpy array`) only when the checkpoint writer reaches it."""
+
+    def __init__(self, make: Callable[[], np.ndarray], shape: tuple[int, ...], dtype, sharding):
+        self.make, self.shape, self.dtype, self.sharding = make, tuple(shape), np.dtype(dtype), sharding
+        self.size = int(np.prod(self.shape))
+        self.nbytes = self.size * self.dtype.itemsize
+
+
+class _LeafByLeafHandler(ocp.type_handlers.TypeHandler):
+    """Writes `LazyLeaf`s one at a time through orbax's own jax.Array handler: each leaf is made,
+    written and freed before the next is made, and the files are those of a plain jax.Array save."""
+
+    def __init__(self):
+        self._array = ocp.type_handlers.get_type_handler(jax.Array)
+
+    def typestr(self) -> str:
+        return self._array.typestr()
+
+    async def metadata(self, infos):
+        return await self._array.metadata(infos)
+
+    async def deserialize(self, infos, args=None):
+        return await self._array.deserialize(infos, args)
+
+    async def serialize(self, values, infos, args=None):
+        args = args or [ocp.SaveArgs()] * len(values)
+        for value, info, arg in zip(values, infos, args):
+            array = jax.device_put(value.make(), value.sharding)
+            for commit in await self._array.serialize([array], [info], [arg]):
+                await asyncio.to_thread(commit.result)  # on disk before the next leaf is made
+            del array
+        return []
+
+
+def save_lazy_params(path: str | Path, params: dict, metadata: dict[str, Any], step: int = 0,
+                     overwrite: bool = False) -> Path:
+    """Writes `params` (a pure dict of `LazyLeaf`) and `metadata` as step `step` of the checkpoint
+    at `path`, holding one leaf in memory at a time; `restore_params` reads it like `save_model`'s."""
+    path = Path(path).absolute()
+    if path.exists() and any(path.iterdir()) and not overwrite:
+        raise UserError(f"{path} already exists and is not empty; choose a new path or pass --force")
+    array = ocp.type_handlers.get_type_handler(jax.Array)  # listed too: orbax then records array metadata
+    registry = ocp.type_handlers.create_type_handler_registry((jax.Array, array), (LazyLeaf, _LeafByLeafHandler()))
+    # Uncompressed: tensorstore buffers a leaf's compressed chunks beside the leaf until it commits,
+    # close to one more copy of it; restore reads either (the codec is in each array's metadata).
+    handlers = {"params": ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_compression=False),
+                "metadata": ocp.JsonCheckpointHandler()}
+    with ocp.CheckpointManager(path, item_handlers=handlers) as manager:
+        manager.save(step, args=ocp.args.Composite(
+            params=ocp.args.PyTreeSave(params), metadata=ocp.args.JsonSave(metadata)), force=True)
+        manager.wait_until_finished()
+    return path
+
+
+def iter_params(path: str | Path, config: ModelConfig, step: int | None = None) -> Iterator[tuple[str, np.ndarray]]:
+    """Yields `(dotted param path, host array)` for every param leaf of a checkpoint step, restoring
+    one leaf at a time (the others are orbax placeholders, never read)."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params_target(config, None))
+    manager, step = _manager_and_step(path, step)
+    with manager:
+        for i, (key_path, leaf) in enumerate(flat):
+            def only(value, i=i):
+                return treedef.unflatten([value if j == i else ocp.PLACEHOLDER for j in range(len(flat))])
+            with reading_checkpoint(Path(path).absolute() / str(step) / "params"):
+                restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.PyTreeRestore(
+                    only(leaf), restore_args=only(ocp.RestoreArgs(restore_type=np.ndarray)))))["params"]
+            value = treedef.flatten_up_to(restored)[i]  # read by tensorstore straight into numpy
+            del restored
+            yield ".".join(str(k.key) for k in key_path), value
+            del value
