@@ -6,28 +6,55 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+from pathlib import Path
 
 from lwm_jax.cli.common import command, print_result
 from lwm_jax.config import load_recipe
 from lwm_jax.convert.hf import import_hf_params
 from lwm_jax.errors import UserError
+from lwm_jax.eval.plots import line_plot
 from lwm_jax.eval.theta_sweep import stage_sweep
 from lwm_jax.model.rope import theta_for
 from lwm_jax.plan import aot_worker, plan_report
 from lwm_jax.train.runner import TrainHooks, train
 
+
+def write_loss_plot(workdir: Path, recipe) -> Path | None:
+    """WORKDIR/loss.png: training loss by global step (the stages' steps end to end), one line per
+    stage; None when no step was logged."""
+    if not (workdir / "metrics.jsonl").is_file():
+        return None
+    offsets, total = {}, 0
+    for stage in recipe.stages:
+        offsets[stage.name], total = total, total + stage.steps
+    series: dict[str, tuple[list[float], list[float]]] = {}
+    for line in (workdir / "metrics.jsonl").read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a kill; the resumed run writes it again
+            continue
+        x, y = series.setdefault(record["stage"], ([], []))
+        x.append(offsets.get(record["stage"], 0) + record["step"])
+        y.append(record["loss"])
+    if not series:
+        return None
+    return line_plot(series, workdir / "loss.png", f"{recipe.name}: training loss", "global step", "loss")
+
+
 # What training takes from conversion and evaluation: HF weights for `init_from: hf:DIR`, the theta
-# search for `rope_theta: sweep`.
-HOOKS = TrainHooks(load_hf=import_hf_params, sweep_theta=stage_sweep)
+# search for `rope_theta: sweep`, and the loss curve drawn when a run ends.
+HOOKS = TrainHooks(load_hf=import_hf_params, sweep_theta=stage_sweep, after_run=write_loss_plot)
 
 GIB = 2**30
 
 
 def cmd_theta(args) -> int:
     """Computes the RoPE base (theta) for a target context from the scaling-law rule
-    b**(ln(L/2pi)/ln(L0/2pi)) (what Gradient used) or the NTK-aware rule b*(L/L0)**(d/(d-2))."""
-    if args.context <= 0 or args.orig_context <= 0 or args.base <= 0 or args.head_dim <= 2:
-        raise UserError("--context, --orig-context and --base must be positive and --head-dim > 2")
+    b**(ln(L/2pi)/ln(L0/2pi)) (what Gradient used) or the NTK-aware rule b*(L/L0)**(d/(d-2)).
+    Domains (an error outside them): scaling-law needs b > 1, L > 2pi and L0 > 2pi (ln(L0/2pi) > 0;
+    L0 just above 2pi, e.g. 7, overflows float64); ntk needs b > 1, L, L0 > 0, an even d > 2 and
+    a theta above 1."""
     theta = theta_for(args.method, args.context, args.base, args.head_dim, args.orig_context)
     print_result(args, {"theta": theta, "method": args.method, "context": args.context},
                  [f"{args.method} theta for context {args.context:,}: {theta:,.0f}"])
@@ -47,11 +74,18 @@ def cmd_train(args) -> int:
     """Trains the stages of RECIPE in order (each from the previous stage's final params, with its
     own seq_len and RoPE theta). The whole recipe is checked against the devices before anything
     compiles. Rerunning the same command resumes an unfinished stage exactly and skips finished
-    ones. Writes WORKDIR/metrics.jsonl, TensorBoard events and orbax checkpoints."""
+    ones; a damaged newest checkpoint is skipped (with a warning naming its step) for the newest
+    readable one. One run at a time holds WORKDIR (WORKDIR/train.lock). SIGTERM or Ctrl-C saves the
+    current step and exits (143, 130). Writes WORKDIR/metrics.jsonl, loss.png (loss by global step
+    per stage), TensorBoard events and orbax checkpoints."""
     recipe = load_recipe(args.recipe, args.set or [])
     profile = _parse_profile(args.profile)
-    workdir = args.workdir or f"runs/{recipe.name}"
-    summaries = train(recipe, workdir, only_stage=args.stage, profile=profile, hooks=HOOKS)
+    workdir = Path(args.workdir or f"runs/{recipe.name}")
+    try:
+        summaries = train(recipe, workdir, only_stage=args.stage, profile=profile, hooks=HOOKS)
+    except KeyboardInterrupt:  # Ctrl-C before the steps began, or twice: nothing to save
+        print("lwm-jax: interrupted; nothing saved since the last checkpoint", file=sys.stderr)
+        raise SystemExit(130) from None
     lines = [f"{'stage':>8} {'seq_len':>9} {'theta':>15} {'steps':>6} {'final loss':>11} {'tokens/s':>10}"]
     for s in summaries:
         loss = f"{s['final_loss']:.4f}" if s.get("final_loss") is not None else "-"
@@ -69,14 +103,17 @@ def _plan_lines(result: dict, aot: bool) -> list[str]:
     # one at 4-byte activations ("paper@cpu"), not beside the accelerator's.
     lines = [f"{hw['name']}: {hw['memory_gib']:g} GiB, {hw['peak_tflops']:g} TFLOP/s at {hw['efficiency']:.0%} "
              "efficiency",
-             f"{'stage':>7} {'seq_len':>10} {'devices':>7} {'GiB/device':>10} {'fits':>5} {'step s':>8} {'minutes':>8}"
-             + (f" {'paper@cpu':>9} {'aot GiB':>8}" if aot else "")]
+             f"{'stage':>7} {'seq_len':>10} {'devices':>7} {'GiB/device':>10} {'host GiB':>8} {'fits':>5} "
+             f"{'step s':>8} {'minutes':>8}" + (f" {'paper@cpu':>9} {'aot GiB':>8}" if aot else "")
+             + (f" {'max seq_len':>12}" if "max_seq_len" in result["stages"][0] else "")]
     for s in result["stages"]:
         extra = (f" {s['memory_bytes_per_device_xla_cpu'] / GIB:>9.2f} {s['aot_memory_bytes_per_device'] / GIB:>8.2f}"
                  if aot else "")
+        longest = f" {s['max_seq_len']:>12,}" if "max_seq_len" in s else ""
         lines.append(f"{s['name']:>7} {s['seq_len']:>10,} {s['devices']:>7} "
-                     f"{s['memory_bytes_per_device'] / GIB:>10.2f} {'yes' if s['fits'] else 'NO':>5} "
-                     f"{s['step_s']:>8.1f} {s['estimated_minutes']:>8.1f}{extra}")
+                     f"{s['memory_bytes_per_device'] / GIB:>10.2f} {s['host_bytes_per_device'] / GIB:>8.2f} "
+                     f"{'yes' if s['fits'] else 'NO':>5} {s['step_s']:>8.1f} {s['estimated_minutes']:>8.1f}"
+                     f"{extra}{longest}")
     return lines
 
 
@@ -90,7 +127,7 @@ def cmd_plan(args) -> int:
         return 0
     result = plan_report(args.recipe, args.set or [], stage=args.stage, devices=args.devices,
                          hardware=args.hardware, memory_gib=args.device_memory, peak_tflops=args.peak_tflops,
-                         efficiency=args.efficiency, aot=args.aot)
+                         efficiency=args.efficiency, aot=args.aot, max_seq_len=args.max_seq_len)
     print_result(args, result, _plan_lines(result, args.aot))
     return 0
 
@@ -126,6 +163,8 @@ def _add_plan(sub) -> None:
     p.add_argument("--device-memory", type=float, metavar="GIB", help="override the device memory")
     p.add_argument("--peak-tflops", type=float, metavar="F", help="override the dense bf16 peak per device")
     p.add_argument("--efficiency", type=float, metavar="X", help="fraction of peak reached (default 0.4)")
+    p.add_argument("--max-seq-len", action="store_true",
+                   help="also search the longest seq_len each stage fits on its devices (JSON: max_seq_len)")
     p.add_argument("--aot", action="store_true", help="also compile each stage with XLA (slow for large meshes)")
     p.add_argument("--aot-worker", action="store_true", help=argparse.SUPPRESS)
 

@@ -1,18 +1,29 @@
 """Training checkpoints: params, optimizer state, per-process data-iterator state and metadata
 of one stage, saved asynchronously by orbax in the model store's layout (`model.store`), so any
 training checkpoint also loads as a model.
+
+A checkpoint is trusted only once it reads back whole: resuming restores the newest step that does
+and moves damaged newer ones aside with a warning. A save that fails (disk full) stops the run with
+one message while the previous step, never touched by orbax's temporary-folder commit, stays readable.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from lwm_jax.errors import UserError
+from lwm_jax.model.store import reading_checkpoint
+from lwm_jax.progress import log
+
+DAMAGED_DIR = "damaged"  # beside the checkpoints folder: steps that did not read back, kept for a look
 
 
 class TrainCheckpointer:
@@ -25,8 +36,11 @@ class TrainCheckpointer:
     def __init__(self, directory: str | Path, keep: int, save_interval: int = 0):
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True,
                                                create=True)
-        self.manager = ocp.CheckpointManager(Path(directory).absolute(), options=options)
+        self.directory = Path(directory).absolute()
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
         self.save_interval = save_interval
+        self._in_flight: int | None = None  # the step whose asynchronous save may still be writing
+        self._closed = False
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -35,30 +49,119 @@ class TrainCheckpointer:
         return (self.save_interval > 0 and step % self.save_interval == 0) or self.manager.reached_preemption(step)
 
     def save(self, step: int, params, opt_state, data_iterator, metadata: dict[str, Any]) -> None:
-        self.manager.save(step, args=ocp.args.Composite(
-            params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
-            data=grain.checkpoint.CheckpointSave(data_iterator), metadata=ocp.args.JsonSave(metadata)),
-            force=True)
+        """Starts saving `step` (after the previous save finished); a failed write is a `UserError`."""
+        self._finish()
+        try:
+            self.manager.save(step, args=ocp.args.Composite(
+                params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
+                data=grain.checkpoint.CheckpointSave(data_iterator), metadata=ocp.args.JsonSave(metadata)),
+                force=True)
+        except Exception as err:  # orbax's writers raise OSError, ValueError or bare Exception
+            raise self._save_failed(step, err) from err
+        self._in_flight = step
 
     def restore(self, step: int, params_target, opt_target, data_iterator):
-        """Restores `(params, opt_state, metadata)` and the data iterator's position in place.
+        """Restores `(params, opt_state, metadata)` and the data iterator's position in place; a part
+        that does not read back is a `UserError` naming it.
 
         Each process restores its own iterator file; when the process count changed, any saved
         file serves, since the pipeline's stream (and so its position) does not depend on it.
         """
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(params_target), opt_state=ocp.args.StandardRestore(opt_target),
-            metadata=ocp.args.JsonRestore()))
-        data_dir = Path(self.manager.directory) / str(step) / "data"
+        where = self.directory / str(step)
+        with reading_checkpoint(where / "metadata"):
+            metadata = dict(self.manager.restore(step, args=ocp.args.Composite(
+                metadata=ocp.args.JsonRestore()))["metadata"])
+        if metadata.get("step") != step:
+            raise UserError(f"checkpoint {where / 'metadata'} says step {metadata.get('step')!r}, not {step}")
+        with reading_checkpoint(where / "params"):
+            params = self.manager.restore(step, args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(params_target)))["params"]
+        with reading_checkpoint(where / "opt_state"):
+            opt_state = self.manager.restore(step, args=ocp.args.Composite(
+                opt_state=ocp.args.StandardRestore(opt_target)))["opt_state"]
+        data_dir = where / "data"
         own = data_dir / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
         saved = sorted(data_dir.glob("process_*-of-*.json"))
         if not own.is_file() and not saved:
-            raise UserError(f"checkpoint step {step} in {self.manager.directory} has no data-iterator state")
-        data_iterator.set_state((own if own.is_file() else saved[0]).read_bytes())
-        return restored["params"], restored["opt_state"], dict(restored["metadata"])
+            raise UserError(f"checkpoint step {step} in {self.directory} has no data-iterator state")
+        state_file = own if own.is_file() else saved[0]
+        with reading_checkpoint(state_file):
+            state = state_file.read_bytes()
+            json.loads(state)  # grain's state is JSON: garbage fails here, with the position of the damage
+            data_iterator.set_state(state)
+        return params, opt_state, metadata
+
+    def restore_newest_good(self, params_target, opt_target, data_iterator):
+        """`(step, params, opt_state, metadata)` of the newest step that reads back whole, or None
+        when there are no steps. A damaged newer step is named in a warning and moved to
+        `../damaged/STEP` (so the resumed run can save that step again); every process agrees on the
+        step, since each reads its own share."""
+        while self.manager.all_steps():
+            step = max(self.manager.all_steps())
+            try:
+                restored, problem = self.restore(step, params_target, opt_target, data_iterator), None
+            except UserError as err:
+                restored, problem = None, str(err)
+            if jax.process_count() > 1:
+                bad = multihost_utils.process_allgather(np.int32(problem is not None))
+                if np.any(bad) and problem is None:
+                    problem = "another process could not read its share of it"
+            if problem is None:
+                return (step, *restored)
+            older = [s for s in self.manager.all_steps() if s < step]
+            if not older:
+                raise UserError(f"no readable checkpoint left in {self.directory}: step {step}: {problem}; "
+                                f"move the folder away to restart the stage")
+            log(f"warning: skipping damaged checkpoint step {step}: {problem}; resuming from step {max(older)}")
+            self._set_aside(step)
+        return None
+
+    def _set_aside(self, step: int) -> None:
+        """Moves a damaged step out of the manager's folder (process 0) and rereads the step list."""
+        if jax.process_index() == 0:
+            target = self.directory.parent / DAMAGED_DIR / str(step)
+            suffix = 1
+            while target.exists():
+                target, suffix = target.with_name(f"{step}.{suffix}"), suffix + 1
+            target.parent.mkdir(parents=True, exist_ok=True)
+            (self.directory / str(step)).rename(target)
+            log(f"  (moved to {target})")
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"lwm-jax set aside step {step}")
+        self.manager.reload()
+
+    def _save_failed(self, step: int, err: BaseException) -> UserError:
+        kept = [s for s in self.manager.all_steps() if s < step]
+        previous = (f"the previous checkpoint (step {max(kept)}) is intact; free space and rerun the same "
+                    "command to resume from it" if kept else "no earlier checkpoint of this stage exists")
+        return UserError(f"saving checkpoint step {step} in {self.directory} failed ({type(err).__name__}: "
+                         f"{str(err).strip().splitlines()[0] if str(err).strip() else 'no detail'}); {previous}")
+
+    def _finish(self) -> None:
+        """Waits for the save in flight; its failure, raised by orbax here, is a `UserError`."""
+        step, self._in_flight = self._in_flight, None
+        try:
+            self.manager.wait_until_finished()
+        except Exception as err:  # the asynchronous write's own error, re-raised by orbax
+            raise self._save_failed(step if step is not None else -1, err) from err
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        self._finish()
 
     def close(self) -> None:
+        """Waits for the save in flight and stops orbax's background threads (once)."""
+        if self._closed:
+            return
+        self._finish()
+        self._closed = True
         self.manager.close()
+
+    def abort(self) -> None:
+        """Closes after another error (which stays the one reported): a failed save in flight is
+        only logged, and orbax's threads are stopped so none is left writing when the process exits."""
+        try:
+            self.close()
+        except UserError as err:
+            log(f"warning: {err}")
+            self._closed = True
+            self.manager.close()

@@ -20,6 +20,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from lwm_jax.attention.layout import to_layout
 from lwm_jax.config import RUN_FIELDS, RecipeConfig
@@ -39,7 +40,7 @@ from lwm_jax.train.workdir import (
     FINAL_FILE,
     START_FILE,
     SWEEP_DIR,
-    prepare_workdir,
+    claim_workdir,
     recipe_fingerprint,
     stage_dir,
     swept_thetas,
@@ -52,31 +53,55 @@ class TrainHooks:
     conversion or evaluation (the CLI passes the real ones).
 
     `load_hf(hf_dir, mesh, runtime) -> params`: weights of a Hugging Face folder (`init_from: hf:DIR`).
-    `sweep_theta(model, tokens, *, context, sweep, orig_context, mesh, out_dir) -> best theta`:
-    the loss-by-theta search of a `rope_theta: sweep` stage, which also writes its table and curve
-    into `out_dir` (on process 0).
+    `sweep_theta(model, tokens, *, context, sweep, orig_context, mesh, out_dir[, param]) -> best value`:
+    the loss-by-theta search of a `rope_theta: sweep` stage (or by `param`, a field of the stage's
+    `rope`, for `sweep: FIELD`), which also writes its table and curve into `out_dir` (on process 0).
     """
 
     load_hf: Callable[..., dict] | None = None
     sweep_theta: Callable[..., float] | None = None
+    # `after_run(workdir, recipe)`: on process 0 when a run that held the workdir ends (finished,
+    # stopped or failed), before the lock is released; the CLI draws WORKDIR/loss.png there.
+    after_run: Callable[[Path, RecipeConfig], Any] | None = None
 
 
 class _Preemption:
-    """Turns SIGTERM into a flag checked between steps (save, then exit)."""
+    """Turns SIGTERM and SIGINT (Ctrl-C) into a flag checked between steps: save, then exit with
+    128 + the signal (143, 130). A second Ctrl-C stops at once, without saving (KeyboardInterrupt)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
-        self.requested = False
-        self._previous = None
+        self.signum: int | None = None
+        self._previous = {}
 
     def __enter__(self):
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
     def _handle(self, signum, frame):
-        self.requested = True
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        log(f"{signal.Signals(signum).name} received: saving a checkpoint after this step"
+            + (" (Ctrl-C again to stop without saving)" if signum == signal.SIGINT else ""))
+
+    def requested(self) -> bool:
+        """Whether any process was signalled (agreed between processes, so all save the same step)."""
+        if jax.process_count() == 1:
+            return self.signum is not None
+        flags = multihost_utils.process_allgather(np.int32(self.signum or 0))
+        self.signum = self.signum or int(np.max(flags)) or None
+        return self.signum is not None
+
+    def stop(self, message: str) -> SystemExit:
+        """Logs `message` with the signal's name; the exit to raise (code 128 + signal)."""
+        log(f"{message} after {signal.Signals(self.signum).name}. Rerun the same command to resume.")
+        return SystemExit(128 + self.signum)
 
     def __exit__(self, *exc):
-        signal.signal(signal.SIGTERM, self._previous)
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
         return False
 
 
@@ -135,8 +160,12 @@ def sweep_stage_theta(plan: StagePlan, plans: list[StagePlan], recipe: RecipeCon
     stage = plan.stage
     start = plans[plan.index - 1].model if stage.init_from == "previous" else init_source(stage, recipe)
     start_model = plan.model.replace(rope_theta=start.rope_theta, max_position_embeddings=start.max_position_embeddings)
+    extra = {}
+    if stage.swept != "rope_theta":  # a field of the stage's rope, around its recipe value, at the stage's theta
+        start_model = plan.model.replace(max_position_embeddings=start.max_position_embeddings)
+        extra = {"param": stage.swept}
     mesh = make_mesh(plan.mesh)
-    log(f"stage {plan.name}: sweeping theta at {stage.seq_len:,} tokens from theta {start.rope_theta:,.0f} "
+    log(f"stage {plan.name}: sweeping {stage.swept} at {stage.seq_len:,} tokens from theta {start.rope_theta:,.0f} "
         f"(trained at {start.max_position_embeddings:,})")
     with jax.set_mesh(mesh):
         params = _initial_params(plan, recipe, workdir, mesh, hooks)
@@ -144,59 +173,68 @@ def sweep_stage_theta(plan: StagePlan, plans: list[StagePlan], recipe: RecipeCon
                                   context=stage.seq_len, sweep=stage.theta_sweep,
                                   sequences=stage.theta_sweep.sequences or plan.mesh.dp * plan.mesh.fsdp,
                                   orig_context=start.max_position_embeddings, mesh=mesh,
-                                  out_dir=stage_dir(workdir, plan.name) / SWEEP_DIR)
+                                  out_dir=stage_dir(workdir, plan.name) / SWEEP_DIR, **extra)
     return theta, params
 
 
+def _resume_or_start(plan: StagePlan, recipe: RecipeConfig, workdir: Path, writer, hooks: TrainHooks, mesh, tx,
+                     fns, checkpointer: TrainCheckpointer, data_iter, start_params):
+    """`(start step, params, opt_state)`: the newest readable checkpoint's, or the stage's initial ones."""
+    stage, folder = plan.stage, stage_dir(workdir, plan.name)
+    if checkpointer.latest_step() is not None:
+        p_target = params_target(plan.model, mesh)
+        o_target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                                jax.eval_shape(tx.init, p_target), fns.opt_shardings)
+        start, params, opt_state, _ = checkpointer.restore_newest_good(p_target, o_target, data_iter)
+        log(f"stage {plan.name}: resuming at step {start}/{stage.steps}")
+        writer.drop_after(plan.name, start)
+        return start, params, opt_state
+    params = start_params if start_params is not None else _initial_params(plan, recipe, workdir, mesh, hooks)
+    opt_state = fns.init_opt_state(params)
+    param_l2 = _param_l2(params)  # a collective: every process computes it
+    if jax.process_index() == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / START_FILE).write_text(json.dumps({
+            "init_from": stage.init_from, "param_l2": param_l2, "rope_theta": plan.model.rope_theta,
+            "seq_len": stage.seq_len}, indent=2))
+    return 0, params, opt_state
+
+
 def run_stage(plan: StagePlan, recipe: RecipeConfig, workdir: Path, writer, profile: tuple[int, int] | None,
-              global_step: int, hooks: TrainHooks, start_params=None) -> tuple[dict[str, Any], int]:
-    """Trains one stage to its last step (resuming if it has checkpoints); returns its summary.
+              global_step: int, hooks: TrainHooks, start_params=None,
+              preemption: _Preemption | None = None) -> tuple[dict[str, Any], int]:
+    """Trains one stage to its last step (resuming from its newest readable checkpoint); returns its
+    summary. A signal noted by `preemption` saves the step and exits.
 
     `start_params`: the stage's initial params when the caller already loaded them (theta sweep).
     """
+    preemption = preemption or _Preemption()
     stage, folder = plan.stage, stage_dir(workdir, plan.name)
     mesh = make_mesh(plan.mesh)
     opt_cfg = stage.optimizer_config
     tx = make_optimizer(opt_cfg, stage.steps)
     schedule = make_schedule(opt_cfg, stage.steps)
-    checkpointer = TrainCheckpointer(folder / "checkpoints", keep=stage.keep_checkpoints,
-                                     save_interval=stage.checkpoint_every)
     metadata = model_metadata(plan.model, stage=plan.name, seq_len=stage.seq_len, recipe=recipe.name,
                               recipe_fingerprint=recipe_fingerprint(recipe), seed=recipe.seed)
     peak, peak_source = peak_flops(recipe.peak_tflops)
     flops = flops_per_token(plan.model, stage.seq_len)
-    is_main = jax.process_index() == 0
+    checkpointer = TrainCheckpointer(folder / "checkpoints", keep=stage.keep_checkpoints,
+                                     save_interval=stage.checkpoint_every)
+    data_iter = None
+    try:
+        with jax.set_mesh(mesh):
+            fns = build_step(plan.model, tx, mesh, recipe.loss_chunk, document_mask=recipe.data.document_mask)
+            share, shares = data_share(fns.batch_sharding, (stage.grad_accum, stage.batch_size, stage.seq_len), 1)
+            data_iter = build_iterator(recipe.data, seq_len=stage.seq_len, seed=recipe.seed,
+                                       global_batch_size=stage.batch_size * stage.grad_accum,
+                                       process_index=share, process_count=shares)
+            start, params, opt_state = _resume_or_start(plan, recipe, workdir, writer, hooks, mesh, tx, fns,
+                                                        checkpointer, data_iter, start_params)
+            log(f"stage {plan.name}: seq_len {stage.seq_len:,}, theta {plan.model.rope_theta:,.0f}, "
+                f"mesh {plan.mesh.spec()}, {stage.steps} steps of {stage.tokens_per_step:,} tokens")
 
-    with jax.set_mesh(mesh):
-        fns = build_step(plan.model, tx, mesh, recipe.loss_chunk, document_mask=recipe.data.document_mask)
-        share, shares = data_share(fns.batch_sharding, (stage.grad_accum, stage.batch_size, stage.seq_len), 1)
-        data_iter = build_iterator(recipe.data, seq_len=stage.seq_len, seed=recipe.seed,
-                                   global_batch_size=stage.batch_size * stage.grad_accum,
-                                   process_index=share, process_count=shares)
-        start = checkpointer.latest_step()
-        if start is not None:
-            p_target = params_target(plan.model, mesh)
-            o_target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                                    jax.eval_shape(tx.init, p_target), fns.opt_shardings)
-            params, opt_state, _ = checkpointer.restore(start, p_target, o_target, data_iter)
-            log(f"stage {plan.name}: resuming at step {start}/{stage.steps}")
-            writer.drop_after(plan.name, start)
-        else:
-            start = 0
-            params = start_params if start_params is not None else _initial_params(plan, recipe, workdir, mesh, hooks)
-            opt_state = fns.init_opt_state(params)
-            param_l2 = _param_l2(params)  # a collective: every process computes it
-            if is_main:
-                folder.mkdir(parents=True, exist_ok=True)
-                (folder / START_FILE).write_text(json.dumps({
-                    "init_from": stage.init_from, "param_l2": param_l2, "rope_theta": plan.model.rope_theta,
-                    "seq_len": stage.seq_len}, indent=2))
-        log(f"stage {plan.name}: seq_len {stage.seq_len:,}, theta {plan.model.rope_theta:,.0f}, "
-            f"mesh {plan.mesh.spec()}, {stage.steps} steps of {stage.tokens_per_step:,} tokens")
-
-        bad_in_a_row, step_times, losses = 0, [], []
-        bar = progress(range(start, stage.steps), desc=f"stage {plan.name}", total=stage.steps - start)
-        with _Preemption() as preemption:
+            bad_in_a_row, step_times, losses = 0, [], []
+            bar = progress(range(start, stage.steps), desc=f"stage {plan.name}", total=stage.steps - start)
             for step in bar:
                 if profile and global_step == profile[0]:
                     jax.profiler.start_trace(str(workdir / "profile"))
@@ -227,33 +265,37 @@ def run_stage(plan: StagePlan, recipe: RecipeConfig, workdir: Path, writer, prof
                     log(f"stage {plan.name} step {done}: non-finite loss or gradient; update skipped "
                         f"({bad_in_a_row} in a row)")
                 if bad_in_a_row >= recipe.max_bad_steps:
-                    checkpointer.wait()
                     raise UserError(f"stage {plan.name}: {bad_in_a_row} non-finite steps in a row at step {done}; "
                                     "stopping (lower the learning rate or check the data)")
-                final = done == stage.steps
-                if final or preemption.requested or checkpointer.should_save(done):
+                final, stop = done == stage.steps, preemption.requested()
+                if final or stop or checkpointer.should_save(done):
                     checkpointer.save(done, params, opt_state, data_iter, {**metadata, "step": done})
-                if preemption.requested and not final:
-                    checkpointer.wait()
+                if stop and not final:
                     checkpointer.close()
-                    log(f"stage {plan.name}: preempted; checkpoint saved at step {done}. "
-                        "Rerun the same command to resume.")
-                    raise SystemExit(143)
-        checkpointer.wait()
-        checkpointer.close()
-    data_iter.close()
+                    raise preemption.stop(f"stage {plan.name}: checkpoint saved at step {done}")
+            checkpointer.close()
+    except BaseException:
+        checkpointer.abort()  # no orbax thread left writing or logging while the error goes up
+        raise
+    finally:
+        if data_iter is not None:
+            data_iter.close()
     summary = {"stage": plan.name, "seq_len": stage.seq_len, "rope_theta": plan.model.rope_theta,
                "steps": stage.steps, "step": stage.steps, "final_loss": losses[-1] if losses else None,
                "tokens_per_s": stage.tokens_per_step / statistics.median(step_times) if step_times else None,
                "peak_flops_source": peak_source}
-    if is_main:
+    if jax.process_index() == 0:
         (folder / FINAL_FILE).write_text(json.dumps(summary, indent=2))
     return summary, global_step
 
 
 def train(recipe: RecipeConfig, workdir: str | Path, only_stage: str | None = None,
           profile: tuple[int, int] | None = None, hooks: TrainHooks = TrainHooks()) -> list[dict[str, Any]]:
-    """Runs the recipe's stages (or one) in `workdir`; returns one summary per stage."""
+    """Runs the recipe's stages (or one) in `workdir`; returns one summary per stage.
+
+    Every check that can fail on the recipe, devices and data runs before the workdir is locked and
+    claimed; a run that then fails before saving anything leaves a new workdir as it found it.
+    """
     workdir = Path(workdir)
     swept = swept_thetas(workdir, recipe)
     plans = plan_recipe(recipe, jax.device_count(), swept=swept)
@@ -264,27 +306,37 @@ def train(recipe: RecipeConfig, workdir: str | Path, only_stage: str | None = No
     for plan in plans:
         if only_stage in (None, plan.name):
             check_data(recipe, plan)  # fails now, not after earlier stages ran
-    prepare_workdir(workdir, recipe)
-    writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
-    summaries, global_step = [], 0
+    claim = claim_workdir(workdir, recipe)
+    summaries, global_step, failed, writer = [], 0, True, None
     try:
-        for index in range(len(plans)):
-            plan = plans[index]
-            if only_stage not in (None, plan.name):
-                continue
-            final = stage_dir(workdir, plan.name) / FINAL_FILE
-            if final.is_file():
-                log(f"stage {plan.name}: already finished, skipping")
-                summaries.append(json.loads(final.read_text()))
-                continue
-            start_params = None
-            if plan.theta_pending:
-                swept[plan.name], start_params = sweep_stage_theta(plan, plans, recipe, workdir, hooks)
-                plans = plan_recipe(recipe, jax.device_count(), swept=swept)  # later rules build on it
+        writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
+        with _Preemption() as preemption:
+            for index in range(len(plans)):
                 plan = plans[index]
-            summary, global_step = run_stage(plan, recipe, workdir, writer, profile, global_step, hooks,
-                                             start_params)
-            summaries.append(summary)
+                if only_stage not in (None, plan.name):
+                    continue
+                final = stage_dir(workdir, plan.name) / FINAL_FILE
+                if final.is_file():
+                    log(f"stage {plan.name}: already finished, skipping")
+                    summaries.append(json.loads(final.read_text()))
+                    continue
+                if summaries and preemption.requested():
+                    raise preemption.stop(f"stage {summaries[-1]['stage']} finished; stopped before stage {plan.name}")
+                start_params = None
+                if plan.theta_pending:
+                    swept[plan.name], start_params = sweep_stage_theta(plan, plans, recipe, workdir, hooks)
+                    plans = plan_recipe(recipe, jax.device_count(), swept=swept)  # later rules build on it
+                    plan = plans[index]
+                summary, global_step = run_stage(plan, recipe, workdir, writer, profile, global_step, hooks,
+                                                 start_params, preemption)
+                summaries.append(summary)
+        failed = False
     finally:
-        writer.close()
+        if writer is not None:
+            writer.close()
+        try:
+            if hooks.after_run is not None and jax.process_index() == 0:
+                hooks.after_run(workdir, recipe)
+        finally:
+            claim.release(failed)
     return summaries
