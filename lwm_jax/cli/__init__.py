@@ -10,11 +10,12 @@ import sys
 
 import jax
 
-from lwm_jax.cli import convert, data, evaluate, generate, train
+from lwm_jax import __version__
+from lwm_jax.cli import convert, data, doctor, evaluate, generate, train
 from lwm_jax.errors import UserError
 from lwm_jax.parallel.distributed import initialize
 
-GROUPS = (convert, evaluate, generate, train, data)
+GROUPS = (convert, evaluate, generate, train, data, doctor)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lwm-jax",
         description="Extend Llama-3 context to a million tokens: progressive RoPE-theta training "
                     "with ring attention on JAX.")
+    parser.add_argument("--version", action="version", version=f"lwm-jax {__version__} (jax {jax.__version__})")
     parser.add_argument("--cpu-devices", type=int, metavar="N",
                         help="simulate N CPU devices (for meshes on a laptop); set before JAX starts")
     group = parser.add_argument_group("multi-host (one process per host; TPU VMs and SLURM are detected)")

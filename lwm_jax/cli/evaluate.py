@@ -12,6 +12,11 @@ from lwm_jax.eval.reports import ppl_report, probe_report, theta_sweep_report
 from lwm_jax.eval.scoring import parse_depths, parse_lengths
 from lwm_jax.eval.theta_sweep import sweep_table
 
+# The one length rule (lwm_jax.model.context), as every --help here states it.
+LENGTH_RULE = ("Inputs past the checkpoint's max_position_embeddings (its trained length) run with a warning on "
+               "stderr: the model extrapolates there.")
+NO_MESH = "Without --mesh a ring checkpoint runs blockwise attention on one device (the same attention)."
+
 PROBES = {
     "niah": ("needle-in-a-haystack heatmap over lengths x depths",
              "Hides 'One of the special magic numbers for KEY is: NNNNNNN.' at a sentence boundary of a "
@@ -47,7 +52,8 @@ def _ppl_lines(result: dict) -> list[str]:
 
 def cmd_eval_ppl(args) -> int:
     """Mean next-token negative log-likelihood of CKPT on the [batch, seq] int token ids in --tokens
-    FILE.npy."""
+    FILE.npy, or on --data cut into --num-sequences x --seq-len tokens, by position bucket (0-1K,
+    1K-4K, 4K-16K, ... x4, the last bucket ending at the sequence length)."""
     if (args.tokens is None) == (args.data is None):
         raise UserError("give exactly one of --tokens FILE.npy or --data FILE|DIR ...")
     if args.attention == "ring" and not args.mesh:
@@ -108,17 +114,19 @@ def cmd_theta_sweep(args) -> int:
 
 
 def _add_ppl(evals) -> None:
-    e = command(evals, "ppl", cmd_eval_ppl, help="mean next-token NLL on token sequences")
+    e = command(evals, "ppl", cmd_eval_ppl, help="mean next-token NLL on token sequences",
+                epilog=f"{LENGTH_RULE} {NO_MESH}")
     e.add_argument("ckpt", help="checkpoint folder")
     e.add_argument("--tokens", metavar="FILE.npy", help="int token ids [batch, seq]")
     e.add_argument("--data", nargs="+", metavar="PATH",
                    help="instead of --tokens: .npy, text or .jsonl[.zst|.gz] files (with --tokenizer) or prepared "
                         "dataset folders, cut into --num-sequences x --seq-len tokens; reports loss by position")
     e.add_argument("--tokenizer", metavar="DIR", help="tokenizer folder for text --data")
-    e.add_argument("--seq-len", type=int, help="sequence length for --data (default: max_position_embeddings)")
+    e.add_argument("--seq-len", type=int, help="sequence length for --data (default: max_position_embeddings; "
+                                               "longer runs with a warning)")
     e.add_argument("--num-sequences", type=int, default=8, help="sequences for --data (default 8)")
     e.add_argument("--buckets", help="loss by position bucket edges, e.g. 1024,4096,16384 (default: 0-1K, 1K-4K, "
-                                     "... x4 up to the sequence length)")
+                                     "... x4 up to the sequence length; one bucket for sequences up to 1K)")
     e.add_argument("--out", metavar="DIR", help="write ppl.json and ppl.png (loss by position) here")
     add_runtime_options(e)
 
@@ -126,7 +134,10 @@ def _add_ppl(evals) -> None:
 def _add_probe(evals, name: str) -> None:
     """One of the `eval niah|passkey|ruler` sub-parsers (same model/tokenizer/mesh options)."""
     help_text, description = PROBES[name]
-    e = evals.add_parser(name, help=help_text, description=description)
+    e = evals.add_parser(name, help=help_text, description=description,
+                         epilog="Lengths past --max-length are refused: a retrieval score is read as the "
+                                "model's within its context, so scoring past the trained length is asked for "
+                                f"explicitly; a larger --max-length does that, with the warning. {NO_MESH}")
     e.add_argument("ckpt", help="checkpoint folder")
     e.add_argument("--tokenizer", required=True, metavar="DIR", help="tokenizer folder (tokenizer.json)")
     e.add_argument("--lengths", required=True, help="total context lengths in tokens, e.g. 1K,4K,16K")
@@ -145,7 +156,8 @@ def _add_probe(evals, name: str) -> None:
     e.add_argument("--generate", action="store_true",
                    help="also score the greedy generated answer (needs lwm_jax.generate)")
     e.add_argument("--max-length", type=int, metavar="N",
-                   help="longest length accepted (default: the checkpoint's max_position_embeddings)")
+                   help="longest length accepted (default: the checkpoint's max_position_embeddings); past the "
+                        "trained length with a warning")
     e.add_argument("--out", required=True, metavar="DIR", help="output folder for JSON and PNG")
     add_runtime_options(e)
     add_json(e)
@@ -153,7 +165,8 @@ def _add_probe(evals, name: str) -> None:
 
 
 def _add_theta_sweep(sub) -> None:
-    p = command(sub, "theta-sweep", cmd_theta_sweep, help="loss at candidate RoPE thetas, without training")
+    p = command(sub, "theta-sweep", cmd_theta_sweep, help="loss at candidate RoPE thetas, without training",
+                epilog=f"{LENGTH_RULE} (For a sweep that is the point: --context is the target length.) {NO_MESH}")
     p.add_argument("ckpt", help="checkpoint folder")
     p.add_argument("--data", nargs="+", required=True, metavar="PATH",
                    help=".npy, text or .jsonl[.zst|.gz] files (with --tokenizer) or prepared dataset folders")

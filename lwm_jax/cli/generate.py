@@ -13,7 +13,9 @@ from lwm_jax.generate import generate_command
 def cmd_generate(args) -> int:
     """Prefills the prompt (with ring attention over sp when --mesh has sp > 1) and decodes with a
     KV cache sharded over sp, each device's partial softmax combined across sp (flash-decoding).
-    Stops at the model's EOS ids and, with --tokenizer, <|eot_id|>."""
+    Stops at the model's EOS ids and, with --tokenizer, <|eot_id|>. A prompt plus --max-new-tokens
+    past the checkpoint's max_position_embeddings (its trained length) runs with a warning on
+    stderr: the model extrapolates there."""
     sample = args.temperature is not None or args.top_p is not None
     if sample and args.greedy:
         raise UserError("--greedy cannot be combined with --temperature / --top-p (they sample)")

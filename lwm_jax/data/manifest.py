@@ -1,6 +1,7 @@
 """The manifest of a prepared dataset (`manifest.json`): seq_len, tokenizer hash, seed, per-source
 documents/tokens/sequences and shard files, skipped-input counts. Written last by `prepare`, so a
-folder without one is an unfinished run; read and checked by the training pipeline.
+folder without one is an unfinished run; read and checked (every shard opened and its records counted,
+so a truncated or corrupted shard is named before training or evaluation starts) by its readers.
 """
 
 from __future__ import annotations
@@ -8,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+
+from array_record.python.array_record_module import ArrayRecordReader
 
 from lwm_jax.errors import UserError
 
@@ -46,5 +49,36 @@ def load_manifest(directory: str | Path) -> dict:
         missing = [s for s in shards if not os.path.isfile(s)]
         if missing:
             raise UserError(f"prepared dataset {directory}: shard {missing[0]} of source {name!r} is missing")
+        counts = [shard_records(s) for s in shards]
+        if sum(counts) != source["sequences"]:
+            raise UserError(f"prepared dataset {directory}: the shards of source {name!r} hold {sum(counts):,} "
+                            f"records but {MANIFEST} lists {source['sequences']:,} sequences; re-run "
+                            "`lwm-jax data prepare`")
         source["shard_paths"] = shards
+        source["shard_records"] = counts
     return manifest
+
+
+def shard_error(path: str | Path, err: Exception) -> UserError:
+    """The one-line error for a prepared shard that array_record cannot read (`err`: its exception)."""
+    size = os.path.getsize(path) if os.path.isfile(path) else 0
+    reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return UserError(f"prepared shard {path} ({size:,} bytes) is truncated or corrupted: {reason}; re-run "
+                     "`lwm-jax data prepare`")
+
+
+def shard_records(path: str | Path) -> int:
+    """The number of records of an array_record shard; a `shard_error` when it cannot be opened."""
+    try:
+        reader = ArrayRecordReader(str(path))
+    except (RuntimeError, OSError) as err:
+        raise shard_error(path, err) from None
+    try:
+        if not reader.ok():  # a damaged file opens lazily: reading is what reports why
+            reader.read([0])
+            raise RuntimeError("array_record could not open it")
+        count = reader.num_records()
+        reader.close()  # also raises on a damaged file
+    except (RuntimeError, OSError, IndexError) as err:
+        raise shard_error(path, err) from None
+    return count

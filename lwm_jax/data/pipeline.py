@@ -9,7 +9,9 @@ of batches read) restores exactly, even onto a different process count.
 
 from __future__ import annotations
 
+import bisect
 import functools
+import itertools
 import json
 import threading
 import zlib
@@ -20,7 +22,7 @@ import jax
 import numpy as np
 
 from lwm_jax.config import DataConfig
-from lwm_jax.data.manifest import load_manifest
+from lwm_jax.data.manifest import load_manifest, shard_error
 from lwm_jax.data.mixture import resolve_weights
 from lwm_jax.data.packing import decode_record, examples_batch
 from lwm_jax.errors import UserError
@@ -57,9 +59,33 @@ def load_prepared(config: DataConfig, seq_len: int) -> tuple[dict[str, dict], st
                             "padding_tokens"):
                     merged[key] += src[key]
                 merged["shard_paths"] = merged["shard_paths"] + src["shard_paths"]
+                merged["shard_records"] = merged["shard_records"] + src["shard_records"]
             else:
                 sources[name] = dict(src)
     return sources, tokenizer_sha
+
+
+class ShardSource:
+    """The records of array_record shards as one random-access source (what `grain.MapDataset.source`
+    takes); a read error (a shard damaged after it was opened) becomes a UserError naming the shard."""
+
+    def __init__(self, paths: list[str], records: list[int]):
+        self._source = grain.sources.ArrayRecordDataSource(list(paths))
+        self._paths = list(paths)
+        self._ends = list(itertools.accumulate(records))
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __repr__(self) -> str:
+        return f"ShardSource({len(self._paths)} shards)"
+
+    def __getitem__(self, index: int) -> bytes:
+        try:
+            return self._source[index]
+        except RuntimeError as err:  # array_record reports damage as RuntimeError
+            shard = min(bisect.bisect_right(self._ends, int(index)), len(self._paths) - 1)
+            raise shard_error(self._paths[shard], err) from None
 
 
 def _seed(seed: int, name: str) -> int:
@@ -153,7 +179,7 @@ def build_dataset(config: DataConfig, *, seq_len: int, global_batch_size: int, s
     names = sorted(weights)
     parts = []
     for i, name in enumerate(names):
-        ds = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(sources[name]["shard_paths"]))
+        ds = grain.MapDataset.source(ShardSource(sources[name]["shard_paths"], sources[name]["shard_records"]))
         ds = EpochShuffle(ds, _seed(seed, name), config.shuffle)
         if with_source:
             ds = ds.map(functools.partial(_tag, i))

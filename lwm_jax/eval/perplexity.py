@@ -11,12 +11,12 @@ from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
-from array_record.python.array_record_module import ArrayRecordReader
 from flax import nnx
 
 from lwm_jax.attention.layout import place
 from lwm_jax.data.manifest import load_manifest
 from lwm_jax.data.packing import decode_record
+from lwm_jax.data.pipeline import ShardSource
 from lwm_jax.data.tokenize import get_tokenizer, load_tokenizer_info
 from lwm_jax.errors import UserError
 from lwm_jax.eval.niah import read_documents
@@ -81,14 +81,13 @@ def mean_nll(model: Llama, tokens: np.ndarray, mesh=None) -> tuple[float, int]:
 
 
 def default_buckets(seq: int) -> list[int]:
-    """Bucket edges 0, 1K, 4K, 16K, ... (x4) up to `seq`; for short sequences, halvings of `seq`."""
+    """Bucket edges 0, 1K, 4K, 16K, ... (x4) below `seq`, then `seq`: buckets 0-1K, 1K-4K, ..., the
+    last one ending at `seq` (one bucket 0-seq for sequences of at most 1K tokens)."""
     edges = [0]
     edge = 1024
     while edge < seq:
         edges.append(edge)
         edge *= 4
-    if len(edges) < 3:  # short sequences: log-spaced halvings (seq/64, ..., seq/2)
-        edges = sorted({0, *(seq >> k for k in range(6, 0, -1) if seq >> k > 0)})
     return edges + [seq]
 
 
@@ -146,17 +145,15 @@ def load_eval_data(paths: list[str], seq_len: int, num_sequences: int, vocab_siz
         path = Path(raw)
         if path.is_dir():
             for source in load_manifest(path)["sources"].values():
-                for shard in source["shard_paths"]:
-                    reader = ArrayRecordReader(shard)
-                    for i in range(reader.num_records()):
-                        record = decode_record(reader.read([i])[0])
-                        chunks.append(np.asarray(record.tokens[:record.n_real], np.int32))
-                        have += record.n_real
-                        if have >= need:
-                            break
-                    reader.close()
+                records = ShardSource(source["shard_paths"], source["shard_records"])
+                for i in range(len(records)):
+                    record = decode_record(records[i])
+                    chunks.append(np.asarray(record.tokens[:record.n_real], np.int32))
+                    have += record.n_real
                     if have >= need:
                         break
+                if have >= need:
+                    break
         elif path.suffix == ".npy":
             chunks.append(load_tokens(path, vocab_size).reshape(-1))
             have += chunks[-1].size

@@ -12,11 +12,13 @@ from collections.abc import Sequence
 
 import jax
 
+from lwm_jax.errors import UserError
 from lwm_jax.eval import niah, passkey, ruler
 from lwm_jax.eval.perplexity import load_eval_data, load_tokens, mean_nll, nll_by_position, parse_buckets
 from lwm_jax.eval.plots import line_plot
-from lwm_jax.eval.scoring import setup_probes
+from lwm_jax.eval.scoring import runtime_for, setup_probes
 from lwm_jax.eval.theta_sweep import save_sweep, theta_sweep
+from lwm_jax.model.context import check_context
 from lwm_jax.model.store import load_model, read_metadata
 
 
@@ -53,16 +55,21 @@ def ppl_report(ckpt: str, *, tokens: str | None = None, data: Sequence[str] | No
     """Mean next-token NLL of `ckpt` on a `tokens` .npy file or on `data` cut into sequences.
 
     With `data`, `buckets` or `out` the loss is also split by position bucket (the result then has
-    `buckets`, `sequences` and `seq_len`), and with `out` written by `write_ppl_report`.
+    `buckets`, `sequences` and `seq_len`), and with `out` written by `write_ppl_report`. Sequences
+    past the checkpoint's max_position_embeddings are measured, with a warning (`check_context`).
     """
     meta = read_metadata(ckpt)
     vocab = meta["model"]["vocab_size"]
+    if seq_len is not None and seq_len < 2:
+        raise UserError(f"--seq-len={seq_len} must be >= 2 (one next-token prediction)")
     if tokens is not None:
         ids = load_tokens(tokens, vocab)
     else:
         ids = load_eval_data(data, seq_len or meta["max_position_embeddings"], num_sequences, vocab, tokenizer)
+    check_context(int(ids.shape[1]), meta["max_position_embeddings"], what="sequence length")
     by_position = data is not None or buckets is not None or out is not None
     edges = parse_buckets(buckets, ids.shape[1]) if by_position else None
+    runtime = runtime_for(meta, mesh, runtime)
     with _on_mesh(mesh):
         model, _ = load_model(ckpt, mesh=mesh, **runtime)
         if not by_position:
@@ -112,7 +119,9 @@ def theta_sweep_report(ckpt: str, data: Sequence[str], *, context: int, candidat
     """Loss of `ckpt` at candidate RoPE thetas on `data` (see `theta_sweep`); with `out` also writes
     theta_sweep.json and theta_sweep.png there (the result gains `files`)."""
     meta = read_metadata(ckpt)
+    check_context(context, meta["max_position_embeddings"], what="context")
     tokens = load_eval_data(data, context, num_sequences, meta["model"]["vocab_size"], tokenizer)
+    runtime = runtime_for(meta, mesh, runtime)
     with _on_mesh(mesh):
         model, _ = load_model(ckpt, mesh=mesh, **runtime)
         result = theta_sweep(model, tokens, context=context, candidates=candidates, search=search, num=num,

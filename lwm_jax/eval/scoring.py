@@ -18,6 +18,7 @@ from lwm_jax.data.tokenize import get_tokenizer, load_tokenizer_info
 from lwm_jax.errors import UserError
 from lwm_jax.eval.probes import ChatWrap, Probe, chat_wrap_for
 from lwm_jax.generate import generate
+from lwm_jax.model.context import check_context
 from lwm_jax.model.store import load_model, read_metadata
 from lwm_jax.progress import progress
 
@@ -68,7 +69,8 @@ class ModelLogits:
 
     The sequence is padded at its end to a length the attention accepts (causal: padding never
     changes earlier logits), tiled over the mesh's data axes, in zigzag order for ring attention.
-    `max_length` (default: the model's max_position_embeddings) bounds what is accepted.
+    `max_length` (default: the model's max_position_embeddings) bounds what is accepted
+    (`lwm_jax.model.context.check_context`).
     """
 
     def __init__(self, model, mesh=None, tail: int = 32, max_length: int | None = None):
@@ -84,9 +86,9 @@ class ModelLogits:
         self.tail = max(self.tail, rows)
 
     def check_length(self, length: int, what: str = "length") -> None:
-        if length > self.max_length:
-            raise UserError(f"{what}={length} is beyond what this model/mesh holds: max_length={self.max_length} "
-                            "(the checkpoint's max_position_embeddings); pass --max-length to evaluate past it")
+        """A UserError past `max_length` (the caller warned about the trained length once)."""
+        check_context(length, self.model.config.max_position_embeddings, what=what, limit=self.max_length,
+                      warn=False)
 
     def __call__(self, ids: np.ndarray) -> np.ndarray:
         cfg = self.model.config
@@ -149,21 +151,33 @@ class ProbeSetup:
     generate_fn: Callable | None
 
 
+def runtime_for(meta: dict, mesh, runtime: dict) -> dict:
+    """`runtime` with the attention a checkpoint runs with here when none was asked: a ring checkpoint
+    runs blockwise (the same attention on one device) when there is no mesh, else its own."""
+    if runtime.get("attention") is None and mesh is None and meta["model"].get("attention") == "ring":
+        return {**runtime, "attention": "blockwise"}
+    return runtime
+
+
 def setup_probes(ckpt: str, tokenizer_dir: str, *, mesh=None, chat: bool = False, generate: bool = False,
                  max_length: int | None = None, lengths=(), tail: int = 32, **runtime) -> ProbeSetup:
     """Loads tokenizer and checkpoint (onto `mesh`, inside its `jax.set_mesh`) and checks `lengths`.
 
-    Tokenizer and bad lengths are checked before the checkpoint is restored, so bad input fails fast.
+    Lengths past `max_length` (default: the checkpoint's max_position_embeddings) are refused, past
+    the trained length warned about (`check_context`). Tokenizer and bad lengths are checked before
+    the checkpoint is restored, so bad input fails fast.
     """
     info = load_tokenizer_info(tokenizer_dir)
     tokenizer = get_tokenizer(info.tokenizer_file)
     wrap = chat_wrap_for(tokenizer, info, chat)
     meta = read_metadata(ckpt)
-    limit = max_length or meta["max_position_embeddings"]
-    for n in lengths:
-        if n > limit:
-            raise UserError(f"length={n} is beyond what this model/mesh holds: max_length={limit} (the checkpoint's "
-                            "max_position_embeddings); pass --max-length to evaluate past it")
+    if max_length is not None and max_length < 1:
+        raise UserError(f"--max-length={max_length} must be >= 1")
+    trained = meta["max_position_embeddings"]
+    limit = max_length or trained
+    if lengths:
+        check_context(max(lengths), trained, what="length", limit=limit)
+    runtime = runtime_for(meta, mesh, runtime)
     if meta["model"]["vocab_size"] < info.vocab_size:
         raise UserError(f"tokenizer {info.directory} has {info.vocab_size} tokens but the model's vocab_size is "
                         f"{meta['model']['vocab_size']}")
