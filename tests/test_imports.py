@@ -24,7 +24,7 @@ LEVELS: list[tuple[str, ...]] = [
     ("lwm_jax.data", "lwm_jax.attention", "lwm_jax.parallel"),
     ("lwm_jax.model",),
     ("lwm_jax.train",),
-    ("lwm_jax.convert", "lwm_jax.eval", "lwm_jax.generate", "lwm_jax.plan"),
+    ("lwm_jax.convert", "lwm_jax.doctor", "lwm_jax.eval", "lwm_jax.generate", "lwm_jax.plan"),
     ("lwm_jax.cli",),
 ]
 
@@ -34,6 +34,7 @@ PEER_IMPORTS: dict[str, set[str]] = {
     "lwm_jax.data": set(),
     "lwm_jax.parallel": set(),
     "lwm_jax.eval": {"lwm_jax.generate"},
+    "lwm_jax.doctor": {"lwm_jax.plan"},
     "lwm_jax.convert": set(),
 }
 
