@@ -47,9 +47,32 @@ def set_cpu_devices(n: int) -> None:
         raise UserError(f"--cpu-devices must be applied before JAX initialises ({err})") from None
 
 
+def _closed_loop_echo(kind, value) -> bool:
+    return kind is RuntimeError and str(value) == "Event loop is closed"
+
+
+def quiet_closed_loop_echoes() -> None:
+    """When a damaged checkpoint fails a read, tensorstore's pending callbacks still try to reach
+    orbax's event loop after it closed and print `Event loop is closed` tracebacks (through
+    `sys.excepthook` or `sys.unraisablehook`, from their threads). The read failure itself is
+    reported as one line; these echoes of it are dropped, every other exception still prints."""
+    excepthook, unraisablehook = sys.excepthook, sys.unraisablehook
+
+    def on_exception(kind, value, tb):
+        if not _closed_loop_echo(kind, value):
+            excepthook(kind, value, tb)
+
+    def on_unraisable(info):
+        if not _closed_loop_echo(info.exc_type, info.exc_value):
+            unraisablehook(info)
+
+    sys.excepthook, sys.unraisablehook = on_exception, on_unraisable
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parses `argv`, applies the global options and runs the command; `UserError` -> one
     `lwm-jax: error: ...` line on stderr and exit code 2."""
+    quiet_closed_loop_echoes()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
