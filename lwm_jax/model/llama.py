@@ -18,6 +18,7 @@ from jax.ad_checkpoint import checkpoint_name
 from lwm_jax.attention import attention
 from lwm_jax.attention.decode import KVCache, cache_attention
 from lwm_jax.config import ModelConfig
+from lwm_jax.errors import UserError
 from lwm_jax.model.embed import embed_lookup
 from lwm_jax.model.rope import apply_rope, model_inv_frequencies, model_rope_scale
 from lwm_jax.parallel.mesh import constrain
@@ -52,17 +53,18 @@ def seq_tile_for(config: ModelConfig, local_len: int) -> int:
 
 
 def map_tiles(fn, arrays: tuple, tile: int, remat: bool):
-    """`fn(*arrays)` (an array or a tuple of arrays `[batch, seq, ...]`) for arrays `[batch, seq, ...]`
-    with seq over the mesh's `sp` axis, computed one
-    tile of every device's local sequence at a time (a `lax.map`, each tile recomputed on its own in
-    the backward when `remat`), so per-token work holds one tile's intermediates, not the sequence's."""
+    """`fn(*arrays)` for arrays `[batch, seq, ...]` with seq over the mesh's `sp` axis (`fn` returns an
+    array or a tuple of them, of the same leading shape), computed one tile of every device's local
+    sequence at a time (a `lax.map`, each tile recomputed on its own in the backward when `remat`),
+    so per-token work holds one tile's intermediates, not the whole local sequence's."""
     sp = _sp_size()
     batch, seq = arrays[0].shape[:2]
     n = seq // sp // tile
     if n <= 1:
         return fn(*arrays)
     if seq % (sp * tile):
-        raise ValueError(f"seq_tile={tile} must divide the local sequence {seq // sp} (seq {seq}, sp={sp})")
+        raise UserError(f"seq_tile={tile} must divide each device's local sequence of {seq // sp} tokens "
+                        f"(seq_len {seq}, sp={sp}); use a divisor of it or 0 (automatic)")
 
     def split(a):  # [b, s, *r] -> [n, b, sp*tile, *r]: tile t of every device's local chunk
         rest = a.shape[2:]
