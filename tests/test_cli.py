@@ -3,11 +3,12 @@
 import json
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-from lwm_jax.cli import build_parser, main
+from lwm_jax.cli import build_parser, main, quiet_read_echoes
 
 
 def _run(*argv):
@@ -57,3 +58,24 @@ def test_console_script_and_cpu_devices(tmp_path, hf_llama):
                "--mesh", "dp=2,sp=4")
     assert bad.returncode == 2 and "needs 8 devices but 4 are available" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_only_the_echoes_of_a_failed_checkpoint_read_are_dropped(monkeypatch):
+    """An exception nobody can handle any more prints, unless it was raised inside orbax's
+    checkpoint code (a sibling read of the damaged file) or is the closed-event-loop echo."""
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda info: seen.append(str(info.exc_value)))
+    monkeypatch.setattr(sys, "excepthook", lambda kind, value, tb: seen.append(str(value)))
+    quiet_read_echoes()
+    inside_orbax = compile("def read():\n    raise Exception('sibling read failed')\n",
+                           "/site-packages/orbax/checkpoint/_src/serialization.py", "exec")
+    scope = {}
+    exec(inside_orbax, scope)
+    for raise_it in (scope["read"], lambda: (_ for _ in ()).throw(ValueError("ours"))):
+        try:
+            raise_it()
+        except Exception as err:
+            sys.unraisablehook(SimpleNamespace(exc_type=type(err), exc_value=err, exc_traceback=err.__traceback__))
+            sys.excepthook(type(err), err, err.__traceback__)
+    sys.excepthook(RuntimeError, RuntimeError("Event loop is closed"), None)
+    assert seen == ["ours", "ours"]

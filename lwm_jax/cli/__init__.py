@@ -6,6 +6,7 @@ of parsing and printing over one library function per command.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import jax
@@ -47,23 +48,30 @@ def set_cpu_devices(n: int) -> None:
         raise UserError(f"--cpu-devices must be applied before JAX initialises ({err})") from None
 
 
-def _closed_loop_echo(kind, value) -> bool:
-    return kind is RuntimeError and str(value) == "Event loop is closed"
+def _read_echo(kind, value, tb) -> bool:
+    """True for the after-echoes of a failed checkpoint read: orbax's event loop closing under
+    tensorstore's pending callbacks, or one of orbax's sibling read coroutines whose own failure of
+    the same damaged file nobody awaited any more (the first failure is reported as one line)."""
+    if kind is RuntimeError and str(value) == "Event loop is closed":
+        return True
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and f"{os.sep}orbax{os.sep}checkpoint{os.sep}" in tb.tb_frame.f_code.co_filename
 
 
-def quiet_closed_loop_echoes() -> None:
-    """When a damaged checkpoint fails a read, tensorstore's pending callbacks still try to reach
-    orbax's event loop after it closed and print `Event loop is closed` tracebacks (through
-    `sys.excepthook` or `sys.unraisablehook`, from their threads). The read failure itself is
-    reported as one line; these echoes of it are dropped, every other exception still prints."""
+def quiet_read_echoes() -> None:
+    """When a damaged checkpoint fails a read, orbax's unfinished sibling reads and tensorstore's
+    pending callbacks print tracebacks of the same failure later, from other threads or the garbage
+    collector (`sys.excepthook`, `sys.unraisablehook`). The failure itself is reported as one line;
+    these echoes are dropped, every other exception still prints."""
     excepthook, unraisablehook = sys.excepthook, sys.unraisablehook
 
     def on_exception(kind, value, tb):
-        if not _closed_loop_echo(kind, value):
+        if not _read_echo(kind, value, tb):
             excepthook(kind, value, tb)
 
     def on_unraisable(info):
-        if not _closed_loop_echo(info.exc_type, info.exc_value):
+        if not _read_echo(info.exc_type, info.exc_value, info.exc_traceback):
             unraisablehook(info)
 
     sys.excepthook, sys.unraisablehook = on_exception, on_unraisable
@@ -72,7 +80,7 @@ def quiet_closed_loop_echoes() -> None:
 def main(argv: list[str] | None = None) -> int:
     """Parses `argv`, applies the global options and runs the command; `UserError` -> one
     `lwm-jax: error: ...` line on stderr and exit code 2."""
-    quiet_closed_loop_echoes()
+    quiet_read_echoes()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
