@@ -88,6 +88,12 @@ def padded_length(seq_len: int, impl: str, sp: int = 1, block_size: int = 512, q
     return n
 
 
+def layout_length(seq_len: int, impl: str, mesh, block_size: int = 512, quantum: int = 1) -> int:
+    """The smallest length >= `seq_len` that `impl` accepts on `mesh` (None: one device): what a
+    caller pads a sequence of any length to before `place` (the padding masked, never scored)."""
+    return padded_length(seq_len, impl, sp_size(mesh), block_size, quantum)
+
+
 def check_mesh(impl: str, mesh) -> None:
     """Raises UserError when `impl` cannot run on `mesh` (a `Mesh`, an abstract mesh or None)."""
     if impl != "ring":
