@@ -3,10 +3,8 @@ rejected before any compile."""
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -17,7 +15,6 @@ import yaml
 from lwm_jax.cli import main
 from tests.conftest import cli_error
 
-RESUME_TOL = 1e-6  # per-step loss, interrupted vs uninterrupted (issue)
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -72,7 +69,7 @@ def _losses(workdir: Path) -> dict:
     return out
 
 
-def test_two_stages_chain_and_resume_after_kill(tmp_path, prepared):
+def test_two_stages_chain_export_and_rerun(tmp_path, prepared):
     from lwm_jax.config import MeshConfig, ModelConfig, from_dict
     from lwm_jax.model.store import read_metadata, restore_params
     from lwm_jax.parallel.mesh import make_mesh
@@ -113,29 +110,9 @@ def test_two_stages_chain_and_resume_after_kill(tmp_path, prepared):
     card = (tmp_path / "hf/README.md").read_text()
     assert "stage `long`" in card and "128 tokens" in card
 
-    # Kill -9 in the middle of the first stage, then rerun the same command.
-    work = tmp_path / "killed"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "lwm_jax.cli", "--cpu-devices", "8", "train", str(recipe),
-                             "--workdir", str(work)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        metrics = work / "metrics.jsonl"
-        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 2:
-            break
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert len((work / "metrics.jsonl").read_text().splitlines()) < 6
-    resumed = _cli("train", str(recipe), "--workdir", str(work))
-    assert resumed.returncode == 0, resumed.stderr
-    got = _losses(work)
-    assert set(got) == set(reference)
-    for key, loss in reference.items():
-        assert abs(got[key] - loss) <= RESUME_TOL, key
-
-    # Same command again: everything finished, nothing retrained.
-    again = _cli("train", str(recipe), "--workdir", str(work))
+    # Same command again: everything finished, nothing retrained. (Killed and damaged runs resuming
+    # exactly are tests/test_train_reliability.py's.)
+    again = _cli("train", str(recipe), "--workdir", str(tmp_path / "full"))
     assert again.returncode == 0 and "already finished" in again.stderr
 
 
