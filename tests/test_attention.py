@@ -294,27 +294,48 @@ def _chunk_case(bk=2, group=2, length=128, head_dim=128, seed=0):
     return q, k, v, meta, kernels.Tiling(group, 64, 1 / np.sqrt(head_dim))
 
 
-def test_cudnn_kernel_layout_wiring(monkeypatch):
-    """The cuDNN kernel's reshapes around the cuDNN call, with cuDNN replaced by dense math that
-    follows its contract (BTNH in; out BTNH and a [B, N, T] log-sum-exp back)."""
-    def fake_cudnn(q, k, v, *, scale, mask_type, return_residual):
-        assert return_residual and k.shape[2] == 1
-        s = jnp.einsum("btnh,bsh->bnts", q, k[:, :, 0]) * scale
-        if mask_type == "causal":
-            s = jnp.where(jnp.tril(jnp.ones(s.shape[-2:], bool)), s, -jnp.inf)
-        lse = jax.nn.logsumexp(s, axis=-1)
-        out = jnp.einsum("bnts,bsh->btnh", jnp.exp(s - lse[..., None]), v[:, :, 0])
-        return out.astype(q.dtype), lse
-
-    monkeypatch.setattr(cudnn_kernel, "_cudnn_attention", fake_cudnn)
-    monkeypatch.setattr(cudnn_kernel, "_MaskType", type("M", (), {"CAUSAL": "causal", "NO_MASK": "none"}))
-    q, k, v, meta, tiling = _chunk_case()
-    meta = meta._replace(q_seg=None, k_seg=None)
+def test_cudnn_kernel_whole_calls_go_through_the_public_api():
+    """The cuDNN kernel's whole-call path is `jax.nn.dot_product_attention` with GQA as given (no
+    K/V repeat); run here with the same public call's XLA implementation, forward and gradients
+    against the dense reference."""
+    kernel = cudnn_kernel.CudnnKernel(implementation="xla")
+    q, k, v, dout = _inputs(2, 32, 4, 2, 16)
     for causal in (True, False):
-        got = cudnn_kernel.CudnnKernel().forward(q, k, v, meta, tiling, causal=causal)
+        got, got_grads = _out_and_grads(lambda q, k, v, c=causal: kernel.attention(q, k, v, causal=c), q, k, v, dout)
+        want, want_grads = _out_and_grads(lambda q, k, v, c=causal: reference_attention(q, k, v, causal=c),
+                                          q, k, v, dout)
+        for g, w in zip((got, *got_grads), (want, *want_grads)):
+            _assert_close(g, w, jnp.float32)
+
+
+def test_cudnn_kernel_chunk_pairs_are_the_exact_pure_jax_blocks():
+    """Merged chunk pairs need a float32 lse and a backward fed the global statistics, which no
+    public cuDNN path gives: the kernel's chunk forward and backward are the pure-JAX blocks."""
+    q, k, v, meta, tiling = _chunk_case()
+    dout = jnp.asarray(np.random.default_rng(5).standard_normal(q.shape, np.float32))
+    for causal in (True, False):
+        out, lse = cudnn_kernel.CUDNN.forward(q, k, v, meta, tiling, causal=causal)
         want = xla.chunk_forward(q, k, v, meta, tiling, causal=causal)
+        for g, w in zip((out, lse), want):
+            _assert_close(g, w, jnp.float32)
+        delta = jnp.sum(dout * out, axis=-1)
+        want = xla.chunk_backward(q, k, v, dout, xla.backward_lse(lse), delta, meta, tiling, causal=causal)
+        got = cudnn_kernel.CUDNN.backward(q, k, v, out, dout, lse, meta, tiling, causal=causal)
         for g, w in zip(got, want):
             _assert_close(g, w, jnp.float32)
+
+
+def test_library_imports_no_private_jax():
+    """No `jax._src` (nor `jax.lib`, `jax.experimental.shard_map`) in the package: private JAX
+    modules move between releases, which is what made `ringattention` 0.1.2 stop importing."""
+    import pathlib
+    import re
+
+    root = pathlib.Path(cudnn_kernel.__file__).resolve().parents[2]
+    private = re.compile(r"jax\._src|jax\.lib\b|jax\.experimental\.shard_map")
+    hits = [f"{p.relative_to(root.parent)}:{i}" for p in sorted(root.rglob("*.py"))
+            for i, line in enumerate(p.read_text().splitlines(), 1) if private.search(line)]
+    assert not hits, f"private JAX names at {hits}"
 
 
 def test_splash_kernel_in_interpret_mode_matches_xla():

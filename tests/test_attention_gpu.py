@@ -1,7 +1,8 @@
 """GPU checks of the cuDNN kernel (skipped without a GPU; run with JAX_PLATFORMS=cuda): its chunk
 forward and float32 log-sum-exp against the pure-JAX kernel, chunk results merged through that
-log-sum-exp, its backward fed the global statistics of a merged attention, and blockwise / ring
-attention with it against the dense reference (bfloat16)."""
+log-sum-exp, its chunk backward fed the global statistics of a merged attention, its whole-call
+path (public `jax.nn.dot_product_attention`, cuDNN) with GQA, and blockwise / ring attention with
+it against the dense reference (bfloat16)."""
 
 from __future__ import annotations
 
@@ -62,12 +63,10 @@ def test_cudnn_chunk_results_merge_through_lse():
 
 
 def test_cudnn_backward_with_global_statistics_matches_xla():
-    """Keys in two chunks: each chunk's fused backward, fed the merged output and log-sum-exp,
-    must give that chunk's share of the gradients of the whole attention."""
+    """Keys in two chunks: each chunk's backward, fed the merged output and log-sum-exp, must give
+    that chunk's share of the gradients of the whole attention."""
     from lwm_jax.attention.kernels import cudnn, xla
 
-    if cudnn._BWD_RULE is None:
-        pytest.skip("this JAX version's cuDNN wrapper differs: the pure-JAX backward is used")
     q, k, v, meta, tiling = _chunk()
     dout = jnp.asarray(np.random.default_rng(3).standard_normal(q.shape, np.float32), jnp.bfloat16)
     out, lse = xla.chunk_forward(q, k, v, meta, tiling, causal=False)
@@ -82,6 +81,27 @@ def test_cudnn_backward_with_global_statistics_matches_xla():
             q, k[:, lo:lo + half], v[:, lo:lo + half], out, dout, lse)
         dq, dks, dvs = dq + dq_p, dks + [dk_p], dvs + [dv_p]
     for g, w in zip((dq, jnp.concatenate(dks, 1), jnp.concatenate(dvs, 1)), want):
+        assert _rel(g, w) <= BF16_RTOL
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_cudnn_whole_call_with_gqa_matches_reference(causal):
+    """`Kernel.attention`: the public cuDNN call, 8 query heads on 2 KV heads, fwd and grads."""
+    from lwm_jax.attention.kernels import cudnn
+    from lwm_jax.attention.reference import reference_attention
+
+    rng = np.random.default_rng(2)
+    shapes = [(2, 1024, 8, 128), (2, 1024, 2, 128), (2, 1024, 2, 128), (2, 1024, 8, 128)]
+    q, k, v, dout = (jnp.asarray(rng.standard_normal(s, np.float32), jnp.bfloat16) for s in shapes)
+
+    def out_and_grads(fn):
+        loss = lambda q, k, v: (lambda o: (jnp.sum(o.astype(jnp.float32) * dout.astype(jnp.float32)), o))(fn(q, k, v))
+        (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+        return (out, *grads)
+
+    got = out_and_grads(lambda q, k, v: cudnn.CUDNN.attention(q, k, v, causal=causal))
+    want = out_and_grads(lambda q, k, v: reference_attention(q, k, v, causal=causal))
+    for g, w in zip(got, want):
         assert _rel(g, w) <= BF16_RTOL
 
 

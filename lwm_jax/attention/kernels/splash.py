@@ -2,13 +2,16 @@
 
 Each `[batch*kv_heads]` entry is one splash MQA call (vmapped): `group` query heads against one
 key/value head, with segment ids and the float32 log-sum-exp (`save_residuals`). The backward is
-the pure-JAX one with the global log-sum-exp. Never run on a TPU here: it is checked on CPU in
-Pallas interpret mode only (`SplashKernel(interpret=True)`), so `auto` does not pick it.
+the pure-JAX one with the global log-sum-exp. Only public modules: splash ships with JAX as
+`jax.experimental.pallas.ops.tpu.splash_attention` (tokamax's copy is under its private `_src`).
+Never run on a TPU here: it is checked on CPU in Pallas interpret mode only
+(`SplashKernel(interpret=True)`), so `auto` does not pick it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +20,15 @@ from lwm_jax.attention.kernels.base import Kernel
 from lwm_jax.attention.kernels.rows import Meta, Tiling
 
 _LANES = 128  # splash tiles head_dim and blocks by the TPU lane width
+_MODULE = "jax.experimental.pallas.ops.tpu.splash_attention"
+
+
+def _available() -> bool:
+    """Whether this JAX ships the splash module (found without importing the TPU-only Pallas ops)."""
+    try:
+        return importlib.util.find_spec(_MODULE) is not None
+    except ImportError:  # a parent package is missing
+        return False
 
 
 @dataclasses.dataclass(frozen=True, eq=True)
@@ -28,6 +40,8 @@ class SplashKernel(Kernel):
     def supports(self, *, dtype, head_dim, segments):
         if head_dim % _LANES:
             return f"head_dim={head_dim} (splash needs a multiple of {_LANES})"
+        if not _available():
+            return f"this JAX {jax.__version__} has no {_MODULE}"
         return None
 
     def forward(self, q, k, v, meta: Meta, tiling: Tiling, *, causal):
