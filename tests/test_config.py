@@ -76,12 +76,23 @@ def test_model_attention_kernel_reaches_the_kernel_choice():
 
 
 def test_mesh_parse_and_resolve():
-    assert MeshConfig.parse("dp=2,sp=4").shape == (2, 1, 4, 1)
-    assert MeshConfig.parse("dp=-1,sp=4").resolve(8).shape == (2, 1, 4, 1)
+    assert MeshConfig.parse("dp=2,sp=4").shape == (2, 1, 4, 1, 1)  # (dp, fsdp, sp, ulysses, tp)
+    assert MeshConfig.parse("dp=-1,sp=4").resolve(8).shape == (2, 1, 4, 1, 1)
     with pytest.raises(UserError, match="needs 8 devices but 4 are available"):
         MeshConfig.parse("dp=2,sp=4").resolve(4)
     with pytest.raises(UserError, match="bad mesh item"):
         MeshConfig.parse("xp=2")
+
+
+def test_mesh_ulysses_axis_parses_and_defaults_to_one():
+    mesh = MeshConfig.parse("ulysses=4,sp=2")
+    assert (mesh.sp, mesh.ulysses, mesh.tp) == (2, 4, 1) and mesh.shape == (1, 1, 2, 4, 1)
+    assert mesh.spec() == "dp=1,fsdp=1,sp=2,ulysses=4,tp=1" and MeshConfig.parse(mesh.spec()) == mesh
+    assert MeshConfig.parse("dp=2,sp=4").spec() == "dp=2,fsdp=1,sp=4,tp=1"  # 4-axis specs read as before
+    assert MeshConfig.parse("ulysses=-1,sp=2").resolve(8).ulysses == 4
+    assert from_dict(MeshConfig, {"ulysses": 2, "sp": 4}) == MeshConfig(sp=4, ulysses=2)  # recipes
+    with pytest.raises(UserError, match="mesh.ulysses=0 must be a positive integer"):
+        MeshConfig(ulysses=0)
 
 
 def test_recipe_overrides_reach_a_model_given_by_path():

@@ -68,3 +68,55 @@ def test_analytic_memory_agrees_with_xla_at_1048k_on_512_devices():
     assert abs(analytic - compiled) <= AGREEMENT * compiled, (analytic, compiled)
     # bf16 activations: the accelerator's figure is the same model at 2 bytes per activation element.
     assert stage["memory_bytes_per_device"] < analytic
+
+
+def test_attention_traffic_per_scheme_and_axis():
+    """Hand counts of what the ring and the Ulysses all-to-alls send per device and layer."""
+    from lwm_jax.plan import attention_bytes_per_device
+
+    # Ulysses alone, 8 heads / 2 KV heads over 8 devices: q and out [128, 8, 16], k and v in 8 slots,
+    # each all-to-all sending 7/8 of its 2-byte array; no ring.
+    t = attention_bytes_per_device(1024, 8, 2, 16, 2, sp=1, ulysses=8)
+    assert t["ulysses"]["forward_bytes"] == 4 * 128 * 8 * 16 * 2 * 7 // 8 == t["ulysses"]["backward_bytes"]
+    assert t["ring"]["forward_bytes"] == 0 == t["ring"]["backward_bytes"]
+    # The ring alone, sp=4: a [256 tokens, 2 heads, 16] K and V block on 3 hops; backward again, plus
+    # the float32 dK/dV on 4 hops.
+    t = attention_bytes_per_device(1024, 8, 2, 16, 2, sp=4, ulysses=1)
+    block = 256 * 2 * 16
+    assert t["ring"]["forward_bytes"] == 3 * 2 * block * 2 and t["ulysses"]["forward_bytes"] == 0
+    assert t["ring"]["backward_bytes"] == 3 * 2 * block * 2 + 4 * 2 * block * 4
+    # Hybrid: the ring carries 1/ulysses of the KV heads; Ulysses' bytes per device stay constant
+    # as the length and the axis double together (up to the (U-1)/U share).
+    hybrid = attention_bytes_per_device(1024, 8, 2, 16, 2, sp=4, ulysses=2)
+    assert hybrid["ring"]["forward_bytes"] == t["ring"]["forward_bytes"] // 2
+    a, b = (attention_bytes_per_device(n * 1024, 8, 8, 16, 2, sp=1, ulysses=n)["ulysses"]["forward_bytes"]
+            for n in (4, 8))
+    assert b == pytest.approx(a * (7 / 8) / (3 / 4))
+    assert hybrid["total_bytes"] == sum(hybrid[s]["forward_bytes"] + hybrid[s]["backward_bytes"]
+                                        for s in ("ring", "ulysses"))
+
+
+def test_ulysses_in_memory_and_links():
+    """Activations divide by sp*ulysses; ulysses inside a node, the ring across at its bandwidth."""
+    from lwm_jax.config import MeshConfig
+    from lwm_jax.plan import memory_per_device, step_seconds
+
+    model = load_recipe(ROOT / "configs/recipes/gradient_1048k.yaml").model
+    ring = memory_per_device(model, MeshConfig(sp=8), 65_536, 1, 1, 2048)
+    hybrid = memory_per_device(model, MeshConfig(sp=2, ulysses=4), 65_536, 1, 1, 2048)
+    assert hybrid["activations"] == ring["activations"] and hybrid["params"] == ring["params"]
+    assert hybrid["ulysses_exchange"] > 0 == ring["ulysses_exchange"]
+    time = step_seconds(model, MeshConfig(sp=8, ulysses=8), 1_048_576, 1, 1, HARDWARE["H100"])
+    sp, uly = time["traffic"]["sp"], time["traffic"]["ulysses"]
+    assert (uly["link"], uly["gbps"]) == ("intra-node", HARDWARE["H100"].intra_node_gbps)
+    assert (sp["link"], sp["gbps"]) == ("inter-node", HARDWARE["H100"].inter_node_gbps)
+    assert time["ring_s"] == sp["seconds"] > 0 and time["ulysses_s"] == uly["seconds"] > 0
+
+
+def test_plan_cli_takes_a_ulysses_mesh(capsys):
+    argv = ["plan", str(ROOT / "configs/recipes/gradient_1048k.yaml"), "--stage", "65K",
+            "--set", "stages.65K.mesh={sp: 2, ulysses: 4}", "--json"]
+    assert main(argv) == 0
+    stage = json.loads(capsys.readouterr().out.splitlines()[-1])["stages"][0]
+    assert stage["mesh"] == "dp=1,fsdp=1,sp=2,ulysses=4,tp=1" and stage["devices"] == 8
+    assert set(stage["time"]["traffic"]) == {"sp", "ulysses"}

@@ -1,7 +1,8 @@
 """One attention entry point for the model: `attention(q, k, v, ..., impl=...)`.
 
 `reference` is the dense oracle, `blockwise` the single-device flash-style tiling, `ring` the
-`shard_map` ring over the mesh's `sp` axis. All take the same arguments and agree numerically;
+sequence-parallel attention over the mesh's `ulysses` (all-to-all, `ulysses.py`) and `sp` (the
+zigzag ring, `ring.py`) axes, either of which may be 1. All take the same arguments and agree numerically;
 `IMPLEMENTATIONS` is the registry every caller (config checks aside) takes its choices from.
 `layout` says how a batch must be laid out for each; `decode` attends one new token over a
 sequence-sharded KV cache.

@@ -1,10 +1,11 @@
 """Attention of one new token over a sequence-sharded KV cache (flash-decoding).
 
 The cache `[layers, batch, cache_len, kv_heads, head_dim]` is kept in natural token order, sharded
-over `sp` along the sequence (and over `tp` along the heads). A decode step writes the new key and
-value on the device that owns its position, lets every device attend the query over its own slice
-(partial max, sum and weighted values) and combines the partials across `sp` through their
-log-sum-exp: only `[batch, heads, head_dim]` partials travel, never the cache.
+along the sequence over the length axes `sp` and `ulysses` (sp major, as the prefill's activations;
+over `tp` along the heads). A decode step writes the new key and value on the device that owns its
+position, lets every device attend the query over its own slice (partial max, sum and weighted
+values) and combines the partials across the length axes through their log-sum-exp: only
+`[batch, heads, head_dim]` partials travel, never the cache.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from jax.sharding import PartitionSpec as P
 from lwm_jax.attention.reference import MASK_VALUE
 
 SP, HEADS_AXIS, BATCH_AXES = "sp", "tp", ("dp", "fsdp")
+LENGTH_AXES = (SP, "ulysses")  # the cache's sequence axes, sp major (cache_len divisible by their product)
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=("k", "v", "pos"), meta_fields=("mesh",))
@@ -44,7 +46,12 @@ def cache_specs(mesh):
     names = mesh.axis_names
     batch = tuple(a for a in BATCH_AXES if a in names) or None
     heads = HEADS_AXIS if HEADS_AXIS in names else None
-    return P(batch, None, heads, None), P(None, batch, SP, heads, None)
+    return P(batch, None, heads, None), P(None, batch, _length_axes(mesh), heads, None)
+
+
+def _length_axes(mesh) -> tuple[str, ...] | None:
+    """The mesh's length axes of size > 1, sp major (None: the cache is not sharded along it)."""
+    return tuple(a for a in LENGTH_AXES if dict(mesh.shape).get(a, 1) > 1) or None
 
 
 def shard_cache(k, v, pos, mesh) -> KVCache:
@@ -63,7 +70,7 @@ def _local_decode(q, k_new, v_new, cache_k, cache_v, layer, pos, *, axis):
     `q: [b, 1, q_heads, d]`, `k_new, v_new: [b, 1, kv_heads, d]`, caches `[layers, b, local, kv_heads, d]`.
     """
     local = cache_k.shape[2]
-    start = lax.axis_index(axis) * local if axis else 0
+    start = lax.axis_index(axis) * local if axis else 0  # a tuple of axes: the linear index, major first
     offset = pos - start
     mine = (offset >= 0) & (offset < local)
     slot = jnp.clip(offset, 0, local - 1)
@@ -98,13 +105,13 @@ def _local_decode(q, k_new, v_new, cache_k, cache_v, layer, pos, *, axis):
 
 def cache_attention(q, k_new, v_new, cache: KVCache, layer) -> tuple[jax.Array, KVCache]:
     """`(out [b, 1, q_heads, d], cache)`: one decode step of layer `layer` at `cache.pos`, the new
-    key and value written into the cache (flash-decoding over `sp`: the cache never moves)."""
+    key and value written into the cache (flash-decoding over the length axes: the cache never moves)."""
     if cache.mesh is None:
         out, k, v = _local_decode(q, k_new, v_new, cache.k, cache.v, layer, cache.pos, axis=None)
     else:
         tok_spec, cache_spec = cache_specs(cache.mesh)
         out, k, v = jax.shard_map(
-            functools.partial(_local_decode, axis=SP), mesh=cache.mesh,
+            functools.partial(_local_decode, axis=_length_axes(cache.mesh)), mesh=cache.mesh,
             in_specs=(tok_spec, tok_spec, tok_spec, cache_spec, cache_spec, P(), P()),
             out_specs=(tok_spec, cache_spec, cache_spec), check_vma=False)(
                 q, k_new, v_new, cache.k, cache.v, layer, cache.pos)

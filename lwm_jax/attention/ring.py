@@ -1,9 +1,14 @@
-"""Ring attention: the sequence sharded over the mesh's `sp` axis, KV blocks passed around a ring.
+"""Sequence-parallel attention over the mesh's `ulysses` and `sp` axes (either may be size 1):
+DeepSpeed-Ulysses inside a node, the zigzag ring across.
 
-The sequence is in the zigzag layout (`attention.layout`): cut into `2*sp` chunks, device `r`
-holds chunk `r` ("early", slot 0) and chunk `2*sp-1-r` ("late", slot 1). At ring step `t` device
-`r` holds the keys and values of device `src = r - t` and computes, through the chunk-pair kernel
-(`attention.kernels`), only the chunk pairs that causality leaves visible:
+The sequence is in the zigzag layout over `sp` (`attention.layout`): cut into `2*sp` chunks, sp
+shard `r` holds chunk `r` ("early", slot 0) and chunk `2*sp-1-r` ("late", slot 1), split contiguously
+over `ulysses`. Per device, an all-to-all over `ulysses` (`attention.ulysses`) first trades its
+sequence shard for a head shard: it then holds the whole sp shard for `1/ulysses` of the heads
+(GQA-aware: KV heads split, or the one each device needs). The ring runs on that, and the output
+goes back the same way. At ring step `t` device `r` holds the keys and values of device
+`src = r - t` and computes, through the chunk-pair kernel (`attention.kernels`), only the chunk
+pairs that causality leaves visible:
 
 - step 0 (its own KV): the causal triangle over its two chunks (blocks above the diagonal skipped);
 - step t > 0: two fully visible chunk pairs, (late queries, early keys) and, if `src < r`,
@@ -11,10 +16,11 @@ holds chunk `r` ("early", slot 0) and chunk `2*sp-1-r` ("late", slot 1). At ring
 
 So every device does the same work at every step. Only the KV heads travel (GQA-native); their
 positions and segment ids travel with them, so packed documents stay correct across steps. Chunk
-results are merged in float32 through their log-sum-exp. The `custom_vjp` backward runs the same
-schedule, recomputing blocks from the global output and log-sum-exp, while dK/dV accumulators
-travel with their KV block and take one last step home. Batch is sharded over (dp, fsdp) and
-heads over tp at the same time; everything a device stores is linear in its local sequence length.
+results are merged in float32 through their log-sum-exp. The per-device ring is a `custom_vjp`
+whose backward runs the same schedule, recomputing blocks from the output and log-sum-exp, while
+dK/dV accumulators travel with their KV block and take one last step home; autodiff transposes the
+Ulysses exchange around it. Batch is sharded over (dp, fsdp) and heads over tp at the same time;
+everything a device stores is linear in its local sequence length.
 """
 
 from __future__ import annotations
@@ -31,11 +37,13 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from lwm_jax.attention import kernels as K
+from lwm_jax.attention import ulysses as U
 from lwm_jax.attention.blockwise import check_inputs
-from lwm_jax.attention.layout import check_mesh, ring_block, zigzag_indices
+from lwm_jax.attention.layout import check_heads, check_mesh, ring_block, zigzag_indices
 from lwm_jax.errors import UserError
 
-SP = "sp"
+SP, ULYSSES = "sp", "ulysses"
+SEQ_AXES = (SP, ULYSSES)  # the sequence's mesh axes, sp major
 BATCH_AXES = ("dp", "fsdp")
 HEADS_AXIS = "tp"
 
@@ -85,20 +93,16 @@ def causal_min_block_pairs(seq_len: int, sp: int, block_size: int = 512) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class _Ring:
-    """Everything about a ring call that is not an array (a hashable custom_vjp static arg)."""
+    """Everything about a ring call that is not an array (a hashable custom_vjp static arg);
+    `kv_slots`: the local KV head each ulysses device receives (None: the KV heads split)."""
 
-    mesh: Any
     sp: int
+    ulysses: int
     tiling: K.Tiling
     causal: bool
     kernel: K.Kernel
-    batch_axes: tuple[str, ...]
-    heads_axis: str | None
-
-    def specs(self):
-        """PartitionSpecs of `q/out`, `k/v`, `[batch, seq]` ids and the `[b, kv, rows]` lse."""
-        b, h = self.batch_axes or None, self.heads_axis
-        return P(b, SP, h, None), P(b, SP, h, None), P(b, SP), P(b, h, SP)
+    kv_slots: tuple[int, ...] | None
+    whole: bool = False  # sp=1, natural positions, no segments: the kernel's whole-call path may run
 
 
 # Entry point -----------------------------------------------------------------------------------
@@ -108,19 +112,19 @@ def ring_attention(q, k, v, *, segment_ids=None, positions=None, causal: bool = 
                    block_size: int = 512, kernel: str = "auto"):
     """Returns `[batch, seq, q_heads, head_dim]` in `q.dtype`; inputs are in the zigzag layout.
 
-    Runs over the mesh set with `jax.set_mesh` (axis `sp`; batch over `dp, fsdp`, heads over
-    `tp`). `positions=None` means the natural positions of the unpermuted sequence. Blocks are
-    `min(block_size, seq_len // (2*sp))` positions. Within a segment positions must increase
-    with natural order (true for packed documents).
+    Runs over the mesh set with `jax.set_mesh` (sequence over `sp` and `ulysses`; batch over `dp,
+    fsdp`, heads over `tp`). `positions=None` means the natural positions of the unpermuted
+    sequence. Blocks are `min(block_size, seq_len // (2*sp))` positions. Within a segment positions
+    must increase with natural order (true for packed documents).
     """
     check_inputs(q, k, v, segment_ids, positions)
     mesh = jax.sharding.get_abstract_mesh()
     check_mesh("ring", mesh)
     sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
-    sp = sizes[SP]
+    sp, ulysses = sizes.get(SP, 1), sizes.get(ULYSSES, 1)
     batch, seq, q_heads, head_dim = q.shape
     kv_heads = k.shape[2]
-    block = ring_block(seq, sp, block_size)
+    block = ring_block(seq, sp, block_size, ulysses)
     batch_axes = tuple(a for a in BATCH_AXES if a in sizes)
     n_batch = math.prod(sizes[a] for a in batch_axes)
     if batch % n_batch:
@@ -128,45 +132,55 @@ def ring_attention(q, k, v, *, segment_ids=None, positions=None, causal: bool = 
                         "(ring attention shards the batch over them)")
     heads_axis = HEADS_AXIS if HEADS_AXIS in sizes else None
     tp = sizes.get(HEADS_AXIS, 1)
-    if kv_heads % tp:
-        raise UserError(f"kv_heads={kv_heads} must be divisible by tp={tp} "
-                        "(ring attention shards the heads over tp)")
+    check_heads(q_heads, kv_heads, tp, ulysses)
+    slots = U.kv_slots(kv_heads // tp, ulysses)
+    kv_per_device = 1 if slots is not None else kv_heads // tp // ulysses
     chosen = K.select_kernel(kernel, dtype=q.dtype, head_dim=head_dim, segments=segment_ids is not None)
+    whole = sp == 1 and positions is None and segment_ids is None
     if positions is None:
         natural = jnp.asarray(zigzag_indices(seq, sp), jnp.int32)
         positions = jnp.broadcast_to(natural, (batch, seq))
-    tiling = K.Tiling(q_heads // kv_heads, block, 1.0 / math.sqrt(head_dim))
-    cfg = _Ring(mesh, sp, tiling, causal, chosen, batch_axes, heads_axis)
-    return _ring(q, k, v, positions, segment_ids, cfg)
+    tiling = K.Tiling(q_heads // tp // ulysses // kv_per_device, block, 1.0 / math.sqrt(head_dim))
+    cfg = _Ring(sp, ulysses, tiling, causal, chosen, None if slots is None else tuple(slots.tolist()), whole)
+    b, seq_axes = batch_axes or None, tuple(a for a in SEQ_AXES if a in sizes) or None
+    x_spec, id_spec = P(b, seq_axes, heads_axis, None), P(b, seq_axes)
+    return jax.shard_map(
+        functools.partial(_device_attention, cfg=cfg), mesh=mesh,
+        in_specs=(x_spec, x_spec, x_spec, id_spec, id_spec if segment_ids is not None else None),
+        out_specs=x_spec, check_vma=False)(q, k, v, positions, segment_ids)
+
+
+def _device_attention(q, k, v, positions, segment_ids, *, cfg: _Ring):
+    """One device: Ulysses in (sequence shard -> head shard), the ring over sp, Ulysses out.
+
+    With no ring to merge over (sp=1, natural positions, no segments) the local sequence is in
+    natural order and a fused kernel's whole call (`Kernel.attention`, its own VJP) runs instead."""
+    if cfg.ulysses > 1:
+        slots = None if cfg.kv_slots is None else np.asarray(cfg.kv_slots)
+        q, k, v = U.to_heads(q), U.to_heads(k, slots), U.to_heads(v, slots)
+        positions, segment_ids = U.gather_ids(positions), U.gather_ids(segment_ids)
+    whole = cfg.kernel.attention(q, k, v, causal=cfg.causal) if cfg.whole else None
+    out = whole.astype(q.dtype) if whole is not None else _local_ring(q, k, v, positions, segment_ids, cfg)
+    return U.to_sequence(out) if cfg.ulysses > 1 else out
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _ring(q, k, v, positions, segment_ids, cfg: _Ring):
-    return _ring_fwd(q, k, v, positions, segment_ids, cfg)[0]
+def _local_ring(q, k, v, positions, segment_ids, cfg: _Ring):
+    return _local_forward(q, k, v, (positions, segment_ids), cfg=cfg)[0]
 
 
-def _ring_fwd(q, k, v, positions, segment_ids, cfg: _Ring):
-    q_spec, kv_spec, id_spec, lse_spec = cfg.specs()
-    ids = (positions, segment_ids)
-    out, lse = jax.shard_map(
-        functools.partial(_local_forward, cfg=cfg), mesh=cfg.mesh,
-        in_specs=(q_spec, kv_spec, kv_spec, (id_spec, id_spec if segment_ids is not None else None)),
-        out_specs=(q_spec, lse_spec), check_vma=False)(q, k, v, ids)
-    return out, (q, k, v, ids, out, lse)
+def _local_ring_fwd(q, k, v, positions, segment_ids, cfg: _Ring):
+    out, lse = _local_forward(q, k, v, (positions, segment_ids), cfg=cfg)
+    return out, (q, k, v, positions, segment_ids, out, lse)
 
 
-def _ring_bwd(cfg: _Ring, res, dout):
-    q, k, v, ids, out, lse = res
-    q_spec, kv_spec, id_spec, lse_spec = cfg.specs()
-    dq, dk, dv = jax.shard_map(
-        functools.partial(_local_backward, cfg=cfg), mesh=cfg.mesh,
-        in_specs=(q_spec, kv_spec, kv_spec, (id_spec, id_spec if ids[1] is not None else None),
-                  q_spec, lse_spec, q_spec),
-        out_specs=(q_spec, kv_spec, kv_spec), check_vma=False)(q, k, v, ids, out, lse, dout)
+def _local_ring_bwd(cfg: _Ring, res, dout):
+    q, k, v, positions, segment_ids, out, lse = res
+    dq, dk, dv = _local_backward(q, k, v, (positions, segment_ids), out, lse, dout, cfg=cfg)
     return dq, dk, dv, None, None
 
 
-_ring.defvjp(_ring_fwd, _ring_bwd)
+_local_ring.defvjp(_local_ring_fwd, _local_ring_bwd)
 
 
 # Per-device work (inside shard_map) ------------------------------------------------------------
@@ -202,7 +216,7 @@ def _local_setup(q, k, v, ids, cfg: _Ring):
     q_rows = K.q_to_rows(q, kv_heads)
     q_ids = (K.ids_to_rows(positions, kv_heads, group), K.ids_to_rows(segment_ids, kv_heads, group))
     kv = (K.kv_to_rows(k), K.kv_to_rows(v), positions, segment_ids)
-    rank = lax.axis_index(SP)
+    rank = lax.axis_index(SP) if cfg.sp > 1 else 0
 
     def pairs(t, kv_t, row_arrays):
         """The chunk pairs of step t on KV bundle `kv_t`, stacked along the batch axis so that
@@ -245,7 +259,6 @@ def _local_forward(q, k, v, ids, *, cfg: _Ring):
     carry = (jnp.zeros(q_rows.shape, jnp.float32), jnp.full(q_rows.shape[:2], K.LSE_EMPTY, jnp.float32))
     carry = step(0, kv, carry)
     out, lse = _ring_loop(cfg.sp, kv, carry, step)
-    lse = lse.reshape(batch, -1, lse.shape[1])  # [b, kv_heads, rows]: a shardable global layout
     return K.rows_to_q(out.astype(q.dtype), batch, q_heads), lse
 
 
@@ -270,7 +283,6 @@ def _local_backward(q, k, v, ids, out, lse, dout, *, cfg: _Ring):
     q_rows, kv, pairs = _local_setup(q, k, v, ids, cfg)
     kv_heads, bk = k.shape[2], q_rows.shape[0]
     do_rows, out_rows = K.q_to_rows(dout, kv_heads), K.q_to_rows(out, kv_heads)
-    lse = lse.reshape(q_rows.shape[:2])
 
     def step(t, kv_t, carry):
         dq, dk, dv = carry

@@ -19,7 +19,7 @@ ATTENTION_KERNELS = ("auto", "xla", "cudnn", "splash")  # per-block kernels of b
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "offload")
 EMBED_LOOKUPS = ("sharded", "gathered")
 DTYPES = ("float32", "bfloat16", "float16")
-MESH_AXES = ("dp", "fsdp", "sp", "tp")
+MESH_AXES = ("dp", "fsdp", "sp", "ulysses", "tp")  # ulysses inner (inside a node), the ring across
 # Fields that say how a model runs, not what it computes: a checkpoint loads, and a training run
 # resumes, with any of them changed.
 RUN_FIELDS = ("dtype", "scan_layers", "remat", "attention", "attention_block_size", "attention_kernel", "seq_tile",
@@ -304,12 +304,13 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """Device mesh axis sizes (batch over dp and fsdp, sequence over sp, heads and MLP over tp);
-    one axis may be -1 to take the remaining devices."""
+    """Device mesh axis sizes (batch over dp and fsdp, sequence over sp (the ring) and ulysses (the
+    all-to-all), heads and MLP over tp); one axis may be -1 to take the remaining devices."""
 
     dp: int = 1
     fsdp: int = 1
     sp: int = 1
+    ulysses: int = 1
     tp: int = 1
 
     def __post_init__(self):
@@ -349,7 +350,8 @@ class MeshConfig:
         return resolved
 
     def spec(self) -> str:
-        return ",".join(f"{a}={getattr(self, a)}" for a in MESH_AXES)
+        """`dp=2,fsdp=1,sp=4,tp=1`: every axis, `ulysses` only when used (so 4-axis specs read as before)."""
+        return ",".join(f"{a}={getattr(self, a)}" for a in MESH_AXES if a != "ulysses" or self.ulysses != 1)
 
     @property
     def shape(self) -> tuple[int, ...]:

@@ -1,10 +1,10 @@
 """The token lookup on the embedding table's own shards, so neither the table nor its float32
 gradient is ever gathered whole (2.1 GB for Llama-3's `[128256, 4096]`).
 
-The table is `[vocab, embed]` with vocab over `tp` and embed over `(fsdp, sp)` (the logical rules).
-Inside a `shard_map` each device all-gathers the (int) tokens of its `(fsdp, sp)` group, looks up
-its own columns of its own vocab rows for all of them, sums the vocab shards over `tp` (the one
-reduction), and an all-to-all hands every device its own tokens with every column. The gradient
+The table is `[vocab, embed]` with vocab over `tp` and embed over `(fsdp, sp, ulysses)` (the logical
+rules). Inside a `shard_map` each device all-gathers the (int) tokens of its `(fsdp, sp, ulysses)`
+group, looks up its own columns of its own vocab rows for all of them, sums the vocab shards over
+`tp` (the one reduction), and an all-to-all hands every device its own tokens with every column. The gradient
 runs the same way back and lands as a scatter-add into the local shard.
 """
 
@@ -26,7 +26,7 @@ def _axes(entry) -> tuple[str, ...]:
 
 def _local_lookup(table, tokens, *, vocab_axis, token_axes, dtype):
     """Per device: `table [V/tp, D/G]`, `tokens [b, s]` (its own) -> `[b, s, D]`."""
-    for axis, dim in token_axes:  # every token of the (fsdp, sp) group, in index order
+    for axis, dim in token_axes:  # every token of the (fsdp, sp, ulysses) group (any order the way back undoes)
         tokens = lax.all_gather(tokens, axis, axis=dim, tiled=True)
     rows = table.shape[0]
     offset = lax.axis_index(vocab_axis) * rows if vocab_axis else 0

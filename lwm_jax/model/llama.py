@@ -36,10 +36,11 @@ REMAT_POLICIES = {
 TILE_TOKENS = 2048  # the default tile: the MLP working set of 2,048 tokens is well under the attention's
 
 
-def _sp_size() -> int:
-    """The size of the current mesh's `sp` axis (1 without a mesh or the axis)."""
+def _seq_shards() -> int:
+    """How many ways the current mesh shards the sequence: `sp * ulysses` (1 without a mesh)."""
     mesh = jax.sharding.get_abstract_mesh()
-    return 1 if mesh.empty else dict(zip(mesh.axis_names, mesh.axis_sizes)).get("sp", 1)
+    sizes = {} if mesh.empty else dict(zip(mesh.axis_names, mesh.axis_sizes))
+    return sizes.get("sp", 1) * sizes.get("ulysses", 1)
 
 
 def seq_tile_for(config: ModelConfig, local_len: int) -> int:
@@ -53,18 +54,18 @@ def seq_tile_for(config: ModelConfig, local_len: int) -> int:
 
 
 def map_tiles(fn, arrays: tuple, tile: int, remat: bool):
-    """`fn(*arrays)` for arrays `[batch, seq, ...]` with seq over the mesh's `sp` axis (`fn` returns an
+    """`fn(*arrays)` for arrays `[batch, seq, ...]` with seq over the mesh's `sp` and `ulysses` axes (`fn` returns an
     array or a tuple of them, of the same leading shape), computed one tile of every device's local
     sequence at a time (a `lax.map`, each tile recomputed on its own in the backward when `remat`),
     so per-token work holds one tile's intermediates, not the whole local sequence's."""
-    sp = _sp_size()
+    sp = _seq_shards()  # every sequence shard, sp major then ulysses: the logical `length`
     batch, seq = arrays[0].shape[:2]
     n = seq // sp // tile
     if n <= 1:
         return fn(*arrays)
     if seq % (sp * tile):
         raise UserError(f"seq_tile={tile} must divide each device's local sequence of {seq // sp} tokens "
-                        f"(seq_len {seq}, sp={sp}); use a divisor of it or 0 (automatic)")
+                        f"(seq_len {seq}, sp*ulysses={sp}); use a divisor of it or 0 (automatic)")
 
     def split(a):  # [b, s, *r] -> [n, b, sp*tile, *r]: tile t of every device's local chunk
         rest = a.shape[2:]
@@ -165,7 +166,7 @@ class DecoderLayer(nnx.Module):
         attention itself is per token and runs over sequence tiles (`map_tiles`): the norm and the
         q/k/v projections before it, the output projection, norm and MLP after it."""
         cfg = self.config
-        tile = seq_tile_for(cfg, x.shape[1] // _sp_size()) if cache is None else x.shape[1]
+        tile = seq_tile_for(cfg, x.shape[1] // _seq_shards()) if cache is None else x.shape[1]
         remat = cfg.remat in ("full", "offload")
         q, k, v = map_tiles(self.project_in, (x, positions), tile, remat)
         heads, kv = self.self_attn.attend(q, k, v, positions, segment_ids, cache, layer)

@@ -1,7 +1,8 @@
-"""The device mesh (`dp, fsdp, sp, tp`) and the logical-axis rules that map names to mesh axes.
+"""The device mesh (`dp, fsdp, sp, ulysses, tp`) and the logical-axis rules that map names to mesh axes.
 
 Sharding is written once here: modules name their axes logically (`embed`, `heads`, `length`, ...)
-and these rules decide which mesh axes carry them. Weights shard over `fsdp` *and* `sp`, so a
+and these rules decide which mesh axes carry them. The sequence shards over `sp` (the ring, major)
+and `ulysses` (the all-to-all, inside a node); weights shard over `fsdp`, `sp` *and* `ulysses`, so a
 sequence-parallel device also holds a slice of the weights.
 """
 
@@ -19,7 +20,7 @@ from lwm_jax.config import MESH_AXES, MeshConfig
 LOGICAL_RULES: dict[str, tuple[str, ...] | str | None] = {
     # Parameters.
     "vocab": "tp",
-    "embed": ("fsdp", "sp"),
+    "embed": ("fsdp", "sp", "ulysses"),
     "heads": "tp",
     "kv_heads": "tp",
     "head_dim": None,
@@ -28,7 +29,7 @@ LOGICAL_RULES: dict[str, tuple[str, ...] | str | None] = {
     "norm": None,
     # Activations.
     "batch": ("dp", "fsdp"),
-    "length": "sp",
+    "length": ("sp", "ulysses"),  # sp major: each sp shard (two zigzag chunks) splits over ulysses
     "act_embed": None,
     "act_heads": "tp",
     "act_kv_heads": "tp",
@@ -38,7 +39,7 @@ LOGICAL_RULES: dict[str, tuple[str, ...] | str | None] = {
 
 
 def make_mesh(config: MeshConfig, devices=None) -> Mesh:
-    """Builds the 4-axis mesh for `config` (a -1 axis takes the remaining devices)."""
+    """Builds the 5-axis mesh for `config` (a -1 axis takes the remaining devices)."""
     devices = list(jax.devices() if devices is None else devices)
     resolved = config.resolve(len(devices))
     if devices == list(jax.devices()):

@@ -4,11 +4,13 @@
 The analytic model counts, per device: float32 params, AdamW moments and gradients under the
 logical sharding rules; the layer inputs the remat policy keeps (one `[batch, seq, embed]` per
 layer for `full`, plus the saved matmul outputs for `dots` policies); one layer's recomputed
-working set; the ring's KV blocks in flight and float32 accumulators; one loss chunk of logits;
+working set; the ring's KV blocks in flight and float32 accumulators (and, with a `ulysses` axis, the
+arrays its all-to-alls receive); one loss chunk of logits;
 the weights FSDP gathers (one layer's, and the embedding gradient as a full table); and the batch.
 Step time is FLOPs (the MFU convention of `train.metrics`, plus the recompute of `full` remat) at
-the given peak and efficiency, against the ring's KV traffic and the FSDP weight gathers at the
-given link bandwidths; the larger of compute and communication is taken (they overlap).
+the given peak and efficiency, against the attention's traffic per axis (`plan.traffic`: the ring's
+KV blocks over `sp`, Ulysses' all-to-alls over `ulysses`) and the FSDP weight gathers, each at the
+bandwidth of the link its axis uses; the larger of compute and communication is taken (they overlap).
 
 XLA:CPU has no bfloat16 arithmetic: its float-normalization pass runs every bf16 op in float32 and
 stores the result as float32, so on the simulated devices of `--aot` each compute-dtype buffer
@@ -28,6 +30,7 @@ import numpy as np
 from lwm_jax.config import MESH_AXES, MeshConfig, ModelConfig, RecipeConfig
 from lwm_jax.model.llama import seq_tile_for
 from lwm_jax.parallel.mesh import LOGICAL_RULES
+from lwm_jax.plan.traffic import attention_bytes_per_device, axis_link
 from lwm_jax.train.metrics import flops_per_token
 from lwm_jax.train.stages import plan_recipe
 
@@ -108,7 +111,8 @@ def memory_per_device(model: ModelConfig, mesh: MeshConfig, seq_len: int, batch_
     d, hd, f, L, v = model.hidden_size, model.head_dim, model.intermediate_size, model.num_layers, model.vocab_size
     hq, hkv = model.num_heads // mesh.tp, model.num_kv_heads // mesh.tp
     b = max(batch_size // (mesh.dp * mesh.fsdp), 1)
-    s = seq_len // mesh.sp
+    seq_shards = mesh.sp * mesh.ulysses
+    s = seq_len // seq_shards
     tokens = b * s
     params = param_bytes_per_device(model, mesh)
     saved_per_layer = {"full": d, "offload": d, "dots": d + hd * (2 * hq + 2 * hkv) + 2 * f + d,
@@ -123,33 +127,38 @@ def memory_per_device(model: ModelConfig, mesh: MeshConfig, seq_len: int, batch_
     tile_work = 2 * b * seq_tile_for(model, s) * (2 * d + 3 * f) * dt  # norm in and out, gate/up/hidden
     # Ring: K/V blocks held and in flight (forward and backward), dK/dV float32 accumulators and the
     # ones in flight, and the queries' float32 accumulator with its log-sum-exp: the output's in the
-    # (recomputed) forward ring, dQ's in the backward ring, one at a time.
-    ring_kv = tokens * hkv * hd * 4 * dt
-    ring_dkv = tokens * hkv * hd * 4 * 4
-    ring_q = tokens * hq * (hd + 1) * 4
-    # Loss: the output projection split by vocabulary over the weight shards (fsdp, sp, tp), float32
-    # [embed, vocab/N] and its gradient; each chunk's float32 logits for the group's tokens. Without
-    # such a split the projection is gathered whole (and its gradient with it).
-    ways = mesh.fsdp * mesh.sp * mesh.tp
-    split = ways > 1 and v % ways == 0 and seq_len % mesh.sp == 0
+    # (recomputed) forward ring, dQ's in the backward ring, one at a time. After the Ulysses exchange
+    # a device runs the ring on the sp shard's tokens for its 1/ulysses of the heads (of the KV heads,
+    # or the one it needs when there are fewer), and holds what the all-to-alls received.
+    ring_tokens = b * (seq_len // mesh.sp)
+    hq_ring, hkv_ring = hq // mesh.ulysses, max(hkv // mesh.ulysses, 1)
+    ring_kv = ring_tokens * hkv_ring * hd * 4 * dt
+    ring_dkv = ring_tokens * hkv_ring * hd * 4 * 4
+    ring_q = ring_tokens * hq_ring * (hd + 1) * 4
+    exchange = ring_tokens * (2 * hq_ring + 2 * hkv_ring) * hd * dt if mesh.ulysses > 1 else 0
+    # Loss: the output projection split by vocabulary over the weight shards (fsdp, sp, ulysses, tp),
+    # float32 [embed, vocab/N] and its gradient; each chunk's float32 logits for the group's tokens.
+    # Without such a split the projection is gathered whole (and its gradient with it).
+    ways = mesh.fsdp * seq_shards * mesh.tp
+    split = ways > 1 and v % ways == 0 and seq_len % seq_shards == 0
     chunk = min(loss_chunk, seq_len)
     if split:
         head = 2 * d * (v // ways) * 4
         loss = b * mesh.fsdp * chunk * (v // ways) * 4  # its cotangent is formed in the same fusion
     else:
         head = 2 * d * v * 4 if ways > 1 else 0
-        loss = 2 * b * max(chunk // mesh.sp, 1) * v * 4
+        loss = 2 * b * max(chunk // seq_shards, 1) * v * 4
     # FSDP: the layer being computed has its weights all-gathered (float32, cast after the gather).
     # The embedding is looked up on its own shards (`model.embed`): the group's tokens at 1/G of the
     # columns, the size of one local activation.
-    shards = mesh.fsdp * mesh.sp
+    shards = mesh.fsdp * seq_shards
     gathered = 4 * layer_param_count(model) // mesh.tp if shards > 1 else 0
     embed = tokens * d * dt if model.embed_lookup == "sharded" else (v // mesh.tp * d * 4 if shards > 1 else 0)
     out = {"params": params, "optimizer": 2 * params * moment_bytes // 4,
            "gradients": params * (2 if grad_accum > 1 else 1),
            "activations": 2 * tokens * d * dt if offload else saved,  # offload: two layers' inputs in flight
            "layer_recompute": attention_work + tile_work,
-           "ring_kv": ring_kv, "ring_dkv": ring_dkv, "ring_q": ring_q,
+           "ring_kv": ring_kv, "ring_dkv": ring_dkv, "ring_q": ring_q, "ulysses_exchange": exchange,
            "loss_chunk": loss, "output_head": head, "gathered_weights": gathered, "embedding": embed,
            "batch": 5 * grad_accum * tokens * 4}
     out["total"] = sum(out.values())
@@ -163,12 +172,13 @@ def host_bytes_per_device(model: ModelConfig, mesh: MeshConfig, seq_len: int, ba
         return 0
     dt = activation_bytes or np.dtype(model.dtype).itemsize
     b = max(batch_size // (mesh.dp * mesh.fsdp), 1)
-    return model.num_layers * b * (seq_len // mesh.sp) * model.hidden_size * dt
+    return model.num_layers * b * (seq_len // (mesh.sp * mesh.ulysses)) * model.hidden_size * dt
 
 
 def step_seconds(model: ModelConfig, mesh: MeshConfig, seq_len: int, batch_size: int, grad_accum: int,
-                 hw: Hardware) -> dict[str, float]:
-    """Estimated seconds per optimizer step: compute vs. ring and FSDP communication."""
+                 hw: Hardware) -> dict[str, Any]:
+    """Estimated seconds per optimizer step: compute vs. ring, Ulysses and FSDP communication
+    (`traffic`: bytes, link and seconds per sequence axis)."""
     devices = math.prod(mesh.shape)
     tokens = seq_len * batch_size * grad_accum
     recompute = 8 / 6 if model.remat in ("full", "offload") else 1.0
@@ -176,19 +186,27 @@ def step_seconds(model: ModelConfig, mesh: MeshConfig, seq_len: int, batch_size:
     compute = flops / (devices * hw.peak_tflops * 1e12 * hw.efficiency)
     dt = np.dtype(model.dtype).itemsize
     b = max(batch_size // (mesh.dp * mesh.fsdp), 1)
-    kv_bytes = b * (seq_len // mesh.sp) * 2 * (model.num_kv_heads // mesh.tp) * model.head_dim * dt
-    # Per layer: KV around the ring forward, KV + dK/dV backward (and the forward again under remat).
-    passes = 3 + (1 if recompute > 1 else 0)
-    ring_bytes = model.num_layers * passes * (mesh.sp - 1) * kv_bytes * grad_accum
-    link = hw.inter_node_gbps if mesh.sp > hw.devices_per_node else hw.intra_node_gbps
-    ring = ring_bytes / (link * 1e9)
-    shards = mesh.fsdp * mesh.sp
+    # Per layer: the attention's traffic forward (twice under remat: the backward recomputes it) and
+    # backward, on each sequence axis at its link's bandwidth.
+    traffic = attention_bytes_per_device(seq_len, model.num_heads // mesh.tp, model.num_kv_heads // mesh.tp,
+                                         model.head_dim, dt, mesh.sp, mesh.ulysses)
+    per_axis = {}
+    for scheme in ("ring", "ulysses"):
+        t = traffic[scheme]
+        moved = model.num_layers * b * grad_accum * (t["forward_bytes"] * (2 if recompute > 1 else 1)
+                                                     + t["backward_bytes"])
+        link = axis_link(mesh, t["axis"], hw.devices_per_node)
+        gbps = hw.inter_node_gbps if link == "inter-node" else hw.intra_node_gbps
+        per_axis[t["axis"]] = {"scheme": scheme, "bytes_per_step": moved, "link": link, "gbps": gbps,
+                               "seconds": moved / (gbps * 1e9)}
+    ring, ulysses = per_axis["sp"]["seconds"], per_axis["ulysses"]["seconds"]
+    shards = mesh.fsdp * mesh.sp * mesh.ulysses
     weights = param_bytes_per_device(model, mesh) * shards * dt / 4
     fsdp_bytes = 3 * weights * (shards - 1) / shards * grad_accum  # gather fwd, gather bwd, reduce-scatter
     fsdp_link = hw.inter_node_gbps if shards > hw.devices_per_node else hw.intra_node_gbps
     fsdp = fsdp_bytes / (fsdp_link * 1e9) if shards > 1 else 0.0
-    return {"compute_s": compute, "ring_s": ring, "fsdp_s": fsdp, "step_s": max(compute, ring + fsdp),
-            "flops": flops}
+    return {"compute_s": compute, "ring_s": ring, "ulysses_s": ulysses, "fsdp_s": fsdp,
+            "step_s": max(compute, ring + ulysses + fsdp), "flops": flops, "traffic": per_axis}
 
 
 def plan_stage(model: ModelConfig, mesh: MeshConfig, seq_len: int, batch_size: int, grad_accum: int, steps: int,
@@ -209,11 +227,12 @@ def plan_stage(model: ModelConfig, mesh: MeshConfig, seq_len: int, batch_size: i
 
 def length_unit(model: ModelConfig, mesh: MeshConfig) -> int:
     """The step between the long sequence lengths the stage's attention accepts on `mesh`."""
+    shards = mesh.sp * mesh.ulysses
     if model.attention == "ring":
-        return 2 * mesh.sp * model.attention_block_size
+        return math.lcm(2 * mesh.sp * model.attention_block_size, shards)
     if model.attention == "blockwise":
-        return math.lcm(model.attention_block_size, mesh.sp)
-    return mesh.sp
+        return math.lcm(model.attention_block_size, shards)
+    return shards
 
 
 def longest_fitting(model: ModelConfig, mesh: MeshConfig, batch_size: int, grad_accum: int, loss_chunk: int,

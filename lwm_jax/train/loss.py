@@ -17,11 +17,14 @@ from jax.sharding import PartitionSpec as P
 
 from lwm_jax.parallel.mesh import constrain, logical_to_spec
 
+SEQ_AXES = ("sp", "ulysses")  # the logical `length`, sp major
+
 
 def _sequence_shards() -> int:
-    """How many ways the sequence axis is sharded under the current mesh (its `sp` size)."""
+    """How many ways the sequence axis is sharded under the current mesh (`sp * ulysses`)."""
     mesh = jax.sharding.get_abstract_mesh()
-    return 1 if mesh.empty or "sp" not in mesh.axis_names else mesh.shape["sp"]
+    sizes = {} if mesh.empty else dict(zip(mesh.axis_names, mesh.axis_sizes))
+    return math.prod(sizes.get(a, 1) for a in SEQ_AXES)
 
 
 def chunked_cross_entropy(hidden, out_weights, targets, loss_weights, chunk_size: int = 2048):
@@ -29,8 +32,8 @@ def chunked_cross_entropy(hidden, out_weights, targets, loss_weights, chunk_size
 
     `hidden: [batch, seq, embed]`, `out_weights: [embed, vocab]`, `targets: [batch, seq]` int,
     `loss_weights: [batch, seq]` float. Each scan step takes `chunk_size` tokens spread evenly over
-    the sequence shards (`sp`), so every device forms float32 logits for only
-    `chunk_size / sp` of its own tokens at a time and nothing is resharded.
+    the sequence shards (`sp * ulysses`), so every device forms float32 logits for only
+    `chunk_size / shards` of its own tokens at a time and nothing is resharded.
     """
     batch, seq, embed = hidden.shape
     shards = _sequence_shards()
@@ -40,7 +43,7 @@ def chunked_cross_entropy(hidden, out_weights, targets, loss_weights, chunk_size
     chunk = max(1, min(chunk_size // shards, local))
     pad = (-local) % chunk
 
-    def to_chunks(x):  # [batch, seq, ...] -> [n, batch, shards, chunk, ...], shards on sp
+    def to_chunks(x):  # [batch, seq, ...] -> [n, batch, shards, chunk, ...], shards on sp, ulysses
         x = x.reshape(batch, shards, local, *x.shape[2:])
         if pad:
             x = jnp.pad(x, [(0, 0), (0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 3))
@@ -113,7 +116,7 @@ def _group_nll(h, t, w, weights, *, group, gather_axes, chunk):
 
 def vocab_parallel_cross_entropy(hidden, out_weights, targets, loss_weights, chunk_size: int = 2048):
     """`chunked_cross_entropy` with the output projection split by vocabulary over the devices that
-    shard the weights (`fsdp, sp, tp`) instead of gathered whole: each device holds `[embed, vocab/N]`
+    shard the weights (`fsdp, sp, ulysses, tp`) instead of gathered whole: each device holds `[embed, vocab/N]`
     (resharded once per step, float32 so its gradient accumulates in float32), gathers the hidden
     states of its group chunk by chunk and computes its share of every group token's logits; the
     softmax statistics meet through `pmax`/`psum`. No device ever holds the `[embed, vocab]` matrix
@@ -123,16 +126,16 @@ def vocab_parallel_cross_entropy(hidden, out_weights, targets, loss_weights, chu
     batch, seq, _ = hidden.shape
     vocab = out_weights.shape[1]
     sizes = {} if mesh.empty else dict(zip(mesh.axis_names, mesh.axis_sizes))
-    group = tuple(a for a in ("fsdp", "sp", "tp") if sizes.get(a, 1) > 1)
+    group = tuple(a for a in ("fsdp", *SEQ_AXES, "tp") if sizes.get(a, 1) > 1)
     ways = math.prod(sizes[a] for a in group)
     token_spec = logical_to_spec(("batch", "length"), mesh) if group else None
     batch_axes = _axes(token_spec[0]) if group else ()
-    sp = sizes.get("sp", 1)
-    local = seq // sp
-    chunk = max(1, min(chunk_size // sp, local))
-    if not group or vocab % ways or seq % sp or local % chunk:
+    shards = math.prod(sizes.get(a, 1) for a in SEQ_AXES)
+    local = seq // shards
+    chunk = max(1, min(chunk_size // shards, local))
+    if not group or vocab % ways or seq % shards or local % chunk:
         return chunked_cross_entropy(hidden, out_weights, targets, loss_weights, chunk_size)
-    gather_axes = tuple((a, 0 if a in batch_axes else 1) for a in ("fsdp", "sp") if a in group)
+    gather_axes = tuple((a, 0 if a in batch_axes else 1) for a in ("fsdp", *SEQ_AXES) if a in group)
     w = jax.lax.with_sharding_constraint(out_weights, P(None, group))
     weights = loss_weights.astype(jnp.float32)
     fn = functools.partial(_group_nll, group=group, gather_axes=gather_axes, chunk=chunk)

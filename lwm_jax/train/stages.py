@@ -8,7 +8,7 @@ import dataclasses
 import math
 from pathlib import Path
 
-from lwm_jax.attention.layout import ring_block
+from lwm_jax.attention.layout import check_heads, ring_block
 from lwm_jax.config import MeshConfig, ModelConfig, RecipeConfig, StageConfig, from_dict
 from lwm_jax.data.manifest import load_manifest
 from lwm_jax.data.pipeline import load_prepared
@@ -117,9 +117,14 @@ def _check_stage(where: str, stage: StageConfig, model: ModelConfig, mesh: MeshC
         raise UserError(f"{where}: num_heads={model.num_heads} and num_kv_heads={model.num_kv_heads} must be "
                         f"divisible by tp={mesh.tp}")
     if model.attention == "ring":
-        ring_block(stage.seq_len, mesh.sp, model.attention_block_size)
-    elif stage.seq_len % mesh.sp:
-        raise UserError(f"{where}.seq_len={stage.seq_len} must be divisible by sp={mesh.sp}")
+        check_heads(model.num_heads, model.num_kv_heads, mesh.tp, mesh.ulysses)
+        ring_block(stage.seq_len, mesh.sp, model.attention_block_size, mesh.ulysses)
+    elif stage.seq_len % (mesh.sp * mesh.ulysses):
+        shards = mesh.sp * mesh.ulysses
+        below, up = stage.seq_len // shards * shards, -(-stage.seq_len // shards) * shards
+        nearest = f"{below:,} or {up:,}" if below else f"{up:,}"
+        raise UserError(f"{where}.seq_len={stage.seq_len} must be divisible by sp*ulysses={shards}; "
+                        f"the nearest valid lengths are {nearest}")
 
 
 def check_data(recipe: RecipeConfig, plan: StagePlan) -> None:
