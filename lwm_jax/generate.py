@@ -16,7 +16,7 @@ from flax import nnx
 from jax import lax
 
 from lwm_jax.attention.decode import BATCH_AXES, HEADS_AXIS, SP, KVCache, shard_cache
-from lwm_jax.attention.layout import check_mesh, from_layout, padded_length, place, sp_size
+from lwm_jax.attention.layout import check_mesh, from_layout, layout_length, place, seq_shards
 from lwm_jax.config import ModelConfig, from_dict
 from lwm_jax.data.chat import ChatTemplate
 from lwm_jax.data.tokenize import get_tokenizer, load_tokenizer_info
@@ -39,7 +39,7 @@ class CachePlan:
     prompt_len: int
     max_new_tokens: int
     prefill_len: int  # the prompt padded to what the prefill attention needs
-    cache_len: int  # >= prefill_len and prompt_len + max_new_tokens; a multiple of sp
+    cache_len: int  # >= prefill_len and prompt_len + max_new_tokens; a multiple of sp*ulysses
     batch: int  # rows: the prompt repeated over dp*fsdp (a mesh shards the batch over them)
     sp: int
     tp: int
@@ -77,19 +77,21 @@ def plan_cache(config: ModelConfig, prompt_len: int, max_new_tokens: int, mesh=N
     if config.num_kv_heads % tp:
         raise UserError(f"kv_heads={config.num_kv_heads} must be divisible by tp={tp} (the KV cache "
                         "shards its heads over tp)")
-    prefill = padded_length(prompt_len, config.attention, sp, config.attention_block_size, PAD_QUANTUM)
-    cache_len = _round_up(max(prefill, prompt_len + max_new_tokens), CACHE_QUANTUM * sp)
+    prefill = layout_length(prompt_len, config.attention, mesh, config.attention_block_size, PAD_QUANTUM)
+    shards = seq_shards(mesh)  # the cache's length axis is over sp and ulysses
+    cache_len = _round_up(max(prefill, prompt_len + max_new_tokens), CACHE_QUANTUM * shards)
     itemsize = jnp.dtype(config.dtype).itemsize
     cache_bytes = 2 * config.num_layers * batch * cache_len * config.num_kv_heads * config.head_dim * itemsize
-    weight_ways = sizes.get("fsdp", 1) * sp * tp
-    per_device = cache_bytes // (sp * tp) // batch + config.num_params * 4 // weight_ways
+    weight_ways = sizes.get("fsdp", 1) * shards * tp
+    per_device = cache_bytes // (shards * tp) // batch + config.num_params * 4 // weight_ways
     limit = device_memory if device_memory is not None else device_memory_bytes(mesh)
     if limit is not None and per_device > limit:
         gib = 2.0**30
         raise UserError(
             f"prompt {prompt_len:,} + {max_new_tokens:,} new tokens need a {cache_len:,}-token KV cache: "
-            f"{per_device / gib:.3f} GiB per device with sp={sp} (params and cache), more than the "
-            f"{limit / gib:.3f} GiB a device holds; use a mesh with a larger sp or fewer tokens")
+            f"{per_device / gib:.3f} GiB per device with sp={sp}{'' if shards == sp else f', ulysses={shards // sp}'} "
+            f"(params and cache), more than the {limit / gib:.3f} GiB a device holds; use a mesh with a larger "
+            "sp (or ulysses) or fewer tokens")
     return CachePlan(prompt_len, max_new_tokens, prefill, cache_len, batch, sp, tp, ring, per_device)
 
 
@@ -97,12 +99,12 @@ def plan_cache(config: ModelConfig, prompt_len: int, max_new_tokens: int, mesh=N
 
 
 @functools.partial(nnx.jit, static_argnames=("plan", "mesh"))
-def _prefill(model, tokens, positions, last, *, plan: CachePlan, mesh):
+def _prefill(model, tokens, positions, segment_ids, last, *, plan: CachePlan, mesh):
     """Logits `[batch, vocab]` at slot `last` of `tokens` and the cache `(k, v)` in natural order.
 
-    `tokens, positions: [batch, prefill_len]` in the layout of the model's attention.
+    `tokens, positions, segment_ids: [batch, prefill_len]` in the layout of the model's attention.
     """
-    x, (k, v) = model.forward(tokens, positions, return_kv=True)  # k: [layers, b, prefill, kv, d]
+    x, (k, v) = model.forward(tokens, positions, segment_ids, return_kv=True)  # k: [layers, b, prefill, kv, d]
     logits = model.logits(lax.dynamic_index_in_dim(x, last, axis=1, keepdims=False))
     k, v = (from_layout(a, model.config.attention, plan.sp, axis=2) for a in (k, v))
     pad = ((0, 0), (0, 0), (0, plan.cache_len - plan.prefill_len), (0, 0), (0, 0))
@@ -204,19 +206,24 @@ def generate(model, prompt_ids, *, max_new_tokens: int, greedy: bool = True, tem
 
 def prefill(model, prompt: np.ndarray, plan: CachePlan, mesh=None):
     """`(logits [batch, vocab] at the last prompt token, (cache_k, cache_v))` for an int32 prompt
-    `[prompt_len]`; the model's params must already sit on `mesh` (see `generate`)."""
+    `[prompt_len]`; the model's params must already sit on `mesh` (see `generate`).
+
+    The prompt is padded at its end to `plan.prefill_len`, the padding in a segment of its own (id 0;
+    the prompt's is 1) so the prompt never attends to it; decoding overwrites the padding's cache
+    rows, one position at a time, before it can see them."""
     n, length = plan.prompt_len, plan.prefill_len
     impl = model.config.attention
     tokens = np.zeros((plan.batch, length), np.int32)
     tokens[:, :n] = prompt
     positions = np.broadcast_to(np.arange(length, dtype=np.int32), tokens.shape)
-    tokens, positions = place((tokens, positions), impl, mesh)
+    segment_ids = (positions < n).astype(np.int32)
+    tokens, positions, segment_ids = place((tokens, positions, segment_ids), impl, mesh)
     last = int(np.argmax(np.asarray(positions)[0] == n - 1))  # the last prompt token's slot in the layout
     static = dataclasses.replace(plan, prompt_len=0, max_new_tokens=0, bytes_per_device=0)  # shapes only
     if mesh is None:
-        return _prefill(model, tokens, positions, jnp.int32(last), plan=static, mesh=None)
+        return _prefill(model, tokens, positions, segment_ids, jnp.int32(last), plan=static, mesh=None)
     with jax.set_mesh(mesh):
-        return _prefill(model, tokens, positions, jnp.int32(last), plan=static, mesh=mesh)
+        return _prefill(model, tokens, positions, segment_ids, jnp.int32(last), plan=static, mesh=mesh)
 
 
 def decode(model, cache, logits, plan: CachePlan, *, greedy: bool = True, temperature: float = 1.0,
@@ -275,10 +282,10 @@ def generate_command(ckpt, *, prompt: str | None = None, tokens=None, tokenizer=
             raise UserError(f"cannot read prompt tokens {path}: {err}") from None
         if tokenizer is not None:
             tok = get_tokenizer(load_tokenizer_info(tokenizer).tokenizer_file)
-    sp = sp_size(mesh)
     config = from_dict(ModelConfig, read_metadata(ckpt)["model"])
     if attention is None:
-        attention = "ring" if sp > 1 else ("blockwise" if config.attention == "ring" else config.attention)
+        single = "blockwise" if config.attention == "ring" else config.attention
+        attention = "ring" if seq_shards(mesh) > 1 else single
     config = config.replace(attention=attention)
     prompt_ids = check_prompt(ids, config.vocab_size)
     memory = None if device_memory_gib is None else int(device_memory_gib * 2**30)

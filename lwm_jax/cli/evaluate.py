@@ -16,6 +16,9 @@ from lwm_jax.eval.theta_sweep import sweep_table
 LENGTH_RULE = ("Inputs past the checkpoint's max_position_embeddings (its trained length) run with a warning on "
                "stderr: the model extrapolates there.")
 NO_MESH = "Without --mesh a ring checkpoint runs blockwise attention on one device (the same attention)."
+ANY_LENGTH = ("Any sequence length runs on any mesh: each sequence is padded at its end to the length the attention's "
+              "layout accepts (and the batch to the mesh's data axes); the padding is a segment of its own that no "
+              "real token attends to, with loss weight 0, so it is never scored.")
 
 PROBES = {
     "niah": ("needle-in-a-haystack heatmap over lengths x depths",
@@ -115,9 +118,9 @@ def cmd_theta_sweep(args) -> int:
 
 def _add_ppl(evals) -> None:
     e = command(evals, "ppl", cmd_eval_ppl, help="mean next-token NLL on token sequences",
-                epilog=f"{LENGTH_RULE} {NO_MESH}")
+                epilog=f"{LENGTH_RULE} {ANY_LENGTH} {NO_MESH}")
     e.add_argument("ckpt", help="checkpoint folder")
-    e.add_argument("--tokens", metavar="FILE.npy", help="int token ids [batch, seq]")
+    e.add_argument("--tokens", metavar="FILE.npy", help="int token ids [seq] or [batch, seq], any seq and batch")
     e.add_argument("--data", nargs="+", metavar="PATH",
                    help="instead of --tokens: .npy, text or .jsonl[.zst|.gz] files (with --tokenizer) or prepared "
                         "dataset folders, cut into --num-sequences x --seq-len tokens; reports loss by position")
@@ -137,7 +140,8 @@ def _add_probe(evals, name: str) -> None:
     e = evals.add_parser(name, help=help_text, description=description,
                          epilog="Lengths past --max-length are refused: a retrieval score is read as the "
                                 "model's within its context, so scoring past the trained length is asked for "
-                                f"explicitly; a larger --max-length does that, with the warning. {NO_MESH}")
+                                f"explicitly; a larger --max-length does that, with the warning. {ANY_LENGTH} "
+                                f"{NO_MESH}")
     e.add_argument("ckpt", help="checkpoint folder")
     e.add_argument("--tokenizer", required=True, metavar="DIR", help="tokenizer folder (tokenizer.json)")
     e.add_argument("--lengths", required=True, help="total context lengths in tokens, e.g. 1K,4K,16K")
@@ -166,7 +170,8 @@ def _add_probe(evals, name: str) -> None:
 
 def _add_theta_sweep(sub) -> None:
     p = command(sub, "theta-sweep", cmd_theta_sweep, help="loss at candidate RoPE thetas, without training",
-                epilog=f"{LENGTH_RULE} (For a sweep that is the point: --context is the target length.) {NO_MESH}")
+                epilog=f"{LENGTH_RULE} (For a sweep that is the point: --context is the target length.) "
+                       f"{ANY_LENGTH} {NO_MESH}")
     p.add_argument("ckpt", help="checkpoint folder")
     p.add_argument("--data", nargs="+", required=True, metavar="PATH",
                    help=".npy, text or .jsonl[.zst|.gz] files (with --tokenizer) or prepared dataset folders")

@@ -32,7 +32,10 @@ def cmd_generate(args) -> int:
 
 def register(sub) -> None:
     """Adds `generate`."""
-    p = command(sub, "generate", cmd_generate, help="KV-cache generation from a checkpoint")
+    p = command(sub, "generate", cmd_generate, help="KV-cache generation from a checkpoint",
+                epilog="A prompt of any length runs on any mesh: the prefill pads it at its end to the length the "
+                       "attention's layout accepts, the padding a segment of its own that the prompt never attends "
+                       "to; decoding overwrites it in the cache before it could be seen.")
     p.add_argument("ckpt", help="checkpoint folder (latest step is used)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", metavar="TEXT", help="prompt text (needs --tokenizer)")

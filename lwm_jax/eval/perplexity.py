@@ -1,19 +1,21 @@
-"""Mean next-token negative log-likelihood of a checkpoint on given token sequences.
+"""Mean next-token negative log-likelihood of a checkpoint on given token sequences of any length.
 
-Runs the model over the whole `[batch, seq]` array at once (sharded over the mesh when one is
-given, in the zigzag layout for ring attention) and reduces with the chunked loss, so the logits
-of a long sequence are never materialised.
+Runs the model over the whole batch at once (sharded over the mesh when one is given, in the
+layout of its attention) and reduces with the chunked loss, so the logits of a long sequence are
+never materialised. Rows are padded at their end to the length the layout accepts (and the batch
+to the mesh's data axes); padding has segment id 0, which no real token has, and loss weight 0.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lwm_jax.attention.layout import place
+from lwm_jax.attention.layout import layout_length, place
 from lwm_jax.data.manifest import load_manifest
 from lwm_jax.data.packing import decode_record
 from lwm_jax.data.pipeline import ShardSource
@@ -47,34 +49,68 @@ def load_tokens(path: str | Path, vocab_size: int) -> np.ndarray:
     return tokens.astype(np.int32)
 
 
-def _next_token_arrays(tokens: np.ndarray, mesh) -> tuple[np.ndarray, np.ndarray]:
-    """(positions, targets) for next-token prediction over `tokens: [batch, seq]` (the last
-    target is a placeholder, weighted 0 by callers); checks the batch divides over the mesh."""
-    batch, seq = tokens.shape
-    if mesh is not None:
-        data_ways = mesh.shape["dp"] * mesh.shape["fsdp"]
-        if batch % data_ways:
-            raise UserError(f"batch={batch} is not divisible by dp*fsdp={data_ways} of the mesh")
+PAD_SEGMENT = 0  # the segment id of padding (as in packed training data); real tokens have REAL_SEGMENT
+REAL_SEGMENT = 1
+DATA_AXES = ("dp", "fsdp")  # the mesh axes a batch is split over
+
+
+def _rows(tokens) -> list[np.ndarray]:
+    """The token rows of `[batch, seq]` ids or of a sequence of 1-D rows of any lengths."""
+    rows = [np.asarray(r, np.int32).reshape(-1) for r in tokens]
+    if not rows or min(len(r) for r in rows) < 2:
+        raise UserError("every sequence needs at least 2 tokens (one next-token prediction)")
+    return rows
+
+
+def padded_batch(tokens, impl: str, mesh=None, block_size: int = 512) -> dict[str, np.ndarray]:
+    """The arrays that score `tokens` (`[batch, seq]`, or 1-D rows of different lengths) by next-token
+    prediction, in natural order: `tokens, positions, segment_ids, targets: [rows, padded]` int32,
+    `weights: [rows, padded]` float32 and `lengths: [batch]` (the given rows' real lengths).
+
+    `padded` is `layout_length` of the longest row; `rows` rounds the batch up to the mesh's data
+    axes with empty rows. Each row's padding has segment id PAD_SEGMENT (its tokens attend only to one
+    another, never to real ones) and weight 0, as has each row's last token (nothing to predict).
+    """
+    rows = _rows(tokens)
+    lengths = np.asarray([len(r) for r in rows], np.int32)
+    sizes = dict(mesh.shape) if mesh is not None else {}
+    ways = math.prod(sizes.get(a, 1) for a in DATA_AXES)
+    batch = -(-len(rows) // ways) * ways
+    seq = layout_length(int(lengths.max()), impl, mesh, block_size)
+    out = np.zeros((batch, seq), np.int32)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = row
     positions = np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq))
-    targets = np.concatenate([tokens[:, 1:], np.zeros((batch, 1), np.int32)], axis=1)
-    return positions, targets
+    real = positions < np.pad(lengths, (0, batch - len(rows)))[:, None]
+    targets = np.concatenate([out[:, 1:], np.zeros((batch, 1), np.int32)], axis=1)
+    weights = (real & np.roll(real, -1, axis=1) & (positions < seq - 1)).astype(np.float32)
+    segment_ids = np.where(real, REAL_SEGMENT, PAD_SEGMENT).astype(np.int32)
+    return {"tokens": out, "positions": np.ascontiguousarray(positions), "segment_ids": segment_ids,
+            "targets": targets, "weights": weights, "lengths": lengths}
 
 
-def mean_nll(model: Llama, tokens: np.ndarray, mesh=None) -> tuple[float, int]:
-    """Returns (mean NLL over all next-token predictions, number of predicted tokens)."""
-    batch, seq = tokens.shape
-    positions, targets = _next_token_arrays(tokens, mesh)
-    weights = np.concatenate([np.ones((batch, seq - 1), np.float32), np.zeros((batch, 1), np.float32)], axis=1)
-    arrays = place((tokens, positions, targets, weights), model.config.attention, mesh)
+def _batch_on_mesh(model: Llama, tokens, mesh) -> tuple[dict[str, np.ndarray], tuple]:
+    """(`padded_batch` of `tokens`, its tokens, positions, segment ids and targets placed on `mesh`)."""
+    cfg = model.config
+    batch = padded_batch(tokens, cfg.attention, mesh, cfg.attention_block_size)
+    keys = ("tokens", "positions", "segment_ids", "targets")
+    return batch, place(tuple(batch[k] for k in keys), cfg.attention, mesh)
+
+
+def mean_nll(model: Llama, tokens, mesh=None) -> tuple[float, int]:
+    """Returns (mean NLL over all next-token predictions, number of predicted tokens) of `tokens`:
+    `[batch, seq]` ids of any `seq`, or 1-D rows of different lengths (see `padded_batch`)."""
+    batch, arrays = _batch_on_mesh(model, tokens, mesh)
+    weights = place([batch["weights"]], model.config.attention, mesh)[0]
 
     @nnx.jit
-    def run(model, tokens, positions, targets, weights):
-        hidden = model.hidden(tokens, positions)
+    def run(model, tokens, positions, segment_ids, targets, weights):
+        hidden = model.hidden(tokens, positions, segment_ids)
         nll, count = chunked_cross_entropy(hidden, model.output_weights(), targets, weights)
         return nll / count
 
-    value = run(model, *arrays)
-    return float(value), batch * (seq - 1)
+    value = run(model, *arrays, weights)
+    return float(value), int(batch["weights"].sum())
 
 
 # Loss by position and the --data sources ------------------------------------------------------
@@ -104,23 +140,21 @@ def parse_buckets(text: str | None, seq: int) -> list[int]:
     return [0, *inner, seq]
 
 
-def nll_by_position(model: Llama, tokens: np.ndarray, edges: list[int], mesh=None) -> dict:
-    """Mean NLL overall and per position bucket [edges[i], edges[i+1]).
+def nll_by_position(model: Llama, tokens, edges: list[int], mesh=None) -> dict:
+    """Mean NLL overall and per position bucket [edges[i], edges[i+1]) of `tokens` (as `mean_nll`).
 
     The prediction made at position t (of token t+1, with t+1 tokens of context) falls in the
     bucket holding t. One forward pass; each bucket is a masked chunked loss over the same hidden.
     """
-    batch, seq = tokens.shape
-    positions, targets = _next_token_arrays(tokens, mesh)
-    valid = positions < seq - 1
+    batch, arrays = _batch_on_mesh(model, tokens, mesh)
+    positions, valid = batch["positions"], batch["weights"] > 0
     weights = np.stack([(valid & (positions >= a) & (positions < b)).astype(np.float32)
-                        for a, b in zip(edges[:-1], edges[1:])])  # [buckets, batch, seq]
-    arrays = place([tokens, positions, targets], model.config.attention, mesh)
+                        for a, b in zip(edges[:-1], edges[1:])])  # [buckets, rows, padded]
     weights = place([weights], model.config.attention, mesh, axis=2)[0]
 
     @nnx.jit
-    def run(model, tokens, positions, targets, weights):
-        hidden = model.hidden(tokens, positions)
+    def run(model, tokens, positions, segment_ids, targets, weights):
+        hidden = model.hidden(tokens, positions, segment_ids)
         sums = [chunked_cross_entropy(hidden, model.output_weights(), targets, weights[i])
                 for i in range(weights.shape[0])]
         return jnp.stack([s[0] for s in sums]), jnp.stack([s[1] for s in sums])

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from lwm_jax.attention.layout import check_mesh, from_layout, padded_length, place, sp_size
+from lwm_jax.attention.layout import check_mesh, from_layout, layout_length, place, sp_size
 from lwm_jax.data.tokenize import get_tokenizer, load_tokenizer_info
 from lwm_jax.errors import UserError
 from lwm_jax.eval.probes import ChatWrap, Probe, chat_wrap_for
@@ -58,17 +58,18 @@ def score_generated(generate_fn, tokenizer, probe: Probe, slack: int = 8) -> flo
 
 
 @functools.partial(nnx.jit, static_argnames=("start", "tail", "sp"))
-def _tail_logits(model, tokens, positions, *, start: int, tail: int, sp: int):
+def _tail_logits(model, tokens, positions, segment_ids, *, start: int, tail: int, sp: int):
     """Float32 logits `[batch, tail, vocab]` of natural positions [start, start+tail)."""
-    hidden = from_layout(model.hidden(tokens, positions), model.config.attention, sp)  # natural order
+    hidden = from_layout(model.hidden(tokens, positions, segment_ids), model.config.attention, sp)  # natural
     return model.logits(jax.lax.slice_in_dim(hidden, start, start + tail, axis=1))
 
 
 class ModelLogits:
     """A Llama as a `logits_fn`: the logits of the last `tail` positions of one sequence.
 
-    The sequence is padded at its end to a length the attention accepts (causal: padding never
-    changes earlier logits), tiled over the mesh's data axes, in zigzag order for ring attention.
+    The sequence is padded at its end to the length the attention's layout accepts, the padding in
+    a segment of its own (id 0; the real tokens' is 1) so no real token attends to it, tiled over the
+    mesh's data axes, in the layout's token order.
     `max_length` (default: the model's max_position_embeddings) bounds what is accepted
     (`lwm_jax.model.context.check_context`).
     """
@@ -94,13 +95,14 @@ class ModelLogits:
         cfg = self.model.config
         seq = len(ids)
         self.check_length(seq)
-        padded = padded_length(seq, cfg.attention, self.sp, cfg.attention_block_size)
+        padded = layout_length(seq, cfg.attention, self.mesh, cfg.attention_block_size)
         tokens = np.zeros((self.batch, padded), np.int32)
         tokens[:, :seq] = ids
         positions = np.broadcast_to(np.arange(padded, dtype=np.int32), tokens.shape)
-        tokens, positions = place((tokens, positions), cfg.attention, self.mesh)
+        segment_ids = (positions < seq).astype(np.int32)  # 1: the sequence, 0: its padding
+        arrays = place((tokens, positions, segment_ids), cfg.attention, self.mesh)
         tail = min(self.tail, seq)
-        out = _tail_logits(self.model, tokens, positions, start=seq - tail, tail=tail, sp=self.sp)
+        out = _tail_logits(self.model, *arrays, start=seq - tail, tail=tail, sp=self.sp)
         return np.asarray(jax.device_get(out[0]))
 
 

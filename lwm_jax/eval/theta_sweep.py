@@ -80,8 +80,9 @@ def with_value(config, param: str, value: float):
 def theta_sweep(model, tokens: np.ndarray, *, context: int, candidates: Sequence[float] | None = None,
                 search: bool = False, num: int = DEFAULT_CANDIDATES, span: float = DEFAULT_SPAN,
                 iterations: int = 10, orig_context: int | None = None, mesh=None, param: str = "rope_theta") -> dict:
-    """Mean NLL of `model`'s weights on `tokens` ([batch, context]) at each candidate value of
-    `param`: `rope_theta`, or a real-valued field of the model's `rope_scaling` (e.g. `factor`).
+    """Mean NLL of `model`'s weights on `tokens` ([batch, context], any batch and context: `mean_nll`
+    pads them to the mesh's layout and masks the padding) at each candidate value of `param`:
+    `rope_theta`, or a real-valued field of the model's `rope_scaling` (e.g. `factor`).
 
     Candidates: the given list, else `num` log-spaced around the center (the scaling-law theta; the
     model's own value of any other field), or with `search` a golden-section search over
