@@ -1,12 +1,17 @@
-"""Attention benchmark: our zigzag ring against the `ringattention` package (0.1.2, the Large World
-Model's kernel) and dense XLA attention, causal forward + backward on 8 simulated CPU devices.
+"""Attention benchmark: our sequence-parallel attention (zigzag ring, Ulysses all-to-all, and the two
+combined) against the `ringattention` package (0.1.2, the Large World Model's kernel) and dense XLA
+attention, causal forward + backward on 8 simulated CPU devices.
 
-In one process, timings are interleaved (matmul, ours, ringattention, dense, then again) because
-this machine's load varies; ratios are per round, reported as medians, from wall time and, as a
-check less disturbed by other processes, from process CPU time. It also prints the ring's
-per-device computed block pairs and XLA's per-device temp memory at longer sequences. On a GPU
-(`--gpu`, default when one is present) it times our local kernel against cuDNN attention at
-Llama-3-8B head shapes instead. Human table first; with `--json` the last line is one JSON object.
+In one process, timings are interleaved (ours on each mesh, ringattention, dense, then again)
+because this machine's load varies; ratios are per round, reported as medians, from wall time and,
+as a check less disturbed by other processes, from process CPU time. The yardstick of
+`fraction_of_matmul_rate` is the machine's best sustained float32 GEMM rate, measured in a
+subprocess with one CPU device using every core (the attention's own block-product shapes and
+larger square ones, before and after the attention rounds; the highest wins). It also prints the
+bytes each scheme moves per device per layer, the ring's per-device block pairs and XLA's
+per-device temp memory at longer sequences. On a GPU (`--gpu`, default when one is present) it
+times our local kernel against cuDNN attention at Llama-3-8B head shapes instead. Human table
+first; with `--json` the last line is one JSON object.
 
 `ringattention` is a bench-only dependency: `pip install --no-deps ringattention==0.1.2 einops`.
 """
@@ -17,16 +22,20 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
+import types
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 CPU_DEVICES = 8
 SPEEDUP_TARGET = 1.5  # ours against ringattention 0.1.2
-MATMUL_FRACTION_TARGET = 0.5  # useful causal FLOP/s against the same run's float32 matmul rate
+MATMUL_FRACTION_TARGET = 0.5  # useful causal FLOP/s against the machine's best float32 GEMM rate
 GPU_TARGET = 0.9  # our local kernel against cuDNN attention, fwd + bwd
 # The chunk length LWM's own configs give ringattention for the LWM models (scan_query_chunk_size =
 # scan_key_chunk_size = 1024). It gives the ~35% of the matmul rate that the issue measured; at
@@ -51,7 +60,10 @@ def _parse(argv):
     p.add_argument("--no-dense", action="store_true", help="skip the dense reference")
     p.add_argument("--gpu", action="store_true", help="GPU mode (default when a GPU is present)")
     p.add_argument("--gpu-seq", type=int, default=65536)
+    p.add_argument("--meshes", default="sp=8;ulysses=8;ulysses=2,sp=4",
+                   help="';'-separated meshes our attention runs on (same device count); the first is 'ours'")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    p.add_argument("--gemm-only", metavar="SHAPES_JSON", help=argparse.SUPPRESS)  # the yardstick subprocess
     return p.parse_args(argv)
 
 
@@ -103,8 +115,10 @@ def _anchor_attention(mesh, block: int, group: int):
     import jax.numpy as jnp
     from jax.sharding import PartitionSpec as P
 
-    # The package reads `jax.lib.xla_bridge` at import time; current JAX moved it.
-    importlib.import_module("jax.lib").xla_bridge = importlib.import_module("jax._src.xla_bridge")
+    # The package reads `jax.lib.xla_bridge.get_backend()` at import time; current JAX removed that
+    # module. Its one use is served by the public `jax.extend.backend`.
+    importlib.import_module("jax.lib").xla_bridge = types.SimpleNamespace(
+        get_backend=importlib.import_module("jax.extend.backend").get_backend)
     from ringattention import ringattention_jax
 
     kwargs = dict(causal_block_size=1, deterministic=True, dropout_rng=None, attn_pdrop=0.0,
@@ -123,6 +137,60 @@ def _anchor_attention(mesh, block: int, group: int):
     return attn
 
 
+def gemm_shapes(seq, heads, kv_heads, head_dim, block, sp) -> list[tuple[int, int, int, int]]:
+    """`(batch, m, k, n)` float32 products: the ring's two block products (q.k and p.v, per device
+    at the CPU compute tile, stacked so that one call is long enough to time) and square GEMMs."""
+    from lwm_jax.attention.kernels.xla import compute_tile
+    from lwm_jax.attention.ring import ring_block
+
+    tile = compute_tile(ring_block(seq, sp, block))
+    rows, stack = tile * (heads // kv_heads), 16 * kv_heads
+    return [(stack, rows, head_dim, tile), (stack, rows, tile, head_dim),
+            (1, 1024, 1024, 1024), (1, 2048, 2048, 2048), (1, 4096, 4096, 4096)]
+
+
+def _gemm_rates(shapes, seconds: float = 1.0) -> list[dict]:
+    """Best sustained rate of each `(batch, m, k, n)` product on this process's one device: the
+    best of 5 trials, each a loop of calls lasting about `seconds / 5`."""
+    import jax
+    import jax.numpy as jnp
+
+    out = []
+    for b, m, k, n in shapes:
+        keys = jax.random.split(jax.random.PRNGKey(0), 2)
+        x, y = jax.random.normal(keys[0], (b, m, k), jnp.float32), jax.random.normal(keys[1], (b, k, n), jnp.float32)
+        fn = jax.jit(lambda x, y: jnp.einsum("bmk,bkn->bmn", x, y, precision="highest"))
+        jax.block_until_ready(fn(x, y))
+        wall, _ = _time(fn, x, y)
+        calls = max(1, int(seconds / 5 / max(wall, 1e-6)))
+        best_wall, best_cpu = float("inf"), float("inf")
+        for _ in range(5):
+            w, c = 0.0, 0.0
+            for _ in range(calls):
+                dw, dc = _time(fn, x, y)
+                w, c = w + dw, c + dc
+            best_wall, best_cpu = min(best_wall, w / calls), min(best_cpu, c / calls)
+        flops = 2 * b * m * k * n
+        out.append({"shape": [b, m, k, n], "gflops_per_s": flops / best_wall / 1e9,
+                    "gflops_per_cpu_s": flops / best_cpu / 1e9})
+    return out
+
+
+def measure_gemm(shapes) -> list[dict]:
+    """`_gemm_rates` in a fresh process with one CPU device (no simulated-device split), so that
+    XLA runs each product on every core: the highest float32 GEMM figure this machine gives."""
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
+    env = {**os.environ, "XLA_FLAGS": " ".join(flags), "JAX_PLATFORMS": "cpu"}
+    run = subprocess.run([sys.executable, __file__, "--gemm-only", json.dumps(shapes)], env=env,
+                         capture_output=True, text=True, check=True)
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+    """`"ulysses=2,sp=4"` -> `{"ulysses": 2, "sp": 4}`."""
+    return {k: int(v) for k, v in (part.split("=") for part in text.split(",") if part)}
+
+
 def bench_cpu(args) -> dict:
     import jax
     import jax.numpy as jnp
@@ -130,78 +198,93 @@ def bench_cpu(args) -> dict:
     from jax.sharding import PartitionSpec as P
 
     from lwm_jax.attention.kernels.xla import compute_tile
-    from lwm_jax.attention.layout import to_zigzag
+    from lwm_jax.attention.layout import place
     from lwm_jax.attention.reference import reference_attention
     from lwm_jax.attention.ring import causal_min_block_pairs, ring_attention, ring_block, ring_block_pairs
     from lwm_jax.config import MeshConfig
     from lwm_jax.parallel.mesh import make_mesh
+    from lwm_jax.plan import attention_bytes_per_device
 
-    sp = len(jax.devices())
-    mesh = make_mesh(MeshConfig(sp=sp))
+    n_dev = len(jax.devices())
     seq, h, kv, d = args.seq, args.heads, args.kv_heads, args.head_dim
+    meshes = {}
+    for i, text in enumerate(m for m in args.meshes.split(";") if m):
+        axes = parse_mesh(text)
+        if axes.get("sp", 1) * axes.get("ulysses", 1) != n_dev:
+            raise SystemExit(f"--meshes {text}: sp*ulysses must be {n_dev}, the device count")
+        meshes["ours" if i == 0 else f"ours[{text}]"] = (text, axes, make_mesh(MeshConfig(**axes)))
+    ring_mesh = make_mesh(MeshConfig(sp=n_dev))
     keys = jax.random.split(jax.random.PRNGKey(0), 4)
     shapes = [(1, seq, h, d), (1, seq, kv, d), (1, seq, kv, d), (1, seq, h, d)]
-    natural = [jax.random.normal(key, shape, jnp.float32) for key, shape in zip(keys, shapes)]
-    seq_sharding = NamedSharding(mesh, P(None, "sp", None, None))
-    nat = [jax.device_put(x, seq_sharding) for x in natural]
-    zig = [jax.device_put(to_zigzag(x, sp), seq_sharding) for x in natural]
+    natural = [np.asarray(jax.random.normal(key, shape, jnp.float32)) for key, shape in zip(keys, shapes)]
+    nat = [jax.device_put(x, NamedSharding(ring_mesh, P(None, "sp", None, None))) for x in natural]
 
-    # The machine's float32 matmul rate, run the way the attention runs: one product per device.
-    # Order matmul, ours, ringattention, dense: each ratio compares neighbouring calls.
-    n = 2048
-    mats = jax.device_put(jax.random.normal(keys[0], (sp, n, n), jnp.float32),
-                          NamedSharding(mesh, P("sp", None, None)))
-    fns = {"matmul": (jax.jit(lambda a: jnp.einsum("bij,bjk->bik", a, a)), [mats]),
-           "ours": (_grad_fn(lambda q, k, v: ring_attention(q, k, v, block_size=args.block)), zig)}
+    # The yardstick: the machine's best float32 GEMM, one device on every core, before and after.
+    gshapes = gemm_shapes(seq, h, kv, d, args.block, n_dev)
+    gemm = measure_gemm(gshapes)
+
+    attend = lambda q, k, v: ring_attention(q, k, v, block_size=args.block)
+    fns = {name: (_grad_fn(attend), place(natural, "ring", mesh), mesh) for name, (_, _, mesh) in meshes.items()}
     if not args.no_anchor:
-        fns["ringattention"] = (_grad_fn(_anchor_attention(mesh, min(args.anchor_block, seq // sp), h // kv)), nat)
+        fns["ringattention"] = (_grad_fn(_anchor_attention(ring_mesh, min(args.anchor_block, seq // n_dev), h // kv)),
+                                nat, ring_mesh)
     if not args.no_dense:
-        fns["dense"] = (_grad_fn(reference_attention), nat)
-    matmul_flops = 2 * sp * n**3
+        fns["dense"] = (_grad_fn(reference_attention), nat, ring_mesh)
 
-    with jax.set_mesh(mesh):
-        for fn, fn_args in fns.values():  # compile and warm up
-            jax.block_until_ready(fn(*fn_args))
-        times, cpu_times = _interleaved(fns, args.rounds)
+    def under_mesh(fn, mesh):
+        def call(*a):
+            with jax.set_mesh(mesh):
+                return fn(*a)
+        return call
+
+    runs = {name: (under_mesh(fn, mesh), fn_args) for name, (fn, fn_args, mesh) in fns.items()}
+    for fn, fn_args in runs.values():  # compile and warm up
+        jax.block_until_ready(fn(*fn_args))
+    times, cpu_times = _interleaved(runs, args.rounds)
+    gemm += measure_gemm(gshapes)
 
     flops = causal_flops(1, seq, h, d)
+    best = max(gemm, key=lambda g: g["gflops_per_s"])
+    best_cpu = max(g["gflops_per_cpu_s"] for g in gemm)
+    fraction = {n: flops / statistics.median(t) / 1e9 / best["gflops_per_s"] for n, t in times.items()}
+    cpu_fraction = {n: flops / statistics.median(t) / 1e9 / best_cpu for n, t in cpu_times.items()}
 
-    def ratios(t):
-        """Medians of per-round ratios: fraction of the matmul rate per impl, ringattention/ours."""
-        rates = [matmul_flops / m for m in t["matmul"]]
-        fraction = {name: statistics.median(flops / x / r for x, r in zip(t[name], rates))
-                    for name in fns if name != "matmul"}
-        speedup = (statistics.median(a / o for a, o in zip(t["ringattention"], t["ours"]))
-                   if "ringattention" in t else None)
-        return fraction, speedup
+    def speedup(t):
+        return (statistics.median(a / o for a, o in zip(t["ringattention"], t["ours"]))
+                if "ringattention" in t else None)
 
-    fraction, speedup = ratios(times)
-    cpu_fraction, cpu_speedup = ratios(cpu_times)
-    pairs = ring_block_pairs(seq, sp, args.block)
+    schemes = {name: {"mesh": text, "seconds_median": statistics.median(times[name]),
+                      "fraction_of_matmul_rate": fraction[name],
+                      "bytes_per_device_per_layer": attention_bytes_per_device(
+                          seq, h, kv, d, 4, axes.get("sp", 1), axes.get("ulysses", 1))}
+               for name, (text, axes, _) in meshes.items()}
+    pairs = ring_block_pairs(seq, n_dev, args.block)
     temp = {}
     for mseq in (int(s) for s in args.memory_seqs.split(",") if s):
-        temp[mseq] = _temp_bytes(mesh, mseq, h, kv, d, args.block)
+        temp[mseq] = _temp_bytes(ring_mesh, mseq, h, kv, d, args.block)
     return {
-        "device": f"{sp} simulated CPU devices ({os.cpu_count()} cores)",
+        "device": f"{n_dev} simulated CPU devices ({os.cpu_count()} cores)",
         "shape": {"batch": 1, "seq": seq, "heads": h, "kv_heads": kv, "head_dim": d, "dtype": "float32",
-                  "block": ring_block(seq, sp, args.block), "sp": sp},
-        "anchor_chunk": None if args.no_anchor else min(args.anchor_block, seq // sp),
+                  "block": ring_block(seq, n_dev, args.block), "sp": n_dev},
+        "anchor_chunk": None if args.no_anchor else min(args.anchor_block, seq // n_dev),
         "rounds": args.rounds,
         "seconds_median": {name: statistics.median(t) for name, t in times.items()},
         "seconds": times,
-        "causal_gflops_per_s_median": {name: flops / statistics.median(times[name]) / 1e9
-                                       for name in fns if name != "matmul"},
-        "matmul_gflops_per_s_median": matmul_flops / statistics.median(times["matmul"]) / 1e9,
+        "causal_gflops_per_s_median": {name: flops / statistics.median(t) / 1e9 for name, t in times.items()},
+        "matmul_gflops_per_s": best["gflops_per_s"],
+        "matmul_best_shape": best["shape"],
+        "matmul_yardstick": gemm,
         "fraction_of_matmul_rate_by_impl": fraction,
         "fraction_of_matmul_rate": fraction["ours"],
-        "speedup_vs_ringattention": speedup,
+        "speedup_vs_ringattention": speedup(times),
+        "schemes": schemes,
         # The same ratios from process CPU time, which other processes' load disturbs far less.
         "cpu_time": {"seconds": cpu_times, "fraction_of_matmul_rate_by_impl": cpu_fraction,
-                     "speedup_vs_ringattention": cpu_speedup},
-        "compute_tile": compute_tile(ring_block(seq, sp, args.block)),
+                     "speedup_vs_ringattention": speedup(cpu_times)},
+        "compute_tile": compute_tile(ring_block(seq, n_dev, args.block)),
         "block_pairs_per_device": pairs.tolist(),
         "block_pairs_max_over_mean": float(pairs.max() / pairs.mean()),
-        "block_pairs_total_over_causal_min": float(pairs.sum() / causal_min_block_pairs(seq, sp, args.block)),
+        "block_pairs_total_over_causal_min": float(pairs.sum() / causal_min_block_pairs(seq, n_dev, args.block)),
         "temp_bytes_per_device": temp,
         "temp_growth_per_doubling": _growth(temp),
     }
@@ -249,8 +332,8 @@ def bench_gpu(args) -> dict:
         "cudnn": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn"),
         # blockwise, kernel=auto: a no-merge call goes to cuDNN with cuDNN's own backward.
         "ours_blockwise_auto": lambda q, k, v: blockwise_attention(q, k, v, block_size=args.block),
-        # What each ring step runs: cuDNN chunk forward, and cuDNN's backward fed the global
-        # output and lse (pure-JAX backward where this JAX's cuDNN wrapper differs).
+        # What each ring step runs with kernel=cudnn: the pure-JAX chunk blocks (no public cuDNN
+        # path gives a float32 lse or takes merged statistics; see kernels/cudnn.py).
         "ours_ring_local_cudnn": lambda q, k, v: ring_attention(q, k, v, block_size=args.block, kernel="cudnn"),
         # The portable path, pure JAX.
         "ours_xla": lambda q, k, v: blockwise_attention(q, k, v, block_size=args.block, kernel="xla"),
@@ -268,10 +351,7 @@ def bench_gpu(args) -> dict:
         runnable = {n: (f, inputs) for n, f in timed.items() if callable(f)}
         times, _ = _interleaved(runnable, args.rounds)
     flops = causal_flops(1, seq, h, d)
-    from lwm_jax.attention.kernels import cudnn
-
     result = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
-              "cudnn_fused_backward": cudnn._BWD_RULE is not None,
               "shape": {"batch": 1, "seq": seq, "heads": h, "kv_heads": kv, "head_dim": d, "dtype": "bfloat16"},
               "tflops_per_s_median": {n: flops / statistics.median(t) / 1e12 for n, t in times.items()},
               "failed": {n: v for n, v in timed.items() if not callable(v)}}
@@ -284,20 +364,27 @@ def bench_gpu(args) -> dict:
 def _print_cpu(r):
     print(f"causal attention fwd+bwd, {r['device']}, shape {r['shape']}, {r['rounds']} interleaved rounds")
     cpu = r["cpu_time"]
-    print(f"{'impl':<16}{'median s':>10}{'GFLOP/s':>10}{'of matmul':>11}{'(CPU time)':>12}")
+    print(f"{'impl':<24}{'median s':>10}{'GFLOP/s':>10}{'of matmul':>11}{'(CPU time)':>12}{'MiB moved/dev':>15}")
     for name, sec in r["seconds_median"].items():
-        if name == "matmul":
-            continue
-        print(f"{name:<16}{sec:>10.2f}{r['causal_gflops_per_s_median'][name]:>10.1f}"
+        moved = r["schemes"].get(name, {}).get("bytes_per_device_per_layer", {}).get("total_bytes")
+        label = f"ours[{r['schemes'][name]['mesh']}]" if name in r["schemes"] else name
+        print(f"{label:<24}{sec:>10.2f}{r['causal_gflops_per_s_median'][name]:>10.1f}"
               f"{r['fraction_of_matmul_rate_by_impl'][name]:>10.0%}"
-              f"{cpu['fraction_of_matmul_rate_by_impl'][name]:>12.0%}")
-    print(f"{'matmul':<16}{r['seconds_median']['matmul']:>10.2f}{r['matmul_gflops_per_s_median']:>10.1f}")
+              f"{cpu['fraction_of_matmul_rate_by_impl'][name]:>12.0%}"
+              + (f"{moved / 2**20:>15.1f}" if moved is not None else ""))
+    print(f"matmul yardstick (best float32 GEMM, 1 device on {os.cpu_count()} cores): "
+          f"{r['matmul_gflops_per_s']:.1f} GFLOP/s at (batch, m, k, n) = {tuple(r['matmul_best_shape'])}")
     if r["speedup_vs_ringattention"] is not None:
         print(f"ringattention (chunks of {r['anchor_chunk']}) / ours (median of per-round ratios): "
               f"{r['speedup_vs_ringattention']:.2f}x (target >= {SPEEDUP_TARGET}x); "
               f"from CPU time {cpu['speedup_vs_ringattention']:.2f}x")
     print(f"ours at {r['fraction_of_matmul_rate']:.0%} of the matmul rate (target >= {MATMUL_FRACTION_TARGET:.0%}); "
           f"from CPU time {cpu['fraction_of_matmul_rate_by_impl']['ours']:.0%}")
+    for sch in r["schemes"].values():
+        moved = {k: (v["forward_bytes"] + v["backward_bytes"]) / 2**20
+                 for k, v in sch["bytes_per_device_per_layer"].items() if k != "total_bytes"}
+        print(f"bytes per device per layer, fwd+bwd, {sch['mesh']}: ulysses all-to-all "
+              f"{moved['ulysses']:.1f} MiB, ring {moved['ring']:.1f} MiB")
     pairs = r["block_pairs_per_device"]
     print(f"block pairs per device (blocks of {r['shape']['block']}): max {max(pairs)}, "
           f"mean {sum(pairs) / len(pairs):.1f} (max/mean {r['block_pairs_max_over_mean']:.3f}); "
@@ -311,8 +398,7 @@ def _print_cpu(r):
 
 
 def _print_gpu(r):
-    print(f"causal attention fwd+bwd on {r['device']} (jax {r['jax']}), shape {r['shape']}; "
-          f"cuDNN backward with global statistics: {'yes' if r['cudnn_fused_backward'] else 'no'}")
+    print(f"causal attention fwd+bwd on {r['device']} (jax {r['jax']}), shape {r['shape']}")
     for name, tf in r["tflops_per_s_median"].items():
         ratio = r.get("ratio_vs_cudnn", {}).get(name)
         print(f"{name:<24}{tf:>8.1f} TFLOP/s" + (f"   {ratio:.2f}x cuDNN" if ratio else ""))
@@ -322,6 +408,9 @@ def _print_gpu(r):
 
 def main(argv=None) -> int:
     args = _parse(argv)
+    if args.gemm_only:
+        print(json.dumps(_gemm_rates([tuple(x) for x in json.loads(args.gemm_only)])))
+        return 0
     import jax
 
     gpu = args.gpu or jax.default_backend() == "gpu"
@@ -333,7 +422,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    if "--gpu" not in sys.argv:  # simulated devices must be set before JAX starts
+    if "--gpu" not in sys.argv and "--gemm-only" not in sys.argv:  # simulated devices: set before JAX starts
         flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
         os.environ["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={CPU_DEVICES}"])
     sys.exit(main())
