@@ -3,6 +3,7 @@ layer inputs = full remat, the sharded embedding lookup = the gathered one, the 
 the chunked loss with the projection gathered; loss and gradients in float32 on the dp=2, sp=4 ring
 (and fsdp x sp x tp for the shard-aware parts). Plus the planner's figures for the one-node recipe."""
 
+import functools
 import json
 import subprocess
 import sys
@@ -38,8 +39,9 @@ def _batch(seed=0):
     return tokens[:, :-1], positions, tokens[:, 1:], weights
 
 
+@functools.cache  # the plain configuration is every test's reference: compile it once per mesh
 def loss_and_grads(config: ModelConfig, mesh_spec: str = "dp=2,sp=4", loss=vocab_parallel_cross_entropy):
-    """(loss, grads as a flat list of numpy arrays) of the mean NLL of a fixed batch."""
+    """(loss, grads as a tuple of numpy arrays) of the mean NLL of a fixed batch."""
     mesh = make_mesh(MeshConfig.parse(mesh_spec))
     with jax.set_mesh(mesh):
         params = init_params(config, 0, mesh)
@@ -51,7 +53,7 @@ def loss_and_grads(config: ModelConfig, mesh_spec: str = "dp=2,sp=4", loss=vocab
             return nll / total
 
         value, grads = jax.jit(jax.value_and_grad(mean_nll))(params, *arrays)
-    return float(value), [np.asarray(g) for g in jax.tree.leaves(grads)]
+    return float(value), tuple(np.asarray(g) for g in jax.tree.leaves(grads))
 
 
 def assert_same(a, b):
