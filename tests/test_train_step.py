@@ -4,6 +4,7 @@ accumulation against one big batch, and the non-finite guard."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from lwm_jax.config import MeshConfig, ModelConfig, OptimizerConfig
@@ -68,14 +69,15 @@ def _max_diff(a, b):
     return max(float(np.abs(x - y).max()) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
-def test_sharded_step_equals_single_device():
-    """dp=2, sp=4 with the zigzag ring attention against one device with dense attention."""
+@pytest.mark.parametrize("mesh,sp", [("dp=2,sp=4", 4), ("dp=2,sp=2,ulysses=2", 2)])
+def test_sharded_step_equals_single_device(mesh, sp):
+    """The zigzag ring (alone, and with Ulysses inside it) against one device with dense attention."""
     from lwm_jax.attention.layout import to_zigzag
 
     batch = _batch(1, 4, 32)
     p1, m1 = _run_step(None, batch)
-    zigzag = {k: to_zigzag(v, 4, axis=-1) for k, v in batch.items()}
-    p8, m8 = _run_step("dp=2,sp=4", zigzag, config=TINY.replace(attention="ring", attention_block_size=4))
+    zigzag = {k: to_zigzag(v, sp, axis=-1) for k, v in batch.items()}
+    p8, m8 = _run_step(mesh, zigzag, config=TINY.replace(attention="ring", attention_block_size=4))
     assert abs(float(m1["loss"]) - float(m8["loss"])) <= STEP_TOL
     assert _max_diff(p1, p8) <= STEP_TOL
 
