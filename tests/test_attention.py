@@ -47,7 +47,7 @@ def _inputs(batch, seq, q_heads, kv_heads, head_dim, dtype=jnp.float32, seed=0):
     return [jnp.asarray(rng.standard_normal(shape, np.float32)).astype(dtype) for shape in shapes]
 
 
-def _packed(batch, seq, seed=0):
+def packed_documents(batch, seq, seed=0):
     """Segment ids and per-document positions for documents of random lengths (3-4 per row), so
     that boundaries fall inside ring chunks and blocks."""
     rng = np.random.default_rng(seed)
@@ -105,7 +105,7 @@ def test_zigzag_layout_holds_chunks_r_and_2sp_minus_1_minus_r():
 @pytest.mark.parametrize("causal,q_heads,kv_heads", [(True, 2, 2), (True, 8, 1), (False, 4, 1)])
 def test_blockwise_matches_reference_with_packed_documents(causal, q_heads, kv_heads):
     q, k, v, dout = _inputs(2, 40, q_heads, kv_heads, 16)
-    seg, pos = _packed(2, 40)
+    seg, pos = packed_documents(2, 40)
     out, grads = _out_and_grads(lambda q, k, v: attention(
         q, k, v, segment_ids=seg, positions=pos, causal=causal, impl="blockwise", block_size=8), q, k, v, dout)
     ref, ref_grads = _out_and_grads(lambda q, k, v: reference_attention(
@@ -131,7 +131,7 @@ def test_ring_matches_reference(case):
     axes, batch, seq, q_heads, kv_heads, causal, docs, block_size, dtype = RING_CASES[case]
     mesh, sp = _mesh(**axes), axes["sp"]
     q, k, v, dout = _inputs(batch, seq, q_heads, kv_heads, 16, dtype)
-    seg, pos = _packed(batch, seq) if docs else (None, None)
+    seg, pos = packed_documents(batch, seq) if docs else (None, None)
     ref, ref_grads = _out_and_grads(lambda q, k, v: reference_attention(
         q, k, v, segment_ids=seg, positions=pos, causal=causal), q, k, v, dout)
 
@@ -270,7 +270,7 @@ def test_ring_with_a_fused_forward_kernel_merges_and_differentiates():
     kernels.register(_DenseTestKernel())
     sp = 4
     q, k, v, dout = _inputs(2, 64, 4, 2, 16)
-    seg, pos = _packed(2, 64, seed=1)
+    seg, pos = packed_documents(2, 64, seed=1)
     ref, ref_grads = _out_and_grads(lambda q, k, v: reference_attention(q, k, v, segment_ids=seg, positions=pos),
                                     q, k, v, dout)
     z = lambda x: to_zigzag(x, sp)
@@ -361,7 +361,7 @@ def test_llama_with_ring_on_dp2_sp4_matches_reference():
                 num_kv_heads=2, head_dim=16, max_position_embeddings=seq, attention_block_size=4,
                 bos_token_id=0, eos_token_id=(1,))
     tokens = jnp.asarray(np.random.default_rng(1).integers(0, 128, (batch, seq), dtype=np.int32))
-    seg, pos = _packed(batch, seq, seed=2)
+    seg, pos = packed_documents(batch, seq, seed=2)
     reference = Llama(ModelConfig(**base, attention="reference"), rngs=nnx.Rngs(0))
     want = jax.jit(lambda t, p, s: reference(t, positions=p, segment_ids=s))(tokens, pos, seg)
     ring = Llama(ModelConfig(**base, attention="ring"), rngs=nnx.Rngs(0))

@@ -146,8 +146,8 @@ def test_state_of_another_pipeline_is_refused(prepared):
 
 
 def test_orbax_checkpoint_roundtrip(prepared, tmp_path):
-    ocp = pytest.importorskip("orbax.checkpoint")
     import grain
+    import orbax.checkpoint as ocp
 
     config = _config(prepared, chat_ratio=0.1)
     kwargs = dict(seq_len=SEQ_LEN, global_batch_size=4, seed=0, process_index=0, process_count=1)

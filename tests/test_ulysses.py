@@ -36,6 +36,7 @@ from lwm_jax.parallel.mesh import make_mesh
 from lwm_jax.train.loss import chunked_cross_entropy, vocab_parallel_cross_entropy
 from lwm_jax.train.step import param_shardings
 from tests.conftest import make_hf_llama
+from tests.test_attention import packed_documents
 
 # The issue's bound for float32 attention (output, dq, dk, dv) with unit-scale inputs: the exchange
 # only moves values, so the error is the ring's own float32 merge order (measured ~3e-6).
@@ -55,17 +56,6 @@ def _inputs(batch, seq, q_heads, kv_heads, head_dim, seed=0):
     shapes = [(batch, seq, q_heads, head_dim), (batch, seq, kv_heads, head_dim),
               (batch, seq, kv_heads, head_dim), (batch, seq, q_heads, head_dim)]
     return [jnp.asarray(rng.standard_normal(shape, np.float32)) for shape in shapes]
-
-
-def _packed(batch, seq, seed=0):
-    """Segment ids and per-document positions, 3-4 documents per row with boundaries anywhere."""
-    rng = np.random.default_rng(seed)
-    seg, pos = np.zeros((batch, seq), np.int32), np.zeros((batch, seq), np.int32)
-    for b in range(batch):
-        cuts = np.sort(rng.choice(np.arange(1, seq), size=int(rng.integers(2, 4)), replace=False))
-        for i, (lo, hi) in enumerate(zip([0, *cuts], [*cuts, seq])):
-            seg[b, lo:hi], pos[b, lo:hi] = i, np.arange(hi - lo)
-    return seg, pos
 
 
 def _out_and_grads(attn, q, k, v, dout):
@@ -94,7 +84,7 @@ def test_ulysses_ring_matches_reference(case):
     axes, batch, seq, q_heads, kv_heads, block_size = CASES[case]
     sp = axes.get("sp", 1)
     q, k, v, dout = _inputs(batch, seq, q_heads, kv_heads, 16)
-    seg, pos = _packed(batch, seq)
+    seg, pos = packed_documents(batch, seq)
     want = _out_and_grads(lambda q, k, v: reference_attention(q, k, v, segment_ids=seg, positions=pos), q, k, v, dout)
     z = lambda x: to_zigzag(x, sp)
     with jax.set_mesh(_mesh(**axes)):
@@ -156,7 +146,7 @@ def _mean_nll(config, mesh_spec, loss):
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, config.vocab_size, size=(BATCH, SEQ + 1)).astype(np.int32)
     weights = (rng.random((BATCH, SEQ)) < 0.8).astype(np.float32)
-    seg, pos = _packed(BATCH, SEQ, seed=1)
+    seg, pos = packed_documents(BATCH, SEQ, seed=1)
     arrays = (tokens[:, :-1], pos, seg, tokens[:, 1:], weights)
     mesh = make_mesh(MeshConfig.parse(mesh_spec)) if mesh_spec else None
 
