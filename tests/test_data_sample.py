@@ -116,3 +116,31 @@ def test_help(argv, words, capsys):
     assert exit_.value.code == 0
     text = capsys.readouterr().out
     assert all(w in text for w in words)
+
+
+def test_task_tokenizer_reads_the_probes_without_unknowns(tmp_path, capsys):
+    """`data sample --tokenizer task`: the vocabulary asked for, Llama-3's specials last, every word of
+    the passkey and NIAH templates known, numbers in 2-digit tokens (a 5-digit key is 3 tokens)."""
+    from lwm_jax.data.sample import task_tokenizer
+    from lwm_jax.data.synthetic import niah_sample, passkey_sample
+    from lwm_jax.data.tokenize import get_tokenizer, load_tokenizer_info
+
+    out = tmp_path / "task"
+    args = _parser().parse_args(["data", "sample", str(out), "--tokenizer", "task", "--vocab-size", "512",
+                                 "--max-chars-per-source", "60000", "--json"])
+    assert args.func(args) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["tokenizer"] == "task"
+    info = load_tokenizer_info(out / "tokenizer")
+    tok = get_tokenizer(info.tokenizer_file)
+    assert info.vocab_size == 512 and info.bos_id == 512 - len(SPECIAL_TOKENS)
+    unk = tok.token_to_id("<unk>")
+    for sample in (passkey_sample(tok, 128, 0.5, 7, bos_id=info.bos_id),
+                   niah_sample(tok, 128, 0.5, 7, bos_id=info.bos_id)):  # the default haystack is the filler
+        assert unk not in sample.ids.tolist() and len(sample.ids) == 128
+        assert "".join(tok.id_to_token(i) for i in sample.answer_ids) == sample.answer
+        assert len(sample.answer_ids) == (len(sample.answer) + 1) // 2
+    assert tok.encode("x86 is 1234567.", add_special_tokens=False).tokens == ["x", "86", "is", "12", "34", "56",
+                                                                               "7", "."]
+    assert tok.encode("zzzqqq", add_special_tokens=False).ids == [unk]
+    with pytest.raises(UserError, match="too small for the task tokenizer"):
+        task_tokenizer(["some text"], 100)

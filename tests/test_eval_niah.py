@@ -133,7 +133,8 @@ def tiny_ckpt(tmp_path_factory):
                          num_kv_heads=1, head_dim=8, max_position_embeddings=4096, remat="none",
                          tie_word_embeddings=True)
     model = Llama(config, nnx.Rngs(0))
-    return save_model(tmp_path_factory.mktemp("ckpt") / "c", model, model_metadata(config))
+    return save_model(tmp_path_factory.mktemp("ckpt") / "c", model,
+                      model_metadata(config, recipe="probe_test", stage="x4", seq_len=1024))
 
 
 def test_model_logits_tail_matches_full_forward_ring(tiny_ckpt):
@@ -155,6 +156,22 @@ def test_model_logits_tail_matches_full_forward_ring(tiny_ckpt):
     np.testing.assert_allclose(ring_tail, full[-8:], atol=LOGITS_ATOL)
 
 
+@pytest.mark.parametrize("hits,n", [(0, 40), (40, 40), (17, 40), (3, 10), (1, 1), (500, 1000)])
+def test_wilson_interval_solves_the_score_equation(hits, n):
+    """Both ends p0 of the Wilson interval solve (p - p0)^2 = z^2 p0 (1 - p0) / n, the interval holds
+    p = hits/n, and at 0 hits its top is z^2 / (n + z^2) (the closed form)."""
+    from lwm_jax.eval.scoring import wilson_interval
+
+    z = 1.959964
+    lo, hi = wilson_interval(hits, n)
+    p = hits / n
+    assert 0.0 <= lo <= p <= hi <= 1.0 and lo < hi
+    for p0 in (lo, hi):
+        assert (p - p0) ** 2 == pytest.approx(z * z * p0 * (1 - p0) / n, abs=1e-12)
+    if hits == 0:
+        assert hi == pytest.approx(z * z / (n + z * z), rel=1e-12)
+
+
 def test_cli_niah_and_bad_input(tiny_ckpt, tmp_path, capsys):
     from lwm_jax.cli import main
 
@@ -166,6 +183,9 @@ def test_cli_niah_and_bad_input(tiny_ckpt, tmp_path, capsys):
                  "--json"]) == 0
     result = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert result["score"] <= BLIND_MAX_SCORE and (tmp_path / "o" / "niah.png").is_file()
+    # The heatmap is titled with the model, stage, theta and lengths, not the folder name.
+    assert result["title"] == "niah: probe_test stage x4, theta 500,000, trained at 1,024, scored at 256"
+    assert result["interval_by_length"]["256"]["probes"] == 6
     cells = json.loads((tmp_path / "o" / "niah.json").read_text())["cells"]
     assert len(cells) == 3 and all(len(c["samples"]) == 2 and c["samples"][0]["tokens"] == 256 for c in cells)
     # RULER through the CLI: task x length heatmap.

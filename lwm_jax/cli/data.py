@@ -14,7 +14,7 @@ from rich.table import Table
 from lwm_jax.cli.common import command
 from lwm_jax.config import PrepareConfig
 from lwm_jax.data.prepare import prepare
-from lwm_jax.data.sample import build_sample
+from lwm_jax.data.sample import TOKENIZER_KINDS, build_sample
 
 PREPARE_EPILOG = """\
 inputs:
@@ -90,6 +90,10 @@ def _add_sample(sub) -> None:
                                                                 "(default 4096)")
     s.add_argument("--max-chars-per-source", type=int, default=6_000_000, metavar="N",
                    help="characters of text per source (default 6,000,000)")
+    s.add_argument("--tokenizer", choices=TOKENIZER_KINDS, default="bpe",
+                   help="bpe: byte-level BPE trained on the corpus (default); task: a word-level vocabulary made "
+                        "for the passkey / NIAH miniature (2-digit number tokens, the probe templates' words, "
+                        "then the corpus's most frequent words; the rest <unk>)")
     s.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT_DIR")
 
 
@@ -149,7 +153,7 @@ def sample_command(args) -> int:
     installation."""
     summary = build_sample(args.out_dir, vocab_size=args.vocab_size,
                            max_chars_per_source=args.max_chars_per_source, overwrite=args.overwrite,
-                           progress=True)
+                           progress=True, tokenizer=args.tokenizer)
     console = _console()
     table = Table(title=f"demo corpus in {args.out_dir} (Python {summary['python']})")
     for col in ("source", "documents", "characters"):
@@ -158,7 +162,8 @@ def sample_command(args) -> int:
         table.add_row(name, f"{s['documents']:,}", f"{s['chars']:,}")
     table.add_row("chat (records)", f"{summary['chat_records']:,}", "")
     console.print(table)
-    console.print(f"tokenizer: {args.out_dir}/tokenizer (byte-level BPE, vocab {summary['vocab_size']:,})")
+    kind = "byte-level BPE" if args.tokenizer == "bpe" else "word-level, for the retrieval miniature"
+    console.print(f"tokenizer: {args.out_dir}/tokenizer ({kind}, vocab {summary['vocab_size']:,})")
     console.print(f"next: lwm-jax data prepare {args.out_dir}/corpus {args.out_dir}/chat "
                   f"--tokenizer {args.out_dir}/tokenizer --out {args.out_dir}/prepared-2048 --seq-len 2048")
     if args.json:

@@ -159,9 +159,49 @@ def _train_tokenizer(texts: list[str], vocab_size: int):
     return tok
 
 
+def task_tokenizer(texts: list[str], vocab_size: int):
+    """A word-level tokenizer made for the retrieval miniature: numbers in groups of two digits (a
+    5-digit passkey is 3 tokens), the words and marks of the passkey and NIAH templates, then the
+    corpus's most frequent words up to `vocab_size` (anything else is `<unk>`), Llama-3's special
+    tokens last. A small model's embedding and head stay small (4,096 BPE tokens cost the
+    miniature most of its parameters and steps); with single digits most keys repeat a digit, and
+    copying them needs more than the one-token lookup a 2-layer induction circuit learns first."""
+    from lwm_jax.data.synthetic import template_text
+
+    split = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(),
+                                     pre_tokenizers.Split(Regex(r"\d\d?"), behavior="isolated")])
+    words = lambda text: [w for w, _ in split.pre_tokenize_str(text)]
+    numbers = [str(d) for d in range(10)] + [f"{d:02d}" for d in range(100)]
+    vocab = {w: None for w in numbers + words(template_text())}
+    counts: dict[str, int] = {}
+    for text in texts:
+        for w in words(text):
+            counts[w] = counts.get(w, 0) + 1
+    room = vocab_size - len(SPECIAL_TOKENS) - 1 - len(vocab)
+    if room < 0:
+        raise UserError(f"vocab_size={vocab_size} is too small for the task tokenizer (needs at least "
+                        f"{vocab_size - room})")
+    for w in sorted((w for w in counts if w not in vocab), key=lambda w: (-counts[w], w))[:room]:
+        vocab[w] = None
+    ids = {w: i for i, w in enumerate([*vocab, "<unk>"])}
+    tok = Tokenizer(models.WordLevel(ids, unk_token="<unk>"))
+    tok.pre_tokenizer = split
+    tok.add_special_tokens(list(SPECIAL_TOKENS))
+    tok.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A <|begin_of_text|> $B",
+        special_tokens=[("<|begin_of_text|>", tok.token_to_id("<|begin_of_text|>"))])
+    return tok
+
+
+TOKENIZER_KINDS = ("bpe", "task")
+
+
 def build_sample(out_dir: str | Path, *, vocab_size: int = 4096, max_chars_per_source: int = 6_000_000,
-                 overwrite: bool = False, progress: bool = False) -> dict:
+                 overwrite: bool = False, progress: bool = False, tokenizer: str = "bpe") -> dict:
     """Writes `corpus/*.jsonl.zst`, `chat/chat.jsonl.zst` and `tokenizer/` under `out_dir`.
+
+    `tokenizer`: "bpe" (byte-level BPE trained on the corpus) or "task" (`task_tokenizer`, for
+    the retrieval miniature).
 
     Deterministic for a given Python installation. Returns a summary (sources, documents,
     characters, files, vocabulary size, sha256 of every file written).
@@ -170,6 +210,8 @@ def build_sample(out_dir: str | Path, *, vocab_size: int = 4096, max_chars_per_s
         raise UserError(f"vocab_size={vocab_size!r} must be an integer in [512, 65536]")
     if not (isinstance(max_chars_per_source, int) and max_chars_per_source > 0):
         raise UserError(f"max_chars_per_source={max_chars_per_source!r} must be a positive integer")
+    if tokenizer not in TOKENIZER_KINDS:
+        raise UserError(f"tokenizer={tokenizer!r} is not one of {', '.join(TOKENIZER_KINDS)}")
     out = Path(out_dir).expanduser()
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not overwrite)):
         raise UserError(f"output {out} exists and is not an empty folder; pass --overwrite or choose a new folder")
@@ -207,7 +249,7 @@ def build_sample(out_dir: str | Path, *, vocab_size: int = 4096, max_chars_per_s
             break
         train_texts.append(record["text"])
         n += len(record["text"])
-    tok = _train_tokenizer(train_texts, vocab_size)
+    tok = (_train_tokenizer if tokenizer == "bpe" else task_tokenizer)(train_texts, vocab_size)
     tok.save(str(out / "tokenizer" / "tokenizer.json"))
     config = {"bos_token": SPECIAL_TOKENS[0], "eos_token": SPECIAL_TOKENS[1], "chat_template": LLAMA3_CHAT_TEMPLATE,
               "clean_up_tokenization_spaces": False, "model_input_names": ["input_ids", "attention_mask"],
@@ -217,7 +259,8 @@ def build_sample(out_dir: str | Path, *, vocab_size: int = 4096, max_chars_per_s
     steps.update(1)
     steps.close()
     summary = {
-        "python": platform.python_version(), "out_dir": str(out), "vocab_size": tok.get_vocab_size(),
+        "python": platform.python_version(), "out_dir": str(out), "tokenizer": tokenizer,
+        "vocab_size": tok.get_vocab_size(),
         "sources": {name: {"documents": len(docs), "chars": sum(map(len, docs))} for name, docs in sources.items()},
         "chat_records": len(chats),
         "files": {os.path.relpath(p, out): hashlib.sha256(p.read_bytes()).hexdigest() for p in written},

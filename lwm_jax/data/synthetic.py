@@ -31,6 +31,20 @@ KEY_NOUNS = ("anchor", "badger", "canyon", "comet", "falcon", "forest", "harbor"
           "pebble", "quartz", "river", "saddle", "summit", "thistle", "tunnel", "violin", "walnut", "willow")
 
 
+PASSKEY_NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key."
+PASSKEY_QUESTION = "\nWhat is the pass key? The pass key is"
+NIAH_NEEDLE = " One of the special magic numbers for {key} is: {value}."
+NIAH_QUESTION = ("\nWhat is the special magic number for {key} mentioned in the provided text? "
+                 "The special magic number for {key} mentioned in the provided text is")
+
+
+def template_text() -> str:
+    """Every fixed word of the passkey and NIAH prompts (intros, filler, needles, questions, keys)."""
+    parts = [PASSKEY_INTRO, FILLER, PASSKEY_NEEDLE.format(key=0), PASSKEY_QUESTION, NIAH_INTRO,
+             NIAH_NEEDLE.format(key="a-b", value=0), NIAH_QUESTION.format(key="a-b")]
+    return " ".join([*parts, *KEY_ADJECTIVES, *KEY_NOUNS])
+
+
 @dataclasses.dataclass(frozen=True)
 class SyntheticSample:
     """A probe: `ids` (int32, exactly the requested length), the expected `answer` and its tokens as
@@ -104,9 +118,8 @@ def passkey_sample(tokenizer, length: int, depth: float, seed: int, *, bos_id: i
     """Passkey retrieval: a random `digits`-digit key inside repeated filler, then the question."""
     rng = np.random.default_rng(seed)
     key = str(int(rng.integers(10 ** (digits - 1), 10**digits)))
-    needle = f" The pass key is {key}. Remember it. {key} is the pass key."
-    question = "\nWhat is the pass key? The pass key is"
-    return _assemble(tokenizer, "passkey", length, depth, PASSKEY_INTRO, FILLER, needle, question, key, bos_id)
+    return _assemble(tokenizer, "passkey", length, depth, PASSKEY_INTRO, FILLER, PASSKEY_NEEDLE.format(key=key),
+                     PASSKEY_QUESTION, key, bos_id)
 
 
 def niah_sample(tokenizer, length: int, depth: float, seed: int, *, haystack: str | None = None,
@@ -116,11 +129,8 @@ def niah_sample(tokenizer, length: int, depth: float, seed: int, *, haystack: st
     rng = np.random.default_rng(seed)
     key = f"{KEY_ADJECTIVES[rng.integers(len(KEY_ADJECTIVES))]}-{KEY_NOUNS[rng.integers(len(KEY_NOUNS))]}"
     value = str(int(rng.integers(1_000_000, 10_000_000)))
-    needle = f" One of the special magic numbers for {key} is: {value}."
-    question = (f"\nWhat is the special magic number for {key} mentioned in the provided text? "
-                f"The special magic number for {key} mentioned in the provided text is")
-    return _assemble(tokenizer, "niah", length, depth, NIAH_INTRO, haystack or FILLER, needle, question, value,
-                     bos_id)
+    return _assemble(tokenizer, "niah", length, depth, NIAH_INTRO, haystack or FILLER,
+                     NIAH_NEEDLE.format(key=key, value=value), NIAH_QUESTION.format(key=key), value, bos_id)
 
 
 # Training documents -------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from lwm_jax.data.synthetic import niah_sample, split_sentences
 from lwm_jax.errors import UserError
 from lwm_jax.eval import plots
 from lwm_jax.eval.probes import ChatWrap, build_to_length, cell_seed, probe_from_sample
-from lwm_jax.eval.scoring import LogitsFn, by_length, run_grid
+from lwm_jax.eval.scoring import LogitsFn, by_length, intervals_by_length, run_grid
 
 DEFAULT_DEPTHS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 DEMO_CHARS_PER_TOKEN = 8  # generous: the demo haystack is read until it holds enough tokens
@@ -133,9 +133,11 @@ def niah_eval(logits_fn: LogitsFn, tokenizer, *, lengths: Sequence[int], depths:
 
 
 def summarize(task: str, cells: list[dict], generated: bool, **extra) -> dict:
-    """The result object of a probe grid: cells, score by length, overall score."""
+    """The result object of a probe grid: cells, score by length (with probes, hits and the Wilson
+    95% interval of each length's exact-match share), overall score."""
     result = {"task": task, **extra, "cells": cells,
               "by_length": {str(k): v for k, v in by_length(cells).items()},
+              "interval_by_length": {str(k): v for k, v in intervals_by_length(cells).items()},
               "score": float(np.mean([c["score"] for c in cells]))}
     if generated:
         result["generated_by_length"] = {str(k): v for k, v in by_length(cells, "generated_score").items()}

@@ -15,7 +15,7 @@ import jax
 from lwm_jax.errors import UserError
 from lwm_jax.eval import niah, passkey, ruler
 from lwm_jax.eval.perplexity import load_eval_data, load_tokens, mean_nll, nll_by_position, parse_buckets
-from lwm_jax.eval.plots import line_plot
+from lwm_jax.eval.plots import line_plot, short_length
 from lwm_jax.eval.scoring import runtime_for, setup_probes
 from lwm_jax.eval.theta_sweep import save_sweep, theta_sweep
 from lwm_jax.model.context import check_context
@@ -29,6 +29,23 @@ def _on_mesh(mesh):
 
 def _name(ckpt: str) -> str:
     return os.path.basename(os.path.abspath(ckpt))
+
+
+def checkpoint_title(task: str, ckpt: str, meta: dict, lengths: Sequence[int]) -> str:
+    """A plot title naming the model (its recipe, else the folder), stage, theta, trained length and
+    the lengths scored: "niah: demo_cpu stage x4, theta 1,195,364, trained at 1,024, scored at 4K"."""
+    parts = [f"{task}: {meta.get('recipe') or _name(ckpt)}"]
+    if meta.get("stage"):
+        parts[0] += f" stage {meta['stage']}"
+    theta = meta.get("rope_theta", meta.get("model", {}).get("rope_theta"))
+    if theta is not None:
+        parts.append(f"theta {theta:,.0f}" if theta < 1e7 else f"theta {theta:.3g}")
+    trained = meta.get("seq_len") or meta.get("max_position_embeddings")
+    if trained:
+        parts.append(f"trained at {trained:,}")
+    if lengths:
+        parts.append(f"scored at {', '.join(short_length(n) for n in lengths)}")
+    return ", ".join(parts)
 
 
 def write_ppl_report(result: dict, out_dir: str, title: str) -> dict[str, str]:
@@ -108,7 +125,8 @@ def probe_report(task: str, ckpt: str, tokenizer: str, *, lengths: Sequence[int]
                       generate_fn=s.generate_fn)
         result = _run_probes(task, s, lengths, depths, tasks, haystack, common)
     result["checkpoint"] = os.path.abspath(ckpt)
-    result["files"] = write_probe_report(result, out, task, f"{task}: {_name(ckpt)}")
+    result["title"] = checkpoint_title(task, ckpt, s.meta, lengths)
+    result["files"] = write_probe_report(result, out, task, result["title"])
     return result
 
 

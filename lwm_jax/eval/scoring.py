@@ -141,16 +141,39 @@ def by_length(cells: list[dict], key: str = "score") -> dict[int, float]:
     return {n: float(np.mean([c[key] for c in cells if c["length"] == n])) for n in lengths}
 
 
+def wilson_interval(hits: float, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """The Wilson score interval of a proportion `hits / n` (95% by default): unlike the normal
+    approximation it stays inside [0, 1] and is not empty at 0 or n hits (Wilson 1927)."""
+    if n <= 0:
+        raise ValueError(f"n={n} must be positive")
+    p = hits / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
+
+
+def intervals_by_length(cells: list[dict], key: str = "exact") -> dict[int, dict]:
+    """Per length: probes scored, exact-match hits and the Wilson 95% interval of their share."""
+    out = {}
+    for n in sorted({c["length"] for c in cells}):
+        records = [r for c in cells if c["length"] == n for r in c["samples"]]
+        hits = sum(r[key] for r in records)
+        out[n] = {"probes": len(records), "hits": hits, "interval": wilson_interval(hits, len(records))}
+    return out
+
+
 @dataclasses.dataclass
 class ProbeSetup:
     """What a probe command needs: tokenizer, its info, the model as a `logits_fn`, the chat
-    wrapper (None without --chat) and the greedy generator (None without --generate)."""
+    wrapper (None without --chat), the greedy generator (None without --generate) and the
+    checkpoint's metadata (recipe, stage, theta, trained length: what plots are titled with)."""
 
     tokenizer: object
     info: object
     logits_fn: ModelLogits
     chat: ChatWrap | None
     generate_fn: Callable | None
+    meta: dict = dataclasses.field(default_factory=dict)
 
 
 def runtime_for(meta: dict, mesh, runtime: dict) -> dict:
@@ -187,7 +210,7 @@ def setup_probes(ckpt: str, tokenizer_dir: str, *, mesh=None, chat: bool = False
     model, _ = load_model(ckpt, mesh=mesh, **runtime)
     stop = [info.eos_id] + [i for i in (tokenizer.token_to_id("<|eot_id|>"),) if i is not None]
     return ProbeSetup(tokenizer, info, ModelLogits(model, mesh, tail=tail, max_length=limit), wrap,
-                      generate_fn_for(model, mesh, stop) if generate else None)
+                      generate_fn_for(model, mesh, stop) if generate else None, meta)
 
 
 def parse_lengths(text: str) -> list[int]:
