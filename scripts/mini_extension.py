@@ -1,20 +1,27 @@
-"""A miniature reproduction of Gradient's claim: raising RoPE theta and training briefly at the longer
-length gives retrieval at that length. A small Llama-3-shaped model (head_dim 64) learns passkey and
-needle-in-a-haystack retrieval at a short length L0 (a length curriculum up to L0: copy documents
-first, then retrieval documents mixed with copy documents and the demo corpus); then four arms
-extend it to 4x and 16x L0 in two stages with the same steps and data: theta by the scaling-law
-rule, by the NTK rule, unchanged (the control), and unchanged with YaRN scaling instead (factor
-4 and 16 over the original L0, transformers' `yarn` with its attention factor). Passkey and NIAH
-accuracy per arm and length are printed as a table and drawn as a PNG.
+"""A miniature of the seed's claim: a short training at a raised RoPE theta lets a model retrieve
+from a context longer than it was trained on, and the same training at the old theta does not.
 
-Everything goes through the project's own code: `lwm_jax.data.synthetic` for the copy and retrieval
-documents, `lwm_jax.data.prepare` for the data, `lwm_jax.train.runner.train` for every stage (recipes
-built as dicts), and the passkey / NIAH evaluators of `lwm_jax.eval`. Not part of `make demo`; the
-default run took 47 minutes on 2 CPU cores, `--quick` takes 3-6 minutes (a smoke check, too short to
-learn anything). Finished data and stages in OUT are reused when the script is run again (`--fresh`
-starts over).
+A small Llama-3-shaped model with a vocabulary made for the task (`data sample --tokenizer task`:
+numbers in 2-digit tokens, the probe templates' words, 512 tokens) learns passkey and needle-in-a-
+haystack retrieval at a short length L0 (retrieval documents, copy documents and demo-corpus text,
+packed by document). Then arms extend it in stages with the same data, steps and optimizer: theta by
+the scaling-law rule, by the NTK rule, YaRN scaling (theta kept), and theta unchanged (the control).
+Stage xM aims at M x L0: theta (or the YaRN factor) is set for M x L0, and the stage trains at a
+quarter of that length (x4 at L0, x16 at 4 x L0), so what each arm scores at M x L0 is what its
+RoPE setting carries past the length it trained on. (Trained at the target length itself, or at
+half of it, the control learns much of it too in this miniature: measured, see the README.) Every
+checkpoint is scored at L0, 4x and 16x (passkey and NIAH exact match, teacher-forced, probes per
+cell with Wilson 95% intervals, heatmaps titled with model, stage, theta and lengths) and its loss
+by position.
 
-    python scripts/mini_extension.py [--out runs/mini_extension] [--quick] [--json]
+Everything goes through the project's own code: `lwm_jax.data.sample` and `lwm_jax.data.synthetic`
+for the tokenizer and documents, `lwm_jax.data.prepare`, `lwm_jax.train.runner.train` for every
+stage (recipes built as dicts), `lwm_jax.model.rope.theta_for` for the rules, and the passkey / NIAH
+evaluators of `lwm_jax.eval`. Presets: `default` (the full run, README figures), `demo` (what `make
+demo` runs: the scaling-law arm against the control, x4 only) and `quick` (a smoke check that
+learns nothing). Finished data and stages in OUT are reused when run again (`--fresh` starts over).
+
+    python scripts/mini_extension.py [--preset default|demo|quick] [--out runs/mini_extension] [--json]
 """
 
 from __future__ import annotations
@@ -47,61 +54,77 @@ from lwm_jax.eval.plots import pyplot, short_length
 # first (XLA_FLAGS, jax_num_cpu_devices), and --help stays instant.
 
 ROOT = Path(__file__).resolve().parents[1]
-# (name, stage rope_theta rule); the yarn arm keeps theta and scales RoPE with YaRN instead.
-ARMS = (("scaling-law", "scaling-law"), ("ntk", "ntk"), ("control", None), ("yarn", "yarn"))
+# name -> the theta rule of its stages; the yarn arm keeps theta and scales RoPE with YaRN instead.
+ARMS = {"scaling-law": "scaling-law", "ntk": "ntk", "yarn": "yarn", "control": None}
 TASKS = RETRIEVAL_TASKS  # ("passkey", "niah")
 EVAL_SEED = 12345  # probes scored are built from other seeds than the training documents
 
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """Sizes of one run (the default, or `--quick`)."""
+    """Sizes of one run (a preset, changed field by field with --set)."""
 
-    l0: int = 256
+    l0: int = 128
     base_theta: float = 10_000.0
+    tokenizer: str = "task"  # `data sample --tokenizer`: "task" (word-level, made for the probes) or "bpe"
+    vocab_size: int = 512
     model: dict = dataclasses.field(default_factory=lambda: dict(
-        hidden_size=128, intermediate_size=384, num_layers=2, num_heads=2, num_kv_heads=2, head_dim=64))
-    # Base curriculum: (seq_len as a fraction of L0, steps, batch, lr, retrieval share, copy share);
-    # the last entries are at L0, the very last one retrieval-heavy (the skill must be solid before
-    # extending). Copy documents (runs of random digit tokens, repeated) teach the model to copy.
-    curriculum: tuple = ((0.5, 400, 16, 3e-3, 0.0, 1.0), (0.5, 600, 16, 3e-3, 0.5, 0.4),
-                         (1.0, 800, 8, 2e-3, 0.7, 0.2), (1.0, 1000, 8, 2e-3, 0.8, 0.1))
-    # Extension stages: (multiple of L0, steps, batch, lr), the same for every arm.
-    extension: tuple = ((4, 150, 2, 1e-3), (16, 40, 1, 5e-4))
-    retrieval_share: float = 0.5  # share of extension sequences that are passkey / NIAH documents
+        hidden_size=128, intermediate_size=384, num_layers=2, num_heads=4, num_kv_heads=4, head_dim=32))
+    # Base: (seq_len as a fraction of L0, steps, batch, lr, retrieval share, copy share) per phase,
+    # each phase a cosine schedule from the previous checkpoint. Copy documents (runs of random
+    # number tokens, repeated) teach the copying that retrieval needs.
+    curriculum: tuple = ((1.0, 700, 16, 3e-3, 0.7, 0.2), (1.0, 700, 16, 2e-3, 0.7, 0.2))
+    # Extension stages, the same for every arm: (target multiple M of L0, training multiple of L0,
+    # steps, batch, lr), constant LR after a short warmup.
+    extension: tuple = ((4, 1, 100, 16, 5e-4), (16, 4, 100, 4, 5e-4))
+    retrieval_share: float = 0.7  # share of extension sequences that are passkey / NIAH documents
+    niah_share: float = 0.7  # of the retrieval documents, the share that are NIAH (the harder task)
     retrieval_docs: int = 1500  # documents generated per task and length (cap; epochs repeat them)
     copy_docs: int = 40_000  # copy documents per base length that uses them (~20 tokens each)
     eval_depths: tuple = (0.1, 0.3, 0.5, 0.7, 0.9)
-    eval_samples: int = 2
-    corpus_chars: int = 3_000_000  # demo-corpus text used per source (keeps `prepare` short)
+    eval_samples: int = 8  # probes per cell = depths x samples
+    corpus_chars: int = 1_000_000  # demo-corpus text used per source (keeps `prepare` short)
+    arms: tuple = tuple(ARMS)  # which of ARMS to train
+    position_loss_sequences: int = 8
 
 
-QUICK = Settings(
-    l0=128, model=dict(hidden_size=64, intermediate_size=192, num_layers=1, num_heads=2, num_kv_heads=1,
-                       head_dim=32),
-    curriculum=((1.0, 6, 8, 3e-3, 0.5, 0.2),), extension=((4, 2, 2, 1e-3), (16, 2, 1, 5e-4)),
-    retrieval_docs=16, eval_depths=(0.5,), eval_samples=1, corpus_chars=200_000)
+PRESETS = {
+    "default": Settings(),
+    # `make demo`: the same base in one phase, the scaling-law arm against the control, x4 only.
+    "demo": Settings(extension=((4, 1, 100, 16, 5e-4),),
+                     arms=("scaling-law", "control"), position_loss_sequences=4),
+    "quick": Settings(
+        model=dict(hidden_size=64, intermediate_size=128, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=32),
+        curriculum=((1.0, 6, 8, 3e-3, 0.5, 0.2),), extension=((4, 1, 2, 8, 5e-4), (16, 4, 2, 2, 5e-4)),
+        retrieval_docs=16, copy_docs=200, eval_depths=(0.5,), eval_samples=2, corpus_chars=200_000,
+        position_loss_sequences=2),
+}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Results: OUT/results.json, OUT/mini_extension.png; the table on stdout.")
+                                epilog="Results: OUT/results.json, OUT/claim.json, OUT/mini_extension.png, "
+                                       "OUT/eval/<checkpoint>/{passkey,niah}.png; the table on stdout.")
     p.add_argument("--out", default=str(ROOT / "runs" / "mini_extension"),
                    help="output folder (default runs/mini_extension, git-ignored)")
-    p.add_argument("--quick", action="store_true", help="a tiny smoke run of a few minutes (learns nothing)")
+    p.add_argument("--preset", choices=tuple(PRESETS), default="default",
+                   help="default: the full run (about 20 minutes on 2 CPU cores); demo: what `make demo` runs "
+                        "(about 7 minutes); quick: a smoke check of about 2 minutes that learns nothing")
+    p.add_argument("--quick", action="store_true", help="the same as --preset quick")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object on the last line")
     p.add_argument("--devices", type=int, default=1,
                    help="simulated CPU devices, mesh dp=N (default 1: on 2 cores 8 devices were no faster, "
-                        "2.0 vs 2.1 s per 256x16 step, and dp=8 would need batches divisible by 8)")
+                        "and dp=N needs batches divisible by N)")
     p.add_argument("--fresh", action="store_true", help="delete OUT first (default: reuse finished data and stages)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a Settings field (YAML value), e.g. --set l0=128 --set 'extension=[[4,60,4,1e-3]]'")
+                   help="override a Settings field (YAML value), e.g. --set l0=256 "
+                        "--set 'extension=[[4,1,200,16,1e-3]]' --set 'arms=[scaling-law,control]'")
     return p.parse_args(argv)
 
 
 def settings_from(args) -> Settings:
-    s = QUICK if args.quick else Settings()
+    s = PRESETS["quick" if args.quick else args.preset]
     for item in args.set:
         key, sep, raw = item.partition("=")
         if not sep or key not in {f.name for f in dataclasses.fields(Settings)}:
@@ -111,6 +134,11 @@ def settings_from(args) -> Settings:
         if isinstance(value, list):
             value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
         s = dataclasses.replace(s, **{key: value})
+    unknown = [a for a in s.arms if a not in ARMS]
+    if unknown or "control" not in s.arms:
+        sys.exit(f"mini_extension: arms={list(s.arms)} must be among {', '.join(ARMS)} and include control")
+    if any(len(e) != 5 for e in s.extension):
+        sys.exit("mini_extension: every extension stage is [target multiple, training multiple, steps, batch, lr]")
     return s
 
 
@@ -123,7 +151,7 @@ def say(message: str) -> None:
 
 def stage_lengths(s: Settings) -> list[int]:
     base = [int(round(f * s.l0)) for f, *_ in s.curriculum]
-    return sorted(set(base + [m * s.l0 for m, *_ in s.extension]))
+    return sorted(set(base + [t * s.l0 for _, t, *_ in s.extension]))
 
 
 def corpus_subset(sample: Path, out: Path, max_chars: int) -> Path:
@@ -154,7 +182,8 @@ def build_data(s: Settings, out: Path) -> tuple[Path, dict[int, Path]]:
     if not (sample / "sample.json").is_file():
         say("demo corpus and tokenizer (lwm-jax data sample)")
         shutil.rmtree(sample, ignore_errors=True)
-        build_sample(sample)
+        build_sample(sample, vocab_size=s.vocab_size, tokenizer=s.tokenizer,
+                     max_chars_per_source=max(s.corpus_chars, 1_000_000))
     corpus = out / "data" / "corpus.jsonl"
     if not corpus.is_file():
         corpus_subset(sample, corpus, s.corpus_chars)
@@ -172,7 +201,7 @@ def build_data(s: Settings, out: Path) -> tuple[Path, dict[int, Path]]:
             sentences = split_sentences(demo_haystack(NIAH_TRAIN_SKIP * 40 + 20 * longest))
         here = [c for c in s.curriculum if int(round(c[0] * s.l0)) == length]
         sequences = sum(st * b * r for _, st, b, _, r, _ in here)
-        sequences += sum(st * b * s.retrieval_share for m, st, b, _ in s.extension if m * s.l0 == length)
+        sequences += sum(st * b * s.retrieval_share for _, t, st, b, _ in s.extension if t * s.l0 == length)
         count = min(s.retrieval_docs, 16 + int(sequences / len(TASKS)))
         tick = time.time()
         docs = []
@@ -194,9 +223,10 @@ def build_data(s: Settings, out: Path) -> tuple[Path, dict[int, Path]]:
     return sample, prepared
 
 
-def data_weights(share: float, prepared: Path, copy: float = 0.0) -> dict[str, float]:
-    """Mixture weights: `share` split evenly over the tasks prepared at that length, `copy` to the
-    copy documents, the rest over the corpus sources by their token counts."""
+def data_weights(share: float, prepared: Path, copy: float = 0.0, niah: float = 0.5) -> dict[str, float]:
+    """Mixture weights: `share` split over the tasks prepared at that length (`niah` of it to NIAH
+    when both are), `copy` to the copy documents, the rest over the corpus sources by their token
+    counts."""
     sources = manifest.load_manifest(prepared)["sources"]
     corpus = {n: v["kept_tokens"] for n, v in sources.items() if n not in (*TASKS, "copy")}
     total = sum(corpus.values())
@@ -204,7 +234,8 @@ def data_weights(share: float, prepared: Path, copy: float = 0.0) -> dict[str, f
     share = share if tasks else 0.0
     copy = copy if "copy" in sources else 0.0
     weights = {n: (1 - share - copy) * t / total for n, t in corpus.items()}
-    weights.update({t: share / len(tasks) for t in tasks})
+    split = {"passkey": 1 - niah, "niah": niah} if len(tasks) == 2 else {t: 1.0 for t in tasks}
+    weights.update({t: share * split[t] for t in tasks})
     if copy:
         weights["copy"] = copy
     return {n: w for n, w in weights.items() if w > 0}
@@ -213,8 +244,9 @@ def data_weights(share: float, prepared: Path, copy: float = 0.0) -> dict[str, f
 # Training -----------------------------------------------------------------------------------------
 
 
-def model_dict(s: Settings, max_len: int) -> dict:
-    return {"vocab_size": 4096, "bos_token_id": 4091, "eos_token_id": [4092, 4095], "rms_norm_eps": 1e-5,
+def model_dict(s: Settings, max_len: int, info) -> dict:
+    vocab = -(-info.vocab_size // 64) * 64
+    return {"vocab_size": vocab, "bos_token_id": info.bos_id, "eos_token_id": [info.eos_id], "rms_norm_eps": 1e-5,
             "rope_theta": s.base_theta, "max_position_embeddings": max_len, "tie_word_embeddings": False,
             "dtype": "float32", "scan_layers": True, "remat": "none", "attention": "blockwise",
             "attention_block_size": 256, **s.model}
@@ -222,9 +254,12 @@ def model_dict(s: Settings, max_len: int) -> dict:
 
 def make_recipe(name: str, s: Settings, out: Path, stages: list[dict], devices: int, share: float, copy: float = 0.0,
                 packing: str = "continuous"):
+    from lwm_jax.data.tokenize import load_tokenizer_info
+
     data_dir = out / "data"
-    weights = data_weights(share, data_dir / f"prepared-{stages[0]['seq_len']}", copy)
-    raw = {"name": name, "model": model_dict(s, s.l0), "mesh": {"dp": devices}, "seed": 0, "loss_chunk": 1024,
+    weights = data_weights(share, data_dir / f"prepared-{stages[0]['seq_len']}", copy, s.niah_share)
+    info = load_tokenizer_info(data_dir / "sample" / "tokenizer")
+    raw = {"name": name, "model": model_dict(s, s.l0, info), "mesh": {"dp": devices}, "seed": 0, "loss_chunk": 1024,
            "stages": stages}
     recipe = from_dict(RecipeConfig, raw)
     data = DataConfig(paths=(str(data_dir / "prepared-{seq_len}"),), weights=weights, packing=packing)
@@ -261,9 +296,12 @@ def train_base(s: Settings, out: Path, devices: int) -> tuple[Path, list[dict]]:
 def arm_stages(s: Settings, rule: str | None, base_ckpt: Path) -> list[dict]:
     """An arm's extension stages: the same lengths, steps, batches and optimizer for every arm."""
     stages = []
-    for i, (mult, steps, batch, lr) in enumerate(s.extension):
-        theta = s.base_theta if rule in (None, "yarn") else rule
-        stages.append(stage(f"x{mult}", mult * s.l0, steps, batch, lr, theta,
+    from lwm_jax.model.rope import theta_for
+
+    for i, (mult, train_mult, steps, batch, lr) in enumerate(s.extension):
+        theta = s.base_theta if rule in (None, "yarn") else theta_for(rule, mult * s.l0, s.base_theta,
+                                                                        s.model["head_dim"], s.l0)
+        stages.append(stage(f"x{mult}", train_mult * s.l0, steps, batch, lr, theta,
                             f"ckpt:{base_ckpt}" if i == 0 else "previous"))
         if rule == "yarn":  # YaRN's factor is over the length the base was trained at
             stages[-1]["rope"] = {"type": "yarn", "factor": mult, "original_max_position_embeddings": s.l0}
@@ -285,65 +323,101 @@ def train_arm(s: Settings, out: Path, arm: str, rule: str | None, base_ckpt: Pat
 # Evaluation ---------------------------------------------------------------------------------------
 
 
-def evaluate(ckpt: Path, sample: Path, lengths: list[int], s: Settings, stacks) -> dict:
-    """Passkey and NIAH exact match (teacher-forced) per length: {"passkey": {len: score}, ...}."""
-    from lwm_jax.eval.niah import niah_eval
+def eval_lengths(s: Settings) -> list[int]:
+    """L0 and every extension stage's target length: where each checkpoint is scored."""
+    return [s.l0 * m for m in (1, *[m for m, *_ in s.extension])]
+
+
+def evaluate(ckpt: Path, sample: Path, s: Settings, stacks, heatmaps: Path) -> dict:
+    """Passkey and NIAH exact match (teacher-forced) at every eval length, `probes` per cell, with
+    Wilson 95% intervals; the grids and heatmaps (titled with model, stage, theta and lengths) are
+    written under `heatmaps`. {"scores": {task: {len: p}}, "intervals": {task: {len: [lo, hi]}}, ...}"""
+    from lwm_jax.eval.niah import niah_eval, write_results
     from lwm_jax.eval.passkey import passkey_eval
+    from lwm_jax.eval.reports import checkpoint_title
     from lwm_jax.eval.scoring import setup_probes
 
+    lengths = eval_lengths(s)
     p = setup_probes(str(ckpt), str(sample / "tokenizer"), max_length=max(lengths), lengths=lengths,
                      attention="blockwise")
     common = dict(lengths=lengths, depths=list(s.eval_depths), samples=s.eval_samples, seed=EVAL_SEED,
                   bos_id=p.info.bos_id)
-    passkey = passkey_eval(p.logits_fn, p.tokenizer, **common)
-    niah = niah_eval(p.logits_fn, p.tokenizer, haystacks=stacks, **common)
-    return {"passkey": {int(k): v for k, v in passkey["by_length"].items()},
-            "niah": {int(k): v for k, v in niah["by_length"].items()}}
+    grids = {"passkey": passkey_eval(p.logits_fn, p.tokenizer, **common),
+             "niah": niah_eval(p.logits_fn, p.tokenizer, haystacks=stacks, **common)}
+    for task, grid in grids.items():
+        write_results(grid, heatmaps, task, checkpoint_title(task, str(ckpt), p.meta, lengths), heatmap=True)
+    return {"scores": {t: {int(k): v for k, v in g["by_length"].items()} for t, g in grids.items()},
+            "intervals": {t: {int(k): list(v["interval"]) for k, v in g["interval_by_length"].items()}
+                          for t, g in grids.items()},
+            "probes": len(s.eval_depths) * s.eval_samples, "heatmaps": str(heatmaps)}
 
 
 def position_loss(ckpt: Path, tokens, s: Settings) -> dict:
-    """Mean next-token NLL on demo-corpus text in position buckets [0, L0), [L0, 4 L0), [4 L0, 16 L0)."""
+    """Mean next-token NLL on demo-corpus text in position buckets ending at each eval length."""
     from lwm_jax.eval.perplexity import nll_by_position
     from lwm_jax.model.store import load_model
 
     model, _ = load_model(str(ckpt), attention="blockwise")
-    edges = [0, *[m * s.l0 for m in (1, *[m for m, *_ in s.extension])]]
-    result = nll_by_position(model, tokens, edges)
+    result = nll_by_position(model, tokens, [0, *eval_lengths(s)])
     return {int(b["end"]): b["mean_nll"] for b in result["buckets"]}
 
 
+def claim(results: dict, s: Settings, raised: str = "scaling-law") -> dict:
+    """The claim in numbers: the base at L0, and the raised-theta arm against the control, each
+    extension stage scored at its own target length (null for a stage not run)."""
+    out = {"L0": s.l0, "probes_per_cell": len(s.eval_depths) * s.eval_samples, "raised_arm": raised}
+    for task in TASKS:
+        row = {"base": {"1x": results["base"]["scores"][task][s.l0]}}
+        for name, arm in (("raised", raised), ("control", "control")):
+            stages = results["arms"].get(arm, {}).get("stages", {})
+            row[name] = {f"{m}x": stages[f"x{m}"]["scores"][task][m * s.l0] if f"x{m}" in stages else None
+                         for m in (4, 16)}
+        out[task] = row
+    return out
+
+
+STYLES = {"scaling-law": ("#0CD79F", "o"), "ntk": ("#EBB839", "s"), "control": ("#F0496E", "^"),
+          "yarn": ("#3F6FD8", "D")}
+
+
+def _errorbar(ax, lengths, scores, intervals, **style):
+    """Accuracy by length with its Wilson 95% interval as error bars."""
+    ys = [scores[n] for n in lengths]
+    lo = [scores[n] - intervals[n][0] for n in lengths]
+    hi = [intervals[n][1] - scores[n] for n in lengths]
+    ax.errorbar(lengths, ys, yerr=[lo, hi], capsize=3, **style)
+
+
 def plot(results: dict, s: Settings, path: Path) -> Path:
+    """Passkey and NIAH accuracy by length (each arm after each stage, 95% error bars) and the
+    demo-corpus loss by position."""
     plt = pyplot()
-    lengths = [s.l0 * m for m in (1, *[m for m, *_ in s.extension])]
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.4))
-    styles = {"scaling-law": ("#0CD79F", "o"), "ntk": ("#EBB839", "s"), "control": ("#F0496E", "^"),
-              "yarn": ("#3F6FD8", "D")}
+    lengths = eval_lengths(s)
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
     for ax, task in zip(axes, TASKS):
-        base = results["base"]["scores"][task]
-        ax.plot(lengths, [base[n] for n in lengths], color="grey", linestyle=":", marker="x",
-                label=f"base (trained at {s.l0})")
-        for arm, _ in ARMS:
-            color, marker = styles[arm]
-            final = results["arms"][arm]["final"][task]
-            ax.plot(lengths, [final[n] for n in lengths], color=color, marker=marker,
-                    label=f"{arm} (after {lengths[-1]:,})")
-            staged = [results["arms"][arm]["stages"][f"x{m}"]["scores"][task][m * s.l0] for m, *_ in s.extension]
-            ax.plot(lengths[1:], staged, color=color, linestyle="--", marker=marker, alpha=0.5, markerfacecolor="none",
-                    label=f"{arm} (each stage at its length)")
+        base = results["base"]
+        _errorbar(ax, lengths, base["scores"][task], base["intervals"][task], color="grey", linestyle=":",
+                  marker="x", label=f"base (trained at {s.l0})")
+        for arm in s.arms:
+            color, marker = STYLES[arm]
+            for k, (name, st) in enumerate(results["arms"][arm]["stages"].items()):
+                _errorbar(ax, lengths, st["scores"][task], st["intervals"][task], color=color, marker=marker,
+                          linestyle="-" if k == len(s.extension) - 1 else "--", alpha=1.0 if k else 0.6,
+                          label=f"{arm} {name} (theta {st['rope_theta']:,.0f}, trained at {st['seq_len']:,})")
         ax.set_xscale("log", base=2)
         ax.set_xticks(lengths, [short_length(n) for n in lengths])
         ax.set_ylim(-0.03, 1.03)
         ax.set_xlabel("context length (tokens)")
-        ax.set_title(f"{task} exact match")
+        ax.set_title(f"{task} exact match ({results['probes_per_cell']} probes per point, 95% Wilson)")
         ax.grid(True, alpha=0.3)
     axes[0].set_ylabel("accuracy")
-    axes[1].legend(fontsize=7, loc="center right")
+    axes[1].legend(fontsize=6, loc="lower left")
     ax = axes[2]
-    names = [("base", "grey", "x", ":")] + [(f"{arm} x{s.extension[-1][0]}", styles[arm][0], styles[arm][1], "-")
-                                            for arm, _ in ARMS]
-    for name, color, marker, line in names:
-        loss = results["position_loss"][name]
-        ax.plot(lengths, [loss[n] for n in lengths], color=color, marker=marker, linestyle=line, label=name)
+    for name, loss in results["position_loss"].items():
+        arm = name.split()[0]
+        color, marker = STYLES.get(arm, ("grey", "x"))
+        ax.plot(lengths, [loss[n] for n in lengths], color=color, marker=marker,
+                linestyle=":" if name == "base" else "-", label=name)
     ax.set_xscale("log", base=2)
     ax.set_xticks(lengths, [f"<{short_length(n)}" for n in lengths])
     ax.set_xlabel("position bucket (tokens)")
@@ -352,7 +426,7 @@ def plot(results: dict, s: Settings, path: Path) -> Path:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
     fig.suptitle(f"Miniature context extension: base at {s.l0} tokens, theta {s.base_theta:,.0f}, "
-                 f"head_dim {s.model['head_dim']}")
+                 f"head_dim {s.model['head_dim']}; each stage trains at a quarter of the length it targets")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -360,35 +434,29 @@ def plot(results: dict, s: Settings, path: Path) -> Path:
 
 
 def table(results: dict, s: Settings) -> list[str]:
-    lengths = [s.l0 * m for m in (1, *[m for m, *_ in s.extension])]
-    head = "".join(f"{'pk@' + str(n):>9}" for n in lengths) + "".join(f"{'niah@' + str(n):>11}" for n in lengths)
-    lines = [f"{'model':<24}{'theta':>14}{head}"]
+    """One row per checkpoint: theta, trained length, then exact match [95% interval] per task and length."""
+    lengths = eval_lengths(s)
+    head = "".join(f"{f'{t}@{short_length(n)}':>15}" for t in ("pk", "niah") for n in lengths)
+    lines = [f"{'model':<18}{'theta':>12}{'trained':>8}{head}"]
 
-    def row(name: str, theta: float, scores: dict) -> str:
-        cells = "".join(f"{scores['passkey'][n]:>9.0%}" for n in lengths)
-        cells += "".join(f"{scores['niah'][n]:>11.0%}" for n in lengths)
-        return f"{name:<24}{theta:>14,.0f}{cells}"
+    def row(name: str, theta: float, trained: int, ev: dict) -> str:
+        cells = ""
+        for task in TASKS:
+            for n in lengths:
+                lo, hi = ev["intervals"][task][n]
+                cells += f"{ev['scores'][task][n]:>6.0%} [{100 * lo:>2.0f}-{100 * hi:>3.0f}]"
+        return f"{name:<18}{theta:>12,.0f}{trained:>8,}{cells}"
 
-    lines.append(row("base", s.base_theta, results["base"]["scores"]))
-    for arm, _ in ARMS:
+    lines.append(row("base", s.base_theta, s.l0, results["base"]))
+    for arm in s.arms:
         for name, st in results["arms"][arm]["stages"].items():
-            lines.append(row(f"{arm} {name}", st["rope_theta"], st["scores"]))
+            lines.append(row(f"{arm} {name}", st["rope_theta"], st["seq_len"], st))
     return lines
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    s = settings_from(args)
+def run(s: Settings, out: Path, devices: int = 1) -> dict:
+    """The whole miniature in OUT (data, base, arms, evaluation, figure, claim.json); its results."""
     started = time.time()
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    # --devices decides, not an inherited --xla_force_host_platform_device_count (pytest sets 8).
-    os.environ["XLA_FLAGS"] = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f)
-    import jax
-
-    jax.config.update("jax_num_cpu_devices", args.devices)
-    out = Path(args.out).resolve()
-    if args.fresh:
-        shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     (out / "settings.json").write_text(json.dumps(dataclasses.asdict(s), indent=1) + "\n")
     timings = {}
@@ -398,60 +466,70 @@ def main(argv=None) -> int:
     timings["data_s"] = time.time() - tick
 
     tick = time.time()
-    base_ckpt, base_summaries = train_base(s, out, args.devices)
+    base_ckpt, base_summaries = train_base(s, out, devices)
     timings["base_s"] = time.time() - tick
 
     from lwm_jax.data.tokenize import get_tokenizer, load_tokenizer_info
     from lwm_jax.eval.niah import load_haystacks
 
     tokenizer = get_tokenizer(load_tokenizer_info(sample / "tokenizer").tokenizer_file)
-    lengths = [s.l0 * m for m in (1, *[m for m, *_ in s.extension])]
+    lengths = eval_lengths(s)
     stacks = load_haystacks(None, tokenizer, max(lengths))
     tick = time.time()
     say(f"evaluating base at {lengths}")
     results = {"settings": dataclasses.asdict(s), "lengths": lengths,
-               "base": {"summaries": base_summaries, "scores": evaluate(base_ckpt, sample, lengths, s, stacks)},
+               "probes_per_cell": len(s.eval_depths) * s.eval_samples,
+               "base": {"summaries": base_summaries, **evaluate(base_ckpt, sample, s, stacks, out / "eval" / "base")},
                "arms": {}}
     timings["eval_s"] = time.time() - tick
     timings["extension_s"] = 0.0
-    for arm, rule in ARMS:
+    for arm in s.arms:
         tick = time.time()
-        summaries = train_arm(s, out, arm, rule, base_ckpt, args.devices)
+        summaries = train_arm(s, out, arm, ARMS[arm], base_ckpt, devices)
         timings["extension_s"] += time.time() - tick
         tick = time.time()
         stages = {}
         for summary in summaries:
-            ckpt = out / f"arm-{arm}" / "stages" / summary["stage"] / "checkpoints"
-            say(f"evaluating {arm} {summary['stage']}")
-            stages[summary["stage"]] = {"rope_theta": summary["rope_theta"], "seq_len": summary["seq_len"],
-                                        "final_loss": summary["final_loss"],
-                                        "scores": evaluate(ckpt, sample, lengths, s, stacks)}
+            name = summary["stage"]
+            ckpt = out / f"arm-{arm}" / "stages" / name / "checkpoints"
+            say(f"evaluating {arm} {name}")
+            stages[name] = {"rope_theta": summary["rope_theta"], "seq_len": summary["seq_len"],
+                            "final_loss": summary["final_loss"],
+                            **evaluate(ckpt, sample, s, stacks, out / "eval" / f"{arm}-{name}")}
         timings["eval_s"] += time.time() - tick
         results["arms"][arm] = {"stages": stages, "final": stages[summaries[-1]["stage"]]["scores"]}
     tick = time.time()
     from lwm_jax.eval.perplexity import load_eval_data
 
-    sequences = 4 if args.quick else 8
-    say(f"loss by position on {sequences} demo-corpus sequences of {lengths[-1]:,} tokens")
-    tokens = load_eval_data([str(out / "data" / "corpus.jsonl")], lengths[-1], sequences, 4096,
-                            str(sample / "tokenizer"))
+    say(f"loss by position on {s.position_loss_sequences} demo-corpus sequences of {lengths[-1]:,} tokens")
+    tokens = load_eval_data([str(out / "data" / "corpus.jsonl")], lengths[-1], s.position_loss_sequences,
+                            s.vocab_size, str(sample / "tokenizer"))
     last = f"x{s.extension[-1][0]}"
-    results["position_loss_sequences"] = sequences
+    results["position_loss_sequences"] = s.position_loss_sequences
     results["position_loss"] = {"base": position_loss(base_ckpt, tokens, s)}
-    for arm, _ in ARMS:
+    for arm in s.arms:
         results["position_loss"][f"{arm} {last}"] = position_loss(
             out / f"arm-{arm}" / "stages" / last / "checkpoints", tokens, s)
     timings["eval_s"] += time.time() - tick
     timings["total_s"] = time.time() - started
     results["timings"] = timings
+    results["claim"] = claim(results, s)
+    (out / "claim.json").write_text(json.dumps(results["claim"], indent=1) + "\n")
     results["png"] = str(plot(results, s, out / "mini_extension.png"))
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    return results
 
-    print(f"Miniature context extension: base trained at {s.l0} tokens (theta {s.base_theta:,.0f}), "
-          f"extended to {', '.join(str(m * s.l0) for m, *_ in s.extension)} tokens per arm")
-    print("passkey (pk) and NIAH exact match (teacher-forced), each checkpoint at each length")
+
+def report(results: dict, s: Settings, out: Path) -> None:
+    """The tables on stdout."""
+    timings = results["timings"]
+    print(f"Miniature context extension: base trained at {s.l0} tokens (theta {s.base_theta:,.0f}); "
+          + "; ".join(f"stage x{m} trains at {t * s.l0:,} tokens" for m, t, *_ in s.extension))
+    print(f"passkey (pk) and NIAH exact match (teacher-forced), {results['probes_per_cell']} probes per cell, "
+          "[95% Wilson interval]")
     for line in table(results, s):
         print(line)
+    lengths = results["lengths"]
     print(f"mean NLL on demo-corpus text by position bucket ({results['position_loss_sequences']} sequences of "
           f"{lengths[-1]:,} tokens)")
     edges = [0, *lengths]
@@ -460,7 +538,28 @@ def main(argv=None) -> int:
         print(f"{name:<24}" + "".join(f"{loss[n]:>14.3f}" for n in lengths))
     print(f"time: data {timings['data_s']:.0f} s, base {timings['base_s']:.0f} s, extension "
           f"{timings['extension_s']:.0f} s, eval {timings['eval_s']:.0f} s, total {timings['total_s']:.0f} s")
-    print(f"figure: {results['png']}; results: {out / 'results.json'}")
+    print(f"figure: {results['png']}; heatmaps: {out / 'eval'}; results: {out / 'results.json'}; "
+          f"claim: {out / 'claim.json'}")
+
+
+def configure_jax(devices: int) -> None:
+    """`devices` simulated CPU devices, whatever XLA_FLAGS the caller inherited (pytest sets 8)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ["XLA_FLAGS"] = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f)
+    import jax
+
+    jax.config.update("jax_num_cpu_devices", devices)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    s = settings_from(args)
+    configure_jax(args.devices)
+    out = Path(args.out).resolve()
+    if args.fresh:
+        shutil.rmtree(out, ignore_errors=True)
+    results = run(s, out, args.devices)
+    report(results, s, out)
     if args.json:
         print(json.dumps(results))
     return 0

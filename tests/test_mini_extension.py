@@ -1,5 +1,6 @@
-"""Smoke test of `scripts/mini_extension.py --quick`: the whole miniature extension (data, base,
-three arms, passkey and NIAH evaluation, figure) runs and reports every arm at every length."""
+"""`scripts/mini_extension.py`: the quick run (data, base, four arms, passkey and NIAH with
+intervals, heatmaps, figure, claim.json) reports every arm at every length; each arm's stages aim
+its rule at the stage's target and train at a quarter of it; the claim reads each stage at its target."""
 
 import importlib.util
 import json
@@ -15,7 +16,7 @@ ARMS = ("scaling-law", "ntk", "yarn", "control")
 TASKS = ("passkey", "niah")
 
 
-@pytest.mark.slow  # about 3 minutes on 2 CPU cores
+@pytest.mark.slow  # about 2 minutes on 2 CPU cores
 def test_quick_run_reports_every_arm_and_length(tmp_path):
     out = tmp_path / "mini"
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "mini_extension.py"), "--quick", "--json",
@@ -26,24 +27,33 @@ def test_quick_run_reports_every_arm_and_length(tmp_path):
     l0 = result["settings"]["l0"]
     assert lengths == [l0, 4 * l0, 16 * l0]
     assert set(result["arms"]) == set(ARMS)
+    probes = result["probes_per_cell"]
     for task in TASKS:
         assert set(result["base"]["scores"][task]) == {str(n) for n in lengths}
     thetas = {}
     for arm in ARMS:
         stages = result["arms"][arm]["stages"]
         assert list(stages) == ["x4", "x16"]
+        assert [st["seq_len"] for st in stages.values()] == [l0, 4 * l0]  # a quarter of each target
         for stage in stages.values():
             for task in TASKS:
-                scores = stage["scores"][task]
-                assert set(scores) == {str(n) for n in lengths}
-                assert all(0.0 <= v <= 1.0 for v in scores.values())
+                scores, intervals = stage["scores"][task], stage["intervals"][task]
+                assert set(scores) == set(intervals) == {str(n) for n in lengths}
+                for n, p in scores.items():
+                    lo, hi = intervals[n]
+                    assert 0.0 <= lo <= p <= hi <= 1.0 and round(p * probes) == pytest.approx(p * probes)
+            heatmap = Path(stage["heatmaps"]) / "niah.json"
+            assert json.loads(heatmap.read_text())["task"] == "niah"
         thetas[arm] = [stages[name]["rope_theta"] for name in ("x4", "x16")]
     base = result["settings"]["base_theta"]
-    assert thetas["control"] == [base, base]
+    assert thetas["control"] == [base, base] and thetas["yarn"] == [base, base]
     assert base < thetas["ntk"][0] < thetas["scaling-law"][0]  # NTK raises theta less than the scaling law
     assert thetas["ntk"][0] < thetas["ntk"][1] and thetas["scaling-law"][0] < thetas["scaling-law"][1]
     assert (out / "mini_extension.png").stat().st_size > 10_000
-    assert json.loads((out / "results.json").read_text())["arms"].keys() == set(ARMS)
+    claim = json.loads((out / "claim.json").read_text())
+    assert claim["L0"] == l0 and claim["probes_per_cell"] == probes
+    assert claim["passkey"]["raised"]["4x"] == result["arms"]["scaling-law"]["stages"]["x4"]["scores"]["passkey"][
+        str(4 * l0)]
     table = proc.stdout
     for arm in ARMS:
         assert f"{arm} x4" in table and f"{arm} x16" in table
@@ -80,6 +90,7 @@ def test_copy_documents_repeat_a_run_of_digit_tokens(tmp_path, llama3_tokenizer)
 
 
 def test_data_weights_split_retrieval_copy_and_corpus(monkeypatch):
+    """Corpus sources by token count, retrieval split by `niah`, copy as given."""
     import lwm_jax.data.manifest
 
     sources = {"code": {"kept_tokens": 300}, "docs": {"kept_tokens": 100}, "passkey": {"kept_tokens": 5},
@@ -89,6 +100,40 @@ def test_data_weights_split_retrieval_copy_and_corpus(monkeypatch):
     weights = module.data_weights(0.5, Path("unused"), copy=0.3)
     assert weights == pytest.approx({"code": 0.15, "docs": 0.05, "passkey": 0.25, "niah": 0.25, "copy": 0.3})
     assert module.data_weights(0.0, Path("unused"), copy=1.0) == {"copy": 1.0}
+    assert module.data_weights(0.5, Path("unused"), copy=0.3, niah=0.8) == pytest.approx(
+        {"code": 0.15, "docs": 0.05, "passkey": 0.1, "niah": 0.4, "copy": 0.3})
     del sources["copy"]  # a length without copy documents gives their share to the corpus
     assert module.data_weights(0.5, Path("unused"), copy=0.3) == pytest.approx(
         {"code": 0.375, "docs": 0.125, "passkey": 0.25, "niah": 0.25})
+
+
+def test_arm_stages_aim_each_rule_at_its_target_and_train_at_a_quarter():
+    from lwm_jax.model.rope import theta_for
+
+    module = _script()
+    s = module.PRESETS["default"]
+    d = s.model["head_dim"]
+    for arm, rule in module.ARMS.items():
+        stages = module.arm_stages(s, rule, Path("/base"))
+        assert [st["name"] for st in stages] == [f"x{m}" for m, *_ in s.extension]
+        assert [st["seq_len"] for st in stages] == [t * s.l0 for _, t, *_ in s.extension]
+        assert stages[0]["init_from"] == "ckpt:/base" and stages[1]["init_from"] == "previous"
+        for st, (m, *_rest) in zip(stages, s.extension):
+            expected = s.base_theta if rule in (None, "yarn") else theta_for(rule, m * s.l0, s.base_theta, d, s.l0)
+            assert float(st["rope_theta"]) == pytest.approx(expected)
+            assert ("rope" in st) == (arm == "yarn")
+            if arm == "yarn":
+                assert st["rope"] == {"type": "yarn", "factor": m, "original_max_position_embeddings": s.l0}
+
+
+def test_claim_takes_each_stage_at_its_own_target_length():
+    module = _script()
+    s = module.PRESETS["demo"]
+    ev = lambda p4: {"scores": {t: {s.l0: 0.95, 4 * s.l0: p4} for t in TASKS}}
+    results = {"base": ev(0.05), "arms": {"scaling-law": {"stages": {"x4": ev(0.9)}},
+                                          "control": {"stages": {"x4": ev(0.1)}}}}
+    claim = module.claim(results, s)
+    assert claim["L0"] == s.l0 and claim["probes_per_cell"] == len(s.eval_depths) * s.eval_samples == 40
+    for task in TASKS:
+        assert claim[task] == {"base": {"1x": 0.95}, "raised": {"4x": 0.9, "16x": None},
+                               "control": {"4x": 0.1, "16x": None}}

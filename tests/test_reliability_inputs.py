@@ -267,8 +267,8 @@ def _readme_block(after: str) -> str:
     return readme[start:readme.index("```", start)]
 
 
-def test_readme_prepares_what_the_demo_recipe_reads():
-    block = _readme_block("The demo's steps by hand")
+def test_readme_prepares_what_the_cpu_recipe_reads():
+    block = _readme_block("The 8-device CPU recipe by hand")
     recipe = yaml.safe_load((ROOT / "configs/recipes/demo_cpu.yaml").read_text())
     loop = re.search(r"for n in ([\d ]+); do", block).group(1).split()
     assert sorted(map(int, loop)) == sorted(s["seq_len"] for s in recipe["stages"])
