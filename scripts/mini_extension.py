@@ -197,8 +197,9 @@ def build_data(s: Settings, out: Path) -> tuple[Path, dict[int, Path]]:
         prepared[length] = target
         if (target / "manifest.json").is_file():
             continue
-        if sentences is None:
-            sentences = split_sentences(demo_haystack(NIAH_TRAIN_SKIP * 40 + 20 * longest))
+        if sentences is None:  # one pool for every run whose stages stay within 8 x L0: the demo and the
+            # default run then draw the same base documents (NIAH is learnt late, and not from every draw)
+            sentences = split_sentences(demo_haystack(NIAH_TRAIN_SKIP * 40 + 20 * max(longest, 8 * s.l0)))
         here = [c for c in s.curriculum if int(round(c[0] * s.l0)) == length]
         sequences = sum(st * b * r for _, st, b, _, r, _ in here)
         sequences += sum(st * b * s.retrieval_share for _, t, st, b, _ in s.extension if t * s.l0 == length)

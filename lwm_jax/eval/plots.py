@@ -4,6 +4,7 @@ style of the seed model's card, accuracy by length, loss by position and the the
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -53,7 +54,7 @@ def niah_heatmap(cells: list[dict], path: str | Path, title: str, key: str = "sc
     ax.set_yticks(range(len(depths)), [f"{100 * d:g}" for d in depths] if ykey == "depth" else depths)
     ax.set_xlabel("Context length (tokens)")
     ax.set_ylabel("Depth percent" if ykey == "depth" else ykey.capitalize())
-    ax.set_title(title)
+    ax.set_title("\n".join(textwrap.wrap(title, 64)), fontsize=10)  # long titles (model, stage, theta) wrap
     fig.colorbar(image, ax=ax, label="Score")
     fig.tight_layout()
     path = Path(path)
