@@ -271,8 +271,8 @@ def test_mini_extension_yarn_arm_has_the_other_arms_data_and_steps(tmp_path):
         sys.modules["mini_extension"] = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(sys.modules["mini_extension"])
     script = sys.modules["mini_extension"]
-    s = script.QUICK
-    arms = {name: script.arm_stages(s, rule, tmp_path / "base") for name, rule in script.ARMS}
+    s = script.PRESETS["quick"]
+    arms = {name: script.arm_stages(s, rule, tmp_path / "base") for name, rule in script.ARMS.items()}
     assert "yarn" in arms
     shape = lambda st: [(x["seq_len"], x["steps"], x["batch_size"], x["optimizer"]) for x in st]
     assert all(shape(stages) == shape(arms["control"]) for stages in arms.values())
