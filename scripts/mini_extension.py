@@ -498,7 +498,7 @@ def run(s: Settings, out: Path, devices: int = 1) -> dict:
                             "final_loss": summary["final_loss"],
                             **evaluate(ckpt, sample, s, stacks, out / "eval" / f"{arm}-{name}")}
         timings["eval_s"] += time.time() - tick
-        results["arms"][arm] = {"stages": stages, "final": stages[summaries[-1]["stage"]]["scores"]}
+        results["arms"][arm] = {"stages": stages}
     tick = time.time()
     from lwm_jax.eval.perplexity import load_eval_data
 

@@ -6,6 +6,7 @@ from docstrings), and a byte-level BPE tokenizer trained on it with Llama-3's sp
 from __future__ import annotations
 
 import ast
+import collections
 import hashlib
 import json
 import os
@@ -152,11 +153,15 @@ def _train_tokenizer(texts: list[str], vocab_size: int):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer)
     tok.add_special_tokens(list(SPECIAL_TOKENS))  # ids after the BPE vocabulary, as in Llama-3
-    tok.post_processor = processors.Sequence([
-        processors.ByteLevel(trim_offsets=False),
-        processors.TemplateProcessing(single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A <|begin_of_text|> $B",
-                                      special_tokens=[("<|begin_of_text|>", tok.token_to_id("<|begin_of_text|>"))])])
+    tok.post_processor = processors.Sequence([processors.ByteLevel(trim_offsets=False), _bos_first(tok)])
     return tok
+
+
+def _bos_first(tok) -> processors.TemplateProcessing:
+    """The post-processor that puts BOS before each sequence, as Llama-3's does."""
+    bos = SPECIAL_TOKENS[0]
+    return processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                         special_tokens=[(bos, tok.token_to_id(bos))])
 
 
 def task_tokenizer(texts: list[str], vocab_size: int):
@@ -173,10 +178,7 @@ def task_tokenizer(texts: list[str], vocab_size: int):
     words = lambda text: [w for w, _ in split.pre_tokenize_str(text)]
     numbers = [str(d) for d in range(10)] + [f"{d:02d}" for d in range(100)]
     vocab = {w: None for w in numbers + words(template_text())}
-    counts: dict[str, int] = {}
-    for text in texts:
-        for w in words(text):
-            counts[w] = counts.get(w, 0) + 1
+    counts = collections.Counter(w for text in texts for w in words(text))
     room = vocab_size - len(SPECIAL_TOKENS) - 1 - len(vocab)
     if room < 0:
         raise UserError(f"vocab_size={vocab_size} is too small for the task tokenizer (needs at least "
@@ -187,9 +189,7 @@ def task_tokenizer(texts: list[str], vocab_size: int):
     tok = Tokenizer(models.WordLevel(ids, unk_token="<unk>"))
     tok.pre_tokenizer = split
     tok.add_special_tokens(list(SPECIAL_TOKENS))
-    tok.post_processor = processors.TemplateProcessing(
-        single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A <|begin_of_text|> $B",
-        special_tokens=[("<|begin_of_text|>", tok.token_to_id("<|begin_of_text|>"))])
+    tok.post_processor = _bos_first(tok)
     return tok
 
 

@@ -37,7 +37,7 @@ def checkpoint_title(task: str, ckpt: str, meta: dict, lengths: Sequence[int]) -
     parts = [f"{task}: {meta.get('recipe') or _name(ckpt)}"]
     if meta.get("stage"):
         parts[0] += f" stage {meta['stage']}"
-    theta = meta.get("rope_theta", meta.get("model", {}).get("rope_theta"))
+    theta = meta.get("rope_theta")  # `model_metadata` writes it beside the config
     if theta is not None:
         parts.append(f"theta {theta:,.0f}" if theta < 1e7 else f"theta {theta:.3g}")
     trained = meta.get("seq_len") or meta.get("max_position_embeddings")
