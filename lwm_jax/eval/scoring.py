@@ -19,7 +19,8 @@ from lwm_jax.errors import UserError
 from lwm_jax.eval.probes import ChatWrap, Probe, chat_wrap_for
 from lwm_jax.generate import generate
 from lwm_jax.model.context import check_context
-from lwm_jax.model.store import load_model, read_metadata
+from lwm_jax.model.rope import length_temperature, with_attention_temperature
+from lwm_jax.model.store import load_model, merge_params, read_metadata
 from lwm_jax.progress import progress
 
 # `logits_fn(ids: int32 [seq]) -> float [k, vocab]`: logits of the last k positions (any k >= 1;
@@ -39,6 +40,26 @@ def score_teacher_forced(logits_fn: LogitsFn, probe: Probe) -> tuple[float, floa
     predicted = logits[-(n + 1):-1].argmax(axis=-1)
     hits = predicted == np.asarray(probe.answer_ids)
     return float(hits.all()), float(hits.mean())
+
+
+class LengthTempered:
+    """A `logits_fn` that scores each sequence with `model`'s weights at the log-n attention
+    temperature of the nearest of `lengths` (`lwm_jax.model.rope.length_temperature` over the
+    model's trained length): the same weights, only cos/sin scaled, 1 within the trained length."""
+
+    def __init__(self, model, lengths, mesh=None, tail: int = 32, max_length: int | None = None):
+        cfg = model.config
+        params = nnx.to_pure_dict(nnx.state(model))
+        self.scales = {n: length_temperature(n, cfg.max_position_embeddings) for n in lengths}
+        self.fns = {n: ModelLogits(merge_params(with_attention_temperature(cfg, s), params) if s != 1.0 else model,
+                                   mesh, tail, max_length) for n, s in self.scales.items()}
+
+    def ensure_tail(self, rows: int) -> None:
+        for fn in self.fns.values():
+            fn.ensure_tail(rows)
+
+    def __call__(self, ids: np.ndarray) -> np.ndarray:
+        return self.fns[min(self.fns, key=lambda n: abs(n - len(ids)))](ids)
 
 
 def generate_fn_for(model, mesh, stop_ids) -> Callable[[np.ndarray, int], list[int]]:

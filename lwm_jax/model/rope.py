@@ -11,6 +11,7 @@ frequencies and, for YaRN, multiplies cos/sin by the attention factor, so every 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 
@@ -130,6 +131,35 @@ def attention_factor(scaling: RopeScaling | None) -> float:
     if scaling.mscale and scaling.mscale_all_dim:
         return mscale(scaling.factor, scaling.mscale) / mscale(scaling.factor, scaling.mscale_all_dim)
     return mscale(scaling.factor)
+
+
+def length_temperature(length: int, trained: int) -> float:
+    """The cos/sin factor of the log-n attention temperature: attention logits times
+    ln(length) / ln(trained) past the trained length, 1 within it. A query's softmax over n keys
+    flattens as n grows; scaling its logits by ln n keeps it as sharp as at the trained length
+    (Chiang & Cholak 2022; YaRN's 0.1 ln(s) + 1 on cos/sin is a fit of the same)."""
+    if trained < 2 or length < 1:
+        raise UserError(f"length={length} must be >= 1 and trained={trained} >= 2")
+    return math.sqrt(max(1.0, math.log(length) / math.log(trained)))
+
+
+def with_attention_temperature(config: ModelConfig, scale: float) -> ModelConfig:
+    """`config` with cos/sin multiplied by `scale` more (attention logits by `scale` squared), the
+    frequencies unchanged: YaRN's attention factor alone (factor 1) for RoPE without scaling, a YaRN
+    model's own attention factor times `scale`; a UserError for the other scaling types."""
+    if not (scale > 0 and math.isfinite(scale)):
+        raise UserError(f"attention temperature scale={scale} must be a positive number")
+    scaling = config.rope_scaling
+    if scale == 1.0:
+        return config
+    if scaling is None:
+        return config.replace(rope_scaling=RopeScaling(rope_type="yarn", factor=1.0, attention_factor=scale,
+                                                       original_max_position_embeddings=config.max_position_embeddings))
+    if scaling.rope_type == "yarn":
+        factor = attention_factor(scaling) * scale
+        return config.replace(rope_scaling=dataclasses.replace(scaling, attention_factor=factor))
+    raise UserError(f"an attention temperature needs RoPE without scaling or with YaRN, not rope_type "
+                    f"{scaling.rope_type!r}")
 
 
 def _mulhi_u32(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
