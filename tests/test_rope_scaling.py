@@ -280,3 +280,56 @@ def test_mini_extension_yarn_arm_has_the_other_arms_data_and_steps(tmp_path):
     assert [r["factor"] for r in ropes] == [m for m, *_ in s.extension]
     assert all(r["type"] == "yarn" and r["original_max_position_embeddings"] == s.l0 for r in ropes)
     assert all(st["rope_theta"] == str(s.base_theta) for st in arms["yarn"])
+
+
+def test_length_temperature_is_log_n_past_the_trained_length():
+    from lwm_jax.model.rope import length_temperature
+
+    assert length_temperature(64, 128) == length_temperature(128, 128) == 1.0
+    assert length_temperature(512, 128) ** 2 == pytest.approx(9 / 7, rel=1e-12)  # ln 512 / ln 128
+    assert length_temperature(2048, 512) ** 2 == pytest.approx(11 / 9, rel=1e-12)
+    with pytest.raises(UserError):
+        length_temperature(512, 1)
+
+
+@pytest.mark.parametrize("method", [None, "yarn-mscale", "linear"])
+def test_attention_temperature_scales_the_logits_as_scaled_queries_do(tmp_path, method):
+    """cos/sin times s is q.k times s^2: the same model with q_proj times s^2 is the oracle (RoPE
+    is linear in q, Llama has no q/k norm); only YaRN or no scaling can carry it."""
+    from lwm_jax.model.rope import model_inv_frequencies, model_rope_scale, with_attention_temperature
+
+    scaling = dict(METHODS[method]) if method else None
+    make_hf_llama(tmp_path, rope_theta=THETA, rope_scaling=scaling, max_position_embeddings=SEQ)
+    model = import_hf(tmp_path)
+    scale = 1.2
+    if method == "linear":
+        with pytest.raises(UserError, match="rope_type 'linear'"):
+            with_attention_temperature(model.config, scale)
+        return
+    config = with_attention_temperature(model.config, scale)
+    np.testing.assert_array_equal(model_inv_frequencies(config), model_inv_frequencies(model.config))
+    assert model_rope_scale(config) == pytest.approx(scale * model_rope_scale(model.config), rel=1e-12)
+    params = _params(model)
+    tokens = _tokens()
+    tempered = _ours(merge_params(config, params), tokens)
+    params["layers"]["self_attn"]["q_proj"] = params["layers"]["self_attn"]["q_proj"] * scale**2
+    oracle = _ours(merge_params(model.config, params), tokens)
+    assert np.abs(tempered - oracle).max() <= LOGIT_TOL
+    assert np.abs(tempered - _ours(model, tokens)).max() > MATTERS
+    assert with_attention_temperature(model.config, 1.0) == model.config
+
+
+def test_length_tempered_logits_pick_each_length_its_temperature(tmp_path):
+    from lwm_jax.eval.scoring import LengthTempered, ModelLogits
+    from lwm_jax.model.rope import length_temperature, with_attention_temperature
+
+    make_hf_llama(tmp_path, rope_theta=THETA, max_position_embeddings=ORIG)
+    model = import_hf(tmp_path)
+    fn = LengthTempered(model, [ORIG, SEQ], max_length=SEQ)
+    ids = _tokens(1)[0]
+    plain = ModelLogits(model, max_length=SEQ)
+    np.testing.assert_array_equal(fn(ids[:ORIG]), plain(ids[:ORIG]))  # within the trained length: as is
+    tempered = ModelLogits(merge_params(with_attention_temperature(model.config, length_temperature(SEQ, ORIG)),
+                                        _params(model)), max_length=SEQ)
+    np.testing.assert_array_equal(fn(ids), tempered(ids))
+    assert np.abs(fn(ids) - plain(ids)).max() > MATTERS
