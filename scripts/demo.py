@@ -5,7 +5,8 @@
    built offline, a small Llama-3-shaped base trained at L0 = 128 tokens until it retrieves, then
    two arms with the same data and steps, theta raised by the scaling-law rule for 4 x L0 and theta
    unchanged (the control), each trained at L0 and scored at L0 and 4 x L0 (passkey and NIAH,
-   40 probes per cell, 95% Wilson intervals, heatmaps titled with model, stage, theta and length);
+   40 probes per cell, 95% Wilson intervals, heatmaps titled with model, stage, theta and length;
+   past the trained length with the log-n attention temperature, and without it);
 3. a Hugging Face export of the raised arm (`lwm-jax export-hf`), the final table and
    `demo_out/claim.json`.
 
@@ -87,7 +88,8 @@ def main() -> None:
 
     raised, control = (results["arms"][a]["stages"]["x4"] for a in ("scaling-law", "control"))
     base = results["base"]
-    print(f"\nThe claim ({claim['probes_per_cell']} probes per cell, exact match [95% Wilson interval])")
+    print(f"\nThe claim ({claim['probes_per_cell']} probes per cell, exact match [95% Wilson interval]; past the "
+          "trained length with the log-n attention temperature, the same for every model)")
     print(f"{'model':<34}{'theta':>12}{'trained at':>11}" + "".join(
         f"{f'{t} @{n}':>18}" for t in ("passkey", "NIAH") for n in (s.l0, four)))
     for name, ev, theta, length in (("base", base, s.base_theta, s.l0),
@@ -99,6 +101,9 @@ def main() -> None:
         row = claim[task]
         print(f"{task} at {four} tokens: raised theta {row['raised']['4x']:.0%}, control {row['control']['4x']:.0%} "
               f"({row['raised']['4x'] - row['control']['4x']:+.0%}); the base at {s.l0}: {row['base']['1x']:.0%}")
+        plain = claim["untempered"][task]
+        print(f"  without the temperature: raised theta {plain['raised']['4x']:.0%}, "
+              f"control {plain['control']['4x']:.0%}")
     print(f"heatmaps: {OUT / 'mini' / 'eval'}/<checkpoint>/{{passkey,niah}}.png; figure: {results['png']}")
     print(f"claim: {OUT / 'claim.json'}; Hugging Face export of the raised arm: {exported['out_dir']}")
     print(f"done in {time.time() - started:.0f} s")

@@ -9,10 +9,13 @@ the scaling-law rule, by the NTK rule, YaRN scaling (theta kept), and theta unch
 Stage xM aims at M x L0: theta (or the YaRN factor) is set for M x L0, and the stage trains at a
 quarter of that length (x4 at L0, x16 at 4 x L0), so what each arm scores at M x L0 is what its
 RoPE setting carries past the length it trained on. (Trained at the target length itself, or at
-half of it, the control learns much of it too in this miniature: measured, see the README.) Every
+half of it, the control learns much of it too in this miniature: measured, see the README.) The
+extension data adds copy documents packed continuously, which make the copy precise. Every
 checkpoint is scored at L0, 4x and 16x (passkey and NIAH exact match, teacher-forced, probes per
 cell with Wilson 95% intervals, heatmaps titled with model, stage, theta and lengths) and its loss
-by position.
+by position. Past its trained length a checkpoint is scored with the log-n attention temperature
+(logits times ln(length) / ln(trained length), the same for every arm: without it NIAH's answer is
+lost among the 4x more keys in every arm) and without it; the tables show both.
 
 Everything goes through the project's own code: `lwm_jax.data.sample` and `lwm_jax.data.synthetic`
 for the tokenizer and documents, `lwm_jax.data.prepare`, `lwm_jax.train.runner.train` for every
@@ -57,6 +60,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # name -> the theta rule of its stages; the yarn arm keeps theta and scales RoPE with YaRN instead.
 ARMS = {"scaling-law": "scaling-law", "ntk": "ntk", "yarn": "yarn", "control": None}
 TASKS = RETRIEVAL_TASKS  # ("passkey", "niah")
+TEMPERATURES = ("log-n", "none")
 EVAL_SEED = 12345  # probes scored are built from other seeds than the training documents
 
 
@@ -76,11 +80,18 @@ class Settings:
     curriculum: tuple = ((1.0, 700, 16, 3e-3, 0.7, 0.2), (1.0, 700, 16, 2e-3, 0.7, 0.2))
     # Extension stages, the same for every arm: (target multiple M of L0, training multiple of L0,
     # steps, batch, lr), constant LR after a short warmup.
-    extension: tuple = ((4, 1, 100, 16, 5e-4), (16, 4, 100, 4, 5e-4))
-    retrieval_share: float = 0.7  # share of extension sequences that are passkey / NIAH documents
+    extension: tuple = ((4, 1, 100, 32, 5e-4), (16, 4, 100, 4, 5e-4))
+    retrieval_share: float = 0.6  # share of extension sequences that are passkey / NIAH documents
+    # Share that are copy documents, packed continuously: the neighbours' runs in view make copying
+    # precise (passkey misses at 4x were mostly one token off; README calibration).
+    extension_copy: float = 0.3
     niah_share: float = 0.7  # of the retrieval documents, the share that are NIAH (the harder task)
     retrieval_docs: int = 1500  # documents generated per task and length (cap; epochs repeat them)
-    copy_docs: int = 40_000  # copy documents per base length that uses them (~20 tokens each)
+    copy_docs: int = 40_000  # copy documents per length that uses them (~20 tokens each)
+    # How probes past a checkpoint's trained length are scored: "log-n" multiplies attention logits by
+    # ln(length) / ln(trained length) (the same for every arm; 1 within the trained length), "none"
+    # scores the weights as they are. Both are reported when "log-n" is set.
+    temperature: str = "log-n"
     eval_depths: tuple = (0.1, 0.3, 0.5, 0.7, 0.9)
     eval_samples: int = 8  # probes per cell = depths x samples
     corpus_chars: int = 1_000_000  # demo-corpus text used per source (keeps `prepare` short)
@@ -90,7 +101,8 @@ class Settings:
 
 PRESETS = {
     "default": Settings(),
-    # `make demo`: the same base in one phase, the scaling-law arm against the control, x4 only.
+    # `make demo`: the same base, the scaling-law arm against the control, x4 only, at half the
+    # default x4 batch (the 10-minute bound).
     "demo": Settings(extension=((4, 1, 100, 16, 5e-4),),
                      arms=("scaling-law", "control"), position_loss_sequences=4),
     "quick": Settings(
@@ -110,7 +122,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="output folder (default runs/mini_extension, git-ignored)")
     p.add_argument("--preset", choices=tuple(PRESETS), default="default",
                    help="default: the full run (about 20 minutes on 2 CPU cores); demo: what `make demo` runs "
-                        "(about 7 minutes); quick: a smoke check of about 2 minutes that learns nothing")
+                        "(about 8 minutes); quick: a smoke check of about 2 minutes that learns nothing")
     p.add_argument("--quick", action="store_true", help="the same as --preset quick")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object on the last line")
     p.add_argument("--devices", type=int, default=1,
@@ -137,6 +149,8 @@ def settings_from(args) -> Settings:
     unknown = [a for a in s.arms if a not in ARMS]
     if unknown or "control" not in s.arms:
         sys.exit(f"mini_extension: arms={list(s.arms)} must be among {', '.join(ARMS)} and include control")
+    if s.temperature not in TEMPERATURES:
+        sys.exit(f"mini_extension: temperature={s.temperature!r} must be one of {', '.join(TEMPERATURES)}")
     if any(len(e) != 5 for e in s.extension):
         sys.exit("mini_extension: every extension stage is [target multiple, training multiple, steps, batch, lr]")
     return s
@@ -213,7 +227,7 @@ def build_data(s: Settings, out: Path) -> tuple[Path, dict[int, Path]]:
                 docs.append(f"{task}={path}")
         names = " and ".join(d.split("=")[0] for d in docs) or "no"
         message = f"{length}-token {names} documents: {count} each"
-        if any(c[5] for c in here):
+        if any(c[5] for c in here) or (s.extension_copy and any(t * s.l0 == length for _, t, *_ in s.extension)):
             path = out / "data" / f"retrieval-{length}" / "copy.array_record"
             docs.append(f"copy={path}")
             copy_documents(tokenizer, s.copy_docs, path, seed=length)
@@ -316,7 +330,7 @@ def train_arm(s: Settings, out: Path, arm: str, rule: str | None, base_ckpt: Pat
     from lwm_jax.train.runner import train
 
     stages = arm_stages(s, rule, base_ckpt)
-    recipe = make_recipe(f"mini_{arm}", s, out, stages, devices, s.retrieval_share)
+    recipe = make_recipe(f"mini_{arm}", s, out, stages, devices, s.retrieval_share, s.extension_copy)
     say(f"arm {arm}: " + " -> ".join(f"{st['seq_len']} tokens x {st['steps']} steps" for st in stages))
     return train(recipe, out / f"arm-{arm}")
 
@@ -332,25 +346,36 @@ def eval_lengths(s: Settings) -> list[int]:
 def evaluate(ckpt: Path, sample: Path, s: Settings, stacks, heatmaps: Path) -> dict:
     """Passkey and NIAH exact match (teacher-forced) at every eval length, `probes` per cell, with
     Wilson 95% intervals; the grids and heatmaps (titled with model, stage, theta and lengths) are
-    written under `heatmaps`. {"scores": {task: {len: p}}, "intervals": {task: {len: [lo, hi]}}, ...}"""
+    written under `heatmaps` (the untempered ones under `heatmaps/untempered`). Past the trained
+    length probes are scored with `s.temperature`. {"scores": {task: {len: p}}, "intervals": {task:
+    {len: [lo, hi]}}, "untempered": {the same without the temperature}, ...}"""
     from lwm_jax.eval.niah import niah_eval, write_results
     from lwm_jax.eval.passkey import passkey_eval
     from lwm_jax.eval.reports import checkpoint_title
-    from lwm_jax.eval.scoring import setup_probes
+    from lwm_jax.eval.scoring import LengthTempered, setup_probes
 
     lengths = eval_lengths(s)
     p = setup_probes(str(ckpt), str(sample / "tokenizer"), max_length=max(lengths), lengths=lengths,
                      attention="blockwise")
     common = dict(lengths=lengths, depths=list(s.eval_depths), samples=s.eval_samples, seed=EVAL_SEED,
                   bos_id=p.info.bos_id)
-    grids = {"passkey": passkey_eval(p.logits_fn, p.tokenizer, **common),
-             "niah": niah_eval(p.logits_fn, p.tokenizer, haystacks=stacks, **common)}
-    for task, grid in grids.items():
-        write_results(grid, heatmaps, task, checkpoint_title(task, str(ckpt), p.meta, lengths), heatmap=True)
-    return {"scores": {t: {int(k): v for k, v in g["by_length"].items()} for t, g in grids.items()},
-            "intervals": {t: {int(k): list(v["interval"]) for k, v in g["interval_by_length"].items()}
-                          for t, g in grids.items()},
-            "probes": len(s.eval_depths) * s.eval_samples, "heatmaps": str(heatmaps)}
+
+    def score(logits_fn, folder: Path, note: str = "") -> dict:
+        grids = {"passkey": passkey_eval(logits_fn, p.tokenizer, **common),
+                 "niah": niah_eval(logits_fn, p.tokenizer, haystacks=stacks, **common)}
+        for task, grid in grids.items():
+            grid["title"] = checkpoint_title(task, str(ckpt), p.meta, lengths) + note
+            write_results(grid, folder, task, grid["title"], heatmap=True)
+        return {"scores": {t: {int(k): v for k, v in g["by_length"].items()} for t, g in grids.items()},
+                "intervals": {t: {int(k): list(v["interval"]) for k, v in g["interval_by_length"].items()}
+                              for t, g in grids.items()}}
+
+    plain = score(p.logits_fn, heatmaps / "untempered" if s.temperature == "log-n" else heatmaps)
+    result = {"probes": len(s.eval_depths) * s.eval_samples, "heatmaps": str(heatmaps), **plain}
+    if s.temperature == "log-n":
+        tempered = LengthTempered(p.logits_fn.model, lengths, max_length=max(lengths))
+        result.update(score(tempered, heatmaps, ", log-n temperature past the trained length"), untempered=plain)
+    return result
 
 
 def position_loss(ckpt: Path, tokens, s: Settings) -> dict:
@@ -365,15 +390,24 @@ def position_loss(ckpt: Path, tokens, s: Settings) -> dict:
 
 def claim(results: dict, s: Settings, raised: str = "scaling-law") -> dict:
     """The claim in numbers: the base at L0, and the raised-theta arm against the control, each
-    extension stage scored at its own target length (null for a stage not run)."""
-    out = {"L0": s.l0, "probes_per_cell": len(s.eval_depths) * s.eval_samples, "raised_arm": raised}
-    for task in TASKS:
-        row = {"base": {"1x": results["base"]["scores"][task][s.l0]}}
-        for name, arm in (("raised", raised), ("control", "control")):
-            stages = results["arms"].get(arm, {}).get("stages", {})
-            row[name] = {f"{m}x": stages[f"x{m}"]["scores"][task][m * s.l0] if f"x{m}" in stages else None
-                         for m in (4, 16)}
-        out[task] = row
+    extension stage scored at its own target length (null for a stage not run), with the run's
+    temperature (and, under "untempered", without it)."""
+
+    def rows(pick) -> dict:
+        out = {}
+        for task in TASKS:
+            row = {"base": {"1x": pick(results["base"])["scores"][task][s.l0]}}
+            for name, arm in (("raised", raised), ("control", "control")):
+                stages = results["arms"].get(arm, {}).get("stages", {})
+                row[name] = {f"{m}x": pick(stages[f"x{m}"])["scores"][task][m * s.l0] if f"x{m}" in stages else None
+                             for m in (4, 16)}
+            out[task] = row
+        return out
+
+    out = {"L0": s.l0, "probes_per_cell": len(s.eval_depths) * s.eval_samples, "raised_arm": raised,
+           "temperature": s.temperature, **rows(lambda ev: ev)}
+    if s.temperature == "log-n":
+        out["untempered"] = rows(lambda ev: ev["untempered"])
     return out
 
 
@@ -427,20 +461,23 @@ def plot(results: dict, s: Settings, path: Path) -> Path:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
     fig.suptitle(f"Miniature context extension: base at {s.l0} tokens, theta {s.base_theta:,.0f}, "
-                 f"head_dim {s.model['head_dim']}; each stage trains at a quarter of the length it targets")
+                 f"head_dim {s.model['head_dim']}; each stage trains at a quarter of the length it targets"
+                 + ("; log-n attention temperature past the trained length" if s.temperature == "log-n" else ""))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
 
 
-def table(results: dict, s: Settings) -> list[str]:
-    """One row per checkpoint: theta, trained length, then exact match [95% interval] per task and length."""
+def table(results: dict, s: Settings, untempered: bool = False) -> list[str]:
+    """One row per checkpoint: theta, trained length, then exact match [95% interval] per task and
+    length (`untempered`: the scores without the temperature)."""
     lengths = eval_lengths(s)
     head = "".join(f"{f'{t}@{short_length(n)}':>15}" for t in ("pk", "niah") for n in lengths)
     lines = [f"{'model':<18}{'theta':>12}{'trained':>8}{head}"]
 
     def row(name: str, theta: float, trained: int, ev: dict) -> str:
+        ev = ev["untempered"] if untempered else ev
         cells = ""
         for task in TASKS:
             for n in lengths:
@@ -526,10 +563,16 @@ def report(results: dict, s: Settings, out: Path) -> None:
     timings = results["timings"]
     print(f"Miniature context extension: base trained at {s.l0} tokens (theta {s.base_theta:,.0f}); "
           + "; ".join(f"stage x{m} trains at {t * s.l0:,} tokens" for m, t, *_ in s.extension))
+    scoring = ("log-n attention temperature past the trained length" if s.temperature == "log-n"
+               else "no temperature")
     print(f"passkey (pk) and NIAH exact match (teacher-forced), {results['probes_per_cell']} probes per cell, "
-          "[95% Wilson interval]")
+          f"[95% Wilson interval]; {scoring}")
     for line in table(results, s):
         print(line)
+    if s.temperature == "log-n":
+        print("the same without the temperature")
+        for line in table(results, s, untempered=True):
+            print(line)
     lengths = results["lengths"]
     print(f"mean NLL on demo-corpus text by position bucket ({results['position_loss_sequences']} sequences of "
           f"{lengths[-1]:,} tokens)")

@@ -2,6 +2,7 @@
 intervals, heatmaps, figure, claim.json) reports every arm at every length; each arm's stages aim
 its rule at the stage's target and train at a quarter of it; the claim reads each stage at its target."""
 
+import dataclasses
 import importlib.util
 import json
 import subprocess
@@ -44,6 +45,11 @@ def test_quick_run_reports_every_arm_and_length(tmp_path):
                     assert 0.0 <= lo <= p <= hi <= 1.0 and round(p * probes) == pytest.approx(p * probes)
             heatmap = Path(stage["heatmaps"]) / "niah.json"
             assert json.loads(heatmap.read_text())["task"] == "niah"
+            assert "log-n temperature" in json.loads(heatmap.read_text())["title"]
+            assert (Path(stage["heatmaps"]) / "untempered" / "niah.json").is_file()
+            for task in TASKS:  # within the trained length the temperature is 1: the same scores
+                for n in (n for n in lengths if n <= stage["seq_len"]):
+                    assert stage["scores"][task][str(n)] == stage["untempered"]["scores"][task][str(n)]
         thetas[arm] = [stages[name]["rope_theta"] for name in ("x4", "x16")]
     base = result["settings"]["base_theta"]
     assert thetas["control"] == [base, base] and thetas["yarn"] == [base, base]
@@ -51,7 +57,8 @@ def test_quick_run_reports_every_arm_and_length(tmp_path):
     assert thetas["ntk"][0] < thetas["ntk"][1] and thetas["scaling-law"][0] < thetas["scaling-law"][1]
     assert (out / "mini_extension.png").stat().st_size > 10_000
     claim = json.loads((out / "claim.json").read_text())
-    assert claim["L0"] == l0 and claim["probes_per_cell"] == probes
+    assert claim["L0"] == l0 and claim["probes_per_cell"] == probes and claim["temperature"] == "log-n"
+    assert set(claim["untempered"]) == set(TASKS)
     assert claim["passkey"]["raised"]["4x"] == result["arms"]["scaling-law"]["stages"]["x4"]["scores"]["passkey"][
         str(4 * l0)]
     table = proc.stdout
@@ -129,11 +136,21 @@ def test_arm_stages_aim_each_rule_at_its_target_and_train_at_a_quarter():
 def test_claim_takes_each_stage_at_its_own_target_length():
     module = _script()
     s = module.PRESETS["demo"]
-    ev = lambda p4: {"scores": {t: {s.l0: 0.95, 4 * s.l0: p4} for t in TASKS}}
+    assert s.temperature == "log-n"
+
+    def ev(p4):  # tempered p4 at 4 x L0, untempered p4 / 2
+        return {"scores": {t: {s.l0: 0.95, 4 * s.l0: p4} for t in TASKS},
+                "untempered": {"scores": {t: {s.l0: 0.95, 4 * s.l0: p4 / 2} for t in TASKS}}}
+
     results = {"base": ev(0.05), "arms": {"scaling-law": {"stages": {"x4": ev(0.9)}},
                                           "control": {"stages": {"x4": ev(0.1)}}}}
     claim = module.claim(results, s)
     assert claim["L0"] == s.l0 and claim["probes_per_cell"] == len(s.eval_depths) * s.eval_samples == 40
+    assert claim["temperature"] == "log-n"
     for task in TASKS:
         assert claim[task] == {"base": {"1x": 0.95}, "raised": {"4x": 0.9, "16x": None},
                                "control": {"4x": 0.1, "16x": None}}
+        assert claim["untempered"][task] == {"base": {"1x": 0.95}, "raised": {"4x": 0.45, "16x": None},
+                                             "control": {"4x": 0.05, "16x": None}}
+    untempered = module.claim(results, dataclasses.replace(s, temperature="none"))
+    assert "untempered" not in untempered and untempered["passkey"]["raised"]["4x"] == 0.9
