@@ -217,3 +217,20 @@ def test_cli_niah_and_bad_input(tiny_ckpt, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "has no chat template" in err and len(err.strip().splitlines()) == 1
 
+
+
+def test_cli_log_n_temperature_and_its_bad_input(tiny_ckpt, tmp_path, capsys):
+    """--temperature log-n is named in the result and the title (its numbers:
+    tests/test_rope_scaling.py); with --generate it is one error line, before any output."""
+    from lwm_jax.cli import main
+
+    base = ["eval", "passkey", str(tiny_ckpt), "--tokenizer", str(llama3_tokenizer_dir()), "--depths", "50",
+            "--max-length", "2048", "--temperature", "log-n"]
+    assert main([*base, "--lengths", "256,2048", "--out", str(tmp_path / "t"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert result["temperature"] == "log-n" and set(result["by_length"]) == {"256", "2048"}
+    assert result["title"].endswith("scored at 256, 2K, log-n temperature past the trained length")
+    assert main([*base, "--lengths", "2048", "--generate", "--out", str(tmp_path / "g")]) == 2
+    err = capsys.readouterr().err
+    assert "leave out --generate" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "g").exists()

@@ -9,7 +9,7 @@ import math
 from lwm_jax.cli.common import add_json, add_runtime_options, command, mesh_from_args, print_result, runtime_from_args
 from lwm_jax.errors import UserError
 from lwm_jax.eval.reports import ppl_report, probe_report, theta_sweep_report
-from lwm_jax.eval.scoring import parse_depths, parse_lengths
+from lwm_jax.eval.scoring import TEMPERATURES, parse_depths, parse_lengths
 from lwm_jax.eval.theta_sweep import sweep_table
 
 # The one length rule (lwm_jax.model.context), as every --help here states it.
@@ -85,7 +85,8 @@ def cmd_eval_probe(args) -> int:
     result = probe_report(task, args.ckpt, args.tokenizer, lengths=parse_lengths(args.lengths), out=args.out,
                           depths=depths, tasks=tasks, haystack=getattr(args, "haystack", None),
                           samples=args.samples, seed=args.seed, chat=args.chat, generate=args.generate,
-                          max_length=args.max_length, mesh=mesh_from_args(args), **runtime_from_args(args))
+                          max_length=args.max_length, temperature=args.temperature, mesh=mesh_from_args(args),
+                          **runtime_from_args(args))
     summary = {k: v for k, v in result.items() if k != "cells"}
     if task == "ruler":
         summary["by_task"] = result["by_task"]
@@ -162,6 +163,10 @@ def _add_probe(evals, name: str) -> None:
     e.add_argument("--max-length", type=int, metavar="N",
                    help="longest length accepted (default: the checkpoint's max_position_embeddings); past the "
                         "trained length with a warning")
+    e.add_argument("--temperature", choices=TEMPERATURES, default="none",
+                   help="log-n: past the trained length T, attention logits times ln(length)/ln(T) (the same "
+                        "weights; keeps attention as sharp over the longer context; teacher-forced scores only). "
+                        "Default none")
     e.add_argument("--out", required=True, metavar="DIR", help="output folder for JSON and PNG")
     add_runtime_options(e)
     add_json(e)

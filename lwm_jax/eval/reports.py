@@ -113,19 +113,23 @@ def _run_probes(task: str, s, lengths, depths, tasks, haystack, common: dict) ->
 def probe_report(task: str, ckpt: str, tokenizer: str, *, lengths: Sequence[int], out: str,
                  depths: Sequence[float] | None = None, tasks: Sequence[str] | None = None,
                  haystack: Sequence[str] | None = None, samples: int = 1, seed: int = 0, chat: bool = False,
-                 generate: bool = False, max_length: int | None = None, mesh=None, **runtime) -> dict:
+                 generate: bool = False, max_length: int | None = None, temperature: str = "none", mesh=None,
+                 **runtime) -> dict:
     """Runs the `niah`, `passkey` or `ruler` grid on `ckpt` and writes it with `write_probe_report`.
 
-    `depths` default to the task's own; the result gains `checkpoint` and `files`.
+    `depths` default to the task's own; `temperature` "log-n" scores past the trained length with
+    the log-n attention temperature. The result gains `checkpoint`, `temperature` and `files`.
     """
     with _on_mesh(mesh):
         s = setup_probes(ckpt, tokenizer, mesh=mesh, chat=chat, generate=generate, max_length=max_length,
-                         lengths=lengths, **runtime)
+                         lengths=lengths, temperature=temperature, **runtime)
         common = dict(lengths=lengths, samples=samples, seed=seed, chat=s.chat, bos_id=s.info.bos_id,
                       generate_fn=s.generate_fn)
         result = _run_probes(task, s, lengths, depths, tasks, haystack, common)
     result["checkpoint"] = os.path.abspath(ckpt)
-    result["title"] = checkpoint_title(task, ckpt, s.meta, lengths)
+    result["temperature"] = temperature
+    result["title"] = checkpoint_title(task, ckpt, s.meta, lengths) + (
+        ", log-n temperature past the trained length" if temperature == "log-n" else "")
     result["files"] = write_probe_report(result, out, task, result["title"])
     return result
 

@@ -42,6 +42,9 @@ def score_teacher_forced(logits_fn: LogitsFn, probe: Probe) -> tuple[float, floa
     return float(hits.all()), float(hits.mean())
 
 
+TEMPERATURES = ("none", "log-n")
+
+
 class LengthTempered:
     """A `logits_fn` that scores each sequence with `model`'s weights at the log-n attention
     temperature of the nearest of `lengths` (`lwm_jax.model.rope.length_temperature` over the
@@ -191,7 +194,7 @@ class ProbeSetup:
 
     tokenizer: object
     info: object
-    logits_fn: ModelLogits
+    logits_fn: ModelLogits | LengthTempered
     chat: ChatWrap | None
     generate_fn: Callable | None
     meta: dict = dataclasses.field(default_factory=dict)
@@ -206,13 +209,20 @@ def runtime_for(meta: dict, mesh, runtime: dict) -> dict:
 
 
 def setup_probes(ckpt: str, tokenizer_dir: str, *, mesh=None, chat: bool = False, generate: bool = False,
-                 max_length: int | None = None, lengths=(), tail: int = 32, **runtime) -> ProbeSetup:
+                 max_length: int | None = None, lengths=(), tail: int = 32, temperature: str = "none",
+                 **runtime) -> ProbeSetup:
     """Loads tokenizer and checkpoint (onto `mesh`, inside its `jax.set_mesh`) and checks `lengths`.
 
     Lengths past `max_length` (default: the checkpoint's max_position_embeddings) are refused, past
     the trained length warned about (`check_context`). Tokenizer and bad lengths are checked before
-    the checkpoint is restored, so bad input fails fast.
+    the checkpoint is restored, so bad input fails fast. `temperature="log-n"` scores each of
+    `lengths` with the log-n attention temperature (`LengthTempered`).
     """
+    if temperature not in TEMPERATURES:
+        raise UserError(f"temperature={temperature!r} is not one of {', '.join(TEMPERATURES)}")
+    if temperature == "log-n" and (generate or not lengths):
+        raise UserError("the log-n temperature applies to teacher-forced scores at given lengths: "
+                        "leave out --generate")
     info = load_tokenizer_info(tokenizer_dir)
     tokenizer = get_tokenizer(info.tokenizer_file)
     wrap = chat_wrap_for(tokenizer, info, chat)
@@ -230,8 +240,10 @@ def setup_probes(ckpt: str, tokenizer_dir: str, *, mesh=None, chat: bool = False
     check_mesh(runtime.get("attention"), mesh)
     model, _ = load_model(ckpt, mesh=mesh, **runtime)
     stop = [info.eos_id] + [i for i in (tokenizer.token_to_id("<|eot_id|>"),) if i is not None]
-    return ProbeSetup(tokenizer, info, ModelLogits(model, mesh, tail=tail, max_length=limit), wrap,
-                      generate_fn_for(model, mesh, stop) if generate else None, meta)
+    logits_fn = (LengthTempered(model, lengths, mesh, tail=tail, max_length=limit) if temperature == "log-n"
+                 else ModelLogits(model, mesh, tail=tail, max_length=limit))
+    return ProbeSetup(tokenizer, info, logits_fn, wrap, generate_fn_for(model, mesh, stop) if generate else None,
+                      meta)
 
 
 def parse_lengths(text: str) -> list[int]:
