@@ -40,5 +40,5 @@ bench: $(VENV)/.installed-test
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache
 
-mini-extension: $(VENV)/.installed-base  # the default run of the miniature: about 15 minutes on 2 CPU cores
+mini-extension: $(VENV)/.installed-base  # the default run of the miniature: about 21 minutes on 2 CPU cores
 	$(PY) scripts/mini_extension.py
