@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One prepared device check, at most 8 minutes on one H100/H200: `lwm-jax doctor`; the attention
-# kernel against cuDNN (bf16, 65,536 tokens, Llama-3-8B heads); 3 train steps of a Llama-3.2-1B-shaped
+# kernel against cuDNN (bf16, 65,536 tokens, Llama-3-8B heads) and cuDNN's paths against the dense
+# reference (scripts/check_cudnn_attention.py, GPU only); 3 train steps of a Llama-3.2-1B-shaped
 # model at the longest sequence the planner says fits one GPU (peak memory against the plan, tokens/s,
 # MFU); prefill and decode rates from a 131,072-token prompt. It writes every part's JSON and log,
 # OUT/device_check.json and OUT/device_check.md (the table for the README's "Running on GPUs and
@@ -90,6 +91,7 @@ else
   export CUDA_VISIBLE_DEVICES="${CUDA_VISIBLE_DEVICES:-0}"  # the rest runs on one GPU
   part attention 120 "$PY" "$ROOT/scripts/bench_attention.py" --gpu --gpu-seq 65536 --rounds 5 --json
   last_json $? attention
+  part cudnn_check 60 "$PY" "$ROOT/scripts/check_cudnn_attention.py"  # correctness; exit 1 on a miss
   part train 210 "$PY" "$ROOT/scripts/device_train_check.py" train --out "$OUT"
   part generate 90 "$PY" "$ROOT/scripts/device_train_check.py" generate --out "$OUT"
 fi

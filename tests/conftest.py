@@ -28,10 +28,11 @@ def llama3_tokenizer_dir() -> Path:
 
 
 def require_llama3_tokenizer() -> Path:
-    """The Llama-3 tokenizer folder; skips the calling test when a checkout has none beside it."""
+    """The Llama-3 tokenizer folder; the calling test fails, naming the path, when a checkout has
+    none beside it (a missing fixture is a setup error to fix, not a reason to skip)."""
     path = llama3_tokenizer_dir()
     if not (path / "tokenizer.json").is_file():
-        pytest.skip(f"Llama-3 tokenizer not found at {path} (set LWM_LLAMA3_TOKENIZER)")
+        pytest.fail(f"Llama-3 tokenizer not found at {path}: put it there or set LWM_LLAMA3_TOKENIZER")
     return path
 
 
