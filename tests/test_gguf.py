@@ -6,15 +6,19 @@ logits by ~4e-3, which would hide an f32 export's error (~1e-6) behind the cache
 
 import json
 import types
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
+import llama_cpp
+import llama_cpp.llama_cpp as llama_cpp_api
 import numpy as np
 import optax
 import pytest
 import safetensors.numpy
 import torch
 from flax import nnx
+from llama_cpp import Llama as LlamaCpp
 from tokenizers import Tokenizer
 
 from lwm_jax.cli import main
@@ -52,10 +56,22 @@ def _tokenizer() -> Tokenizer:
     return Tokenizer.from_file(str(llama3_tokenizer_dir() / "tokenizer.json"))
 
 
-def _llama_cpp(path, **kwargs):
-    from llama_cpp import Llama as LlamaCpp
+def _plain_cpu_params():
+    """llama.cpp's default model params with `use_extra_bufts` off: no weight repacking into extra
+    buffer types, so the oracle runs the plain CPU kernels on every machine. On AMX Xeons the q8_0
+    repack fills an AMX tile configuration that GCC 12 builds drop the writes of, and the first
+    `ldtilecfg` faults (llama.cpp issue #20824); `Llama()` has no argument for the field."""
+    params = _DEFAULT_MODEL_PARAMS()
+    params.use_extra_bufts = False
+    return params
 
-    return LlamaCpp(model_path=str(path), n_ctx=N_CTX, n_threads=2, verbose=False, **kwargs)
+
+_DEFAULT_MODEL_PARAMS = llama_cpp_api.llama_model_default_params
+
+
+def _llama_cpp(path, **kwargs) -> LlamaCpp:
+    with mock.patch.object(llama_cpp_api, "llama_model_default_params", _plain_cpu_params):
+        return LlamaCpp(model_path=str(path), n_ctx=N_CTX, n_threads=2, verbose=False, **kwargs)
 
 
 def _llama_cpp_logits(path, tokens) -> np.ndarray:
@@ -131,6 +147,13 @@ def test_llama_cpp_tokenizes_like_tokenizers(exported):
     assert (llm.token_bos(), llm.token_eos()) == (128_000, 128_001)
 
 
+def test_oracle_runs_llama_cpp_plain_cpu_kernels(exported):
+    # Without this the q8_0 oracle segfaults on AMX machines (see `_plain_cpu_params`).
+    llm = _llama_cpp(exported.files["q8_0"])
+    assert llm.model_params.use_extra_bufts is False
+    assert llama_cpp_api.llama_model_default_params().use_extra_bufts is True  # the patch did not leak
+
+
 @pytest.mark.parametrize("type", TYPES)
 def test_llama_cpp_logits_match_ours(exported, type):
     theirs = _llama_cpp_logits(exported.files[type], exported.tokens)
@@ -147,8 +170,6 @@ def test_llama_cpp_logits_match_ours(exported, type):
 
 
 def test_llama_cpp_reads_context_length_rope_base_and_tokenizer_metadata(exported):
-    import llama_cpp
-
     llm = _llama_cpp(exported.files["f32"])  # hyperparameters are not read with vocab_only
     meta = llm.metadata
     assert llama_cpp.llama_model_n_ctx_train(llm.model) == CONTEXT
