@@ -24,9 +24,10 @@ from jax.sharding import PartitionSpec as P
 from lwm_jax.attention.kernels import get_kernel, kernel_names, select_kernel
 from lwm_jax.config import MESH_AXES, MeshConfig, RecipeConfig, load_recipe
 from lwm_jax.errors import UserError
+from lwm_jax.hardware import HARDWARE, Hardware, hardware_for_device
 from lwm_jax.parallel.mesh import make_mesh
-from lwm_jax.plan import GIB, HARDWARE, Hardware, plan_recipe_stages, resolve_hardware
-from lwm_jax.train.metrics import PEAK_FLOPS, measured_matmul_flops
+from lwm_jax.planner import GIB, plan_recipe, resolve_hardware
+from lwm_jax.train.metrics import measured_matmul_flops
 
 VERSIONS = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain")
 PLUGINS = ("jax-cuda12-plugin", "jax-cuda13-plugin", "libtpu")  # reported when installed
@@ -73,13 +74,13 @@ def versions() -> dict[str, str | None]:
 
 
 def hardware_entry(device_kind: str, name: str | None = None) -> tuple[Hardware | None, str]:
-    """(the planner's Hardware entry for this device kind or for `name`, where it came from)."""
+    """(the hardware table's entry for this device kind or for `name`, where it came from)."""
     if name is not None:
         return resolve_hardware(name), f"--hardware {name}"
-    for key, hw in HARDWARE.items():
-        if key.lower() in device_kind.lower():
-            return hw, f"table entry {key!r} (device kind {device_kind!r})"
-    return None, (f"no hardware table entry for device kind {device_kind!r} (entries: {sorted(HARDWARE)}); "
+    hw = hardware_for_device(device_kind)
+    if hw is not None:
+        return hw, f"table entry {hw.name!r} (device kind {device_kind!r})"
+    return None, (f"no hardware table entry for device kind {device_kind!r} (entries: {', '.join(HARDWARE)}); "
                   "--hardware NAME compares against one")
 
 
@@ -129,9 +130,7 @@ def matmul_report(platform: str, hw: Hardware | None) -> dict:
         measured = 2.0 * n**3 / _best_seconds(jax.jit(lambda x: x @ x), a)
     kind = jax.local_devices()[0].device_kind
     if hw is not None:
-        peak, source = hw.peak_tflops, f"planner hardware table ({hw.name})"
-    elif platform != "cpu" and (match := [k for k in PEAK_FLOPS if k.lower() in kind.lower()]):
-        peak, source = PEAK_FLOPS[match[0]] / 1e12, f"train.metrics.PEAK_FLOPS ({match[0]}; not in the planner's table)"
+        peak, source = hw.peak_tflops, f"hardware table ({hw.name})"
     else:
         peak, source = None, f"no table entry for {kind!r}"
     return {"measured": measured / 1e12, "peak": peak, "fraction": measured / 1e12 / peak if peak else None,
@@ -220,10 +219,10 @@ def stage_plans(recipe: RecipeConfig, stage: str | None, hw: Hardware | None, me
         device_memory, source = _host_memory_per_device(), "host RAM / local devices"
     else:
         device_memory, source = int(hw.memory_gib * GIB), f"hardware table ({hw.name})"
-    base = hw or Hardware()
+    base = hw or HARDWARE["L40S"]  # the planner's default device, for the step-time estimate
     planned_hw = dataclasses.replace(base, memory_gib=device_memory / GIB)
     out = []
-    for plan in plan_recipe_stages(recipe, planned_hw, jax.device_count(), stage):
+    for plan in plan_recipe(recipe, planned_hw, jax.device_count(), stage):
         out.append({"name": plan["name"], "seq_len": plan["seq_len"], "mesh": plan["mesh"],
                     "memory_bytes_per_device": plan["memory_bytes_per_device"], "device_memory_bytes": device_memory,
                     "memory_source": source, "fits": plan["fits"], "step_s": plan["step_s"],

@@ -203,7 +203,7 @@ def bench_cpu(args) -> dict:
     from lwm_jax.attention.ring import causal_min_block_pairs, ring_attention, ring_block, ring_block_pairs
     from lwm_jax.config import MeshConfig
     from lwm_jax.parallel.mesh import make_mesh
-    from lwm_jax.plan import attention_bytes_per_device
+    from lwm_jax.planner import attention_bytes_per_device
 
     n_dev = len(jax.devices())
     seq, h, kv, d = args.seq, args.heads, args.kv_heads, args.head_dim

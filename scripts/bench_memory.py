@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lwm_jax.config import MeshConfig, load_recipe  # noqa: E402
-from lwm_jax.plan import GIB, HARDWARE, host_bytes_per_device, longest_fitting, memory_per_device  # noqa: E402
+from lwm_jax.hardware import HARDWARE  # noqa: E402
+from lwm_jax.planner import GIB, host_bytes_per_device, longest_fitting, memory_per_device  # noqa: E402
 
 RECIPE = ROOT / "configs/recipes/gradient_1048k_one_node.yaml"
 CLUSTERS = [  # (label, hardware, mesh)

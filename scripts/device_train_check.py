@@ -31,11 +31,11 @@ from flax import nnx  # noqa: E402
 from lwm_jax import generate as G  # noqa: E402
 from lwm_jax.attention.layout import place  # noqa: E402
 from lwm_jax.config import MeshConfig, ModelConfig, OptimizerConfig  # noqa: E402
-from lwm_jax.doctor import hardware_entry  # noqa: E402
+from lwm_jax.hardware import HARDWARE, hardware_for_device  # noqa: E402
 from lwm_jax.model.llama import Llama  # noqa: E402
 from lwm_jax.parallel.mesh import make_mesh  # noqa: E402
-from lwm_jax.plan import GIB, Hardware, plan_stage  # noqa: E402
-from lwm_jax.train.metrics import PEAK_FLOPS, flops_per_token, measured_matmul_flops  # noqa: E402
+from lwm_jax.planner import GIB, plan_stage  # noqa: E402
+from lwm_jax.train.metrics import device_peak_flops, flops_per_token  # noqa: E402
 from lwm_jax.train.optimizer import make_optimizer  # noqa: E402
 from lwm_jax.train.step import build_step, init_params  # noqa: E402
 
@@ -64,16 +64,6 @@ def _parse(argv):
     return p.parse_args(argv)
 
 
-def _peak_per_device(device) -> tuple[float | None, str]:
-    """Dense peak FLOP/s of one device (the MFU denominator) and where it came from."""
-    if device.platform == "cpu":
-        return measured_matmul_flops(), "measured float32 matmul rate (cpu)"
-    for name, flops in PEAK_FLOPS.items():
-        if name.lower() in device.device_kind.lower():
-            return flops, f"table ({name})"
-    return None, f"no peak for {device.device_kind!r} in train.metrics.PEAK_FLOPS"
-
-
 def _batch(seq: int, vocab: int) -> dict:
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, vocab, size=(1, 1, seq + 1)).astype(np.int32)
@@ -82,7 +72,7 @@ def _batch(seq: int, vocab: int) -> dict:
             "targets": tokens[..., 1:], "loss_weights": np.ones((1, 1, seq), np.float32)}
 
 
-def _longest(config: ModelConfig, hw: Hardware, sizes: dict, budget_s: float) -> tuple[int, int, dict]:
+def _longest(config: ModelConfig, hw, sizes: dict, budget_s: float) -> tuple[int, int, dict]:
     """(the planner's longest fitting power-of-two sequence, the one to run, its plan)."""
     fitting = {}
     seq = sizes["min_seq"]
@@ -107,9 +97,9 @@ def train_check(args, sizes: dict) -> dict:
     memory = int(args.memory_gib * GIB) if args.memory_gib else reported or (int(GIB / 16) if args.tiny else None)
     if memory is None:
         raise SystemExit(f"{device.device_kind} reports no memory; pass --memory-gib")
-    peak, peak_source = _peak_per_device(device)
-    entry, _ = hardware_entry(device.device_kind)
-    base = entry or Hardware()
+    peak, peak_source = device_peak_flops(device)
+    entry = hardware_for_device(device.device_kind)
+    base = entry or HARDWARE["H100"]  # links and efficiency of a known GPU for a device the table lacks
     hw = dataclasses.replace(base, name=device.device_kind, memory_gib=memory / GIB,
                              peak_tflops=peak / 1e12 if peak else base.peak_tflops)
     config = sizes["model"]

@@ -204,9 +204,9 @@ def test_theta_sweep_at_odd_length(tiny, ring):
 def test_training_seq_len_error_names_nearest_lengths():
     from lwm_jax.config import load_recipe
     from lwm_jax.errors import UserError
-    from lwm_jax.train.stages import plan_recipe
+    from lwm_jax.train.schedule import schedule_recipe
     from tests.conftest import ROOT
 
     recipe = load_recipe(ROOT / "configs/recipes/demo_cpu.yaml", ["stages.base.seq_len=1025"])
     with pytest.raises(UserError, match="nearest valid lengths are 1,024 or 2,048"):
-        plan_recipe(recipe, 8, check_sources=False)
+        schedule_recipe(recipe, 8, check_sources=False)

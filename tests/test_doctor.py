@@ -3,6 +3,7 @@ keys, their types, the links of each mesh axis), its documentation (`--help`, RE
 choice on the other platforms and the intra/inter-node rule in-process, and
 `scripts/device_check.sh --tiny`, so that the prepared device check never rots."""
 
+import dataclasses
 import json
 import math
 import os
@@ -16,8 +17,8 @@ import pytest
 
 from lwm_jax.config import MeshConfig
 from lwm_jax.doctor import JSON_KEYS, kernel_report, link_report
+from lwm_jax.hardware import HARDWARE
 from lwm_jax.parallel.mesh import make_mesh
-from lwm_jax.plan import HARDWARE, Hardware
 from tests.conftest import ROOT, cli_error
 
 REQUIRED = {"platform", "devices", "processes", "versions", "attention_kernel", "kernels", "matmul_tflops", "links",
@@ -106,7 +107,8 @@ def test_doctor_on_two_processes():
 
 
 def test_links_follow_the_node_rule():
-    hw = Hardware("test", devices_per_node=4, intra_node_gbps=100.0, inter_node_gbps=10.0)
+    hw = dataclasses.replace(HARDWARE["H100"], name="test", devices_per_node=4, intra_node_gbps=100.0,
+                             inter_node_gbps=10.0)
     links = link_report(make_mesh(MeshConfig(dp=2, sp=4)), hw, 1 << 16)
     # dp pairs device i with i + 4: another node of 4; sp's 4 neighbours share one.
     assert {a: (x["link"], x["assumed_gbps"]) for a, x in links.items()} == {
@@ -120,7 +122,6 @@ def test_kernel_choice_on_each_platform():
     f32_auto, f32 = kernel_report("gpu", jnp.float32, 128)
     assert f32_auto["name"] == "xla" and "float32" in f32["cudnn"]["reason"] and "float32" in f32_auto["reason"]
     tpu_auto, tpu = kernel_report("tpu", jnp.bfloat16, 128)
-    # (other tests may register kernels of their own, so only the built-in ones are looked at)
     assert tpu_auto["name"] == "xla" and tpu["splash"]["can_run"] and "splash" in tpu_auto["reason"]
     assert "can run, but auto does not pick it" in tpu_auto["reason"]
     _, odd = kernel_report("tpu", jnp.bfloat16, 96)

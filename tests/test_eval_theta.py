@@ -80,7 +80,7 @@ def test_recipe_sweep_stage_finds_trained_theta(trained_ckpt, tmp_path):
     from lwm_jax.config import DataConfig, RecipeConfig, from_dict
     from lwm_jax.eval.theta_sweep import stage_sweep
     from lwm_jax.train.runner import TrainHooks, sweep_stage_theta
-    from lwm_jax.train.stages import plan_recipe
+    from lwm_jax.train.schedule import schedule_recipe
     from lwm_jax.train.workdir import swept_thetas
 
     ckpt, data, _ = trained_ckpt
@@ -93,13 +93,13 @@ def test_recipe_sweep_stage_finds_trained_theta(trained_ckpt, tmp_path):
                     "rope_theta": "sweep", "theta_sweep": {"num": 5, "span": 4, "sequences": 4}},
                    {"name": "longer", "seq_len": 4 * SEQ, "steps": 1, "batch_size": 4, "rope_theta": "scaling-law"}]})
     recipe = dataclasses.replace(recipe, data=DataConfig(paths=[str(data)]))
-    plans = plan_recipe(recipe, 8)
+    plans = schedule_recipe(recipe, 8)
     assert plans[0].theta_pending and plans[0].model.rope_theta == TRAINED_THETA  # the center, for now
     theta, params = sweep_stage_theta(plans[0], plans, recipe, tmp_path, TrainHooks(sweep_theta=stage_sweep))
     assert TRAINED_THETA / THETA_FACTOR <= theta <= TRAINED_THETA * THETA_FACTOR
     assert swept_thetas(tmp_path, recipe) == {"same": theta}
     assert (tmp_path / "stages/same/theta_sweep/theta_sweep.png").is_file()
-    resolved = plan_recipe(recipe, 8, swept={"same": theta})
+    resolved = schedule_recipe(recipe, 8, swept={"same": theta})
     assert not resolved[0].theta_pending and resolved[0].model.rope_theta == theta
     assert resolved[1].model.rope_theta == pytest.approx(
         theta ** (math.log(4 * SEQ / (2 * math.pi)) / math.log(SEQ / (2 * math.pi))))

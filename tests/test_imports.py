@@ -20,11 +20,11 @@ MAX_LINES = 400
 # same level are peers and may import one another only where PEER_IMPORTS allows it.
 LEVELS: list[tuple[str, ...]] = [
     ("lwm_jax", "lwm_jax.errors", "lwm_jax.progress"),
-    ("lwm_jax.config",),
+    ("lwm_jax.config", "lwm_jax.hardware"),
     ("lwm_jax.data", "lwm_jax.attention", "lwm_jax.parallel"),
     ("lwm_jax.model",),
     ("lwm_jax.train",),
-    ("lwm_jax.convert", "lwm_jax.doctor", "lwm_jax.eval", "lwm_jax.generate", "lwm_jax.plan"),
+    ("lwm_jax.convert", "lwm_jax.doctor", "lwm_jax.eval", "lwm_jax.generate", "lwm_jax.planner"),
     ("lwm_jax.cli",),
 ]
 
@@ -34,7 +34,7 @@ PEER_IMPORTS: dict[str, set[str]] = {
     "lwm_jax.data": set(),
     "lwm_jax.parallel": set(),
     "lwm_jax.eval": {"lwm_jax.generate"},
-    "lwm_jax.doctor": {"lwm_jax.plan"},
+    "lwm_jax.doctor": {"lwm_jax.planner"},
     "lwm_jax.convert": set(),
 }
 

@@ -9,7 +9,8 @@ import pytest
 
 from lwm_jax.cli import main
 from lwm_jax.config import load_recipe
-from lwm_jax.plan import HARDWARE, aot_memory, plan_recipe_stages
+from lwm_jax.hardware import HARDWARE
+from lwm_jax.planner import aot_memory, plan_recipe
 from tests.conftest import ROOT
 
 AGREEMENT = 0.20  # analytic vs XLA per-device memory (issue)
@@ -21,7 +22,7 @@ AGREEMENT = 0.20  # analytic vs XLA per-device memory (issue)
 @pytest.mark.parametrize("stage", ["base", "x16"])
 def test_analytic_memory_agrees_with_xla_on_the_demo_recipe(stage):
     recipe = load_recipe(ROOT / "configs/recipes/demo_cpu.yaml")
-    plan = plan_recipe_stages(recipe, HARDWARE["L40S"], only_stage=stage)[0]
+    plan = plan_recipe(recipe, HARDWARE["L40S"], only_stage=stage)[0]
     analytic, compiled = plan["memory_bytes_per_device_xla_cpu"], aot_memory(recipe, stage)["total"]
     assert plan["memory_bytes_per_device"] == analytic  # float32 model
     assert abs(analytic - compiled) <= AGREEMENT * compiled, (analytic, compiled)
@@ -72,7 +73,7 @@ def test_analytic_memory_agrees_with_xla_at_1048k_on_512_devices():
 
 def test_attention_traffic_per_scheme_and_axis():
     """Hand counts of what the ring and the Ulysses all-to-alls send per device and layer."""
-    from lwm_jax.plan import attention_bytes_per_device
+    from lwm_jax.planner import attention_bytes_per_device
 
     # Ulysses alone, 8 heads / 2 KV heads over 8 devices: q and out [128, 8, 16], k and v in 8 slots,
     # each all-to-all sending 7/8 of its 2-byte array; no ring.
@@ -99,7 +100,7 @@ def test_attention_traffic_per_scheme_and_axis():
 def test_ulysses_in_memory_and_links():
     """Activations divide by sp*ulysses; ulysses inside a node, the ring across at its bandwidth."""
     from lwm_jax.config import MeshConfig
-    from lwm_jax.plan import memory_per_device, step_seconds
+    from lwm_jax.planner import memory_per_device, step_seconds
 
     model = load_recipe(ROOT / "configs/recipes/gradient_1048k.yaml").model
     ring = memory_per_device(model, MeshConfig(sp=8), 65_536, 1, 1, 2048)

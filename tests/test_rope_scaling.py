@@ -18,7 +18,7 @@ from lwm_jax.eval.perplexity import mean_nll
 from lwm_jax.eval.theta_sweep import theta_sweep, with_value
 from lwm_jax.model.rope import attention_factor, inv_frequencies
 from lwm_jax.model.store import merge_params
-from lwm_jax.train.stages import plan_recipe
+from lwm_jax.train.schedule import schedule_recipe
 from tests.conftest import ROOT, cli_error, llama3_tokenizer_dir, make_hf_llama, require_llama3_tokenizer
 
 LOGIT_TOL = 1e-4  # float32 whole model against transformers (ARCHITECTURE.md)
@@ -209,11 +209,12 @@ def test_bad_stage_rope_is_one_error_line(capsys, override, named):
 
 
 def test_published_recipes_plan_with_their_rope(capsys):
-    ultra = plan_recipe(load_recipe(ROOT / "configs" / "recipes" / "ultralong_1m.yaml"), None, check_sources=False)
+    ultra = schedule_recipe(load_recipe(ROOT / "configs" / "recipes" / "ultralong_1m.yaml"), None, check_sources=False)
     rope = ultra[0].model.rope_scaling
     assert (rope.rope_type, rope.factor, rope.original_max_position_embeddings) == ("yarn", 128.0, 8192)
     assert ultra[0].model.rope_theta == 500_000 and ultra[0].stage.seq_len == 128 * 8192
-    prolong = plan_recipe(load_recipe(ROOT / "configs" / "recipes" / "prolong_512k.yaml"), None, check_sources=False)
+    prolong = schedule_recipe(load_recipe(ROOT / "configs" / "recipes" / "prolong_512k.yaml"), None,
+                              check_sources=False)
     assert [p.model.rope_theta for p in prolong] == [8e6, 128e6]
     assert all(p.model.rope_scaling is None for p in prolong)
     for name in ("ultralong_1m", "prolong_512k"):
@@ -235,10 +236,10 @@ def test_stage_rope_is_inherited_replaced_and_swept():
          "sweep": "factor"},
         {"name": "b", "seq_len": 512, "steps": 1, "rope_theta": 10000},
         {"name": "c", "seq_len": 512, "steps": 1, "rope_theta": 10000, "rope": {"type": "default"}}])
-    pending = plan_recipe(recipe, 1, check_sources=False)
+    pending = schedule_recipe(recipe, 1, check_sources=False)
     assert pending[0].theta_pending and pending[0].model.rope_scaling.factor == 4.0
     assert pending[0].model.rope_scaling.rope_type == "yarn"  # `type` is transformers' older spelling
-    plans = plan_recipe(recipe, 1, check_sources=False, swept={"a": 6.5})
+    plans = schedule_recipe(recipe, 1, check_sources=False, swept={"a": 6.5})
     assert not plans[0].theta_pending
     assert [p.model.rope_scaling and p.model.rope_scaling.factor for p in plans] == [6.5, 6.5, None]
     assert plans[1].model.to_hf()["rope_scaling"] == {"rope_type": "yarn", "factor": 6.5,

@@ -21,9 +21,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from lwm_jax.attention.reference import MASK_VALUE
-
-SP, HEADS_AXIS, BATCH_AXES = "sp", "tp", ("dp", "fsdp")
-LENGTH_AXES = (SP, "ulysses")  # the cache's sequence axes, sp major (cache_len divisible by their product)
+from lwm_jax.parallel.mesh import BATCH_AXES, HEADS_AXIS, SEQ_AXES, axis_sizes
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=("k", "v", "pos"), meta_fields=("mesh",))
@@ -51,7 +49,7 @@ def cache_specs(mesh):
 
 def _length_axes(mesh) -> tuple[str, ...] | None:
     """The mesh's length axes of size > 1, sp major (None: the cache is not sharded along it)."""
-    return tuple(a for a in LENGTH_AXES if dict(mesh.shape).get(a, 1) > 1) or None
+    return tuple(a for a in SEQ_AXES if axis_sizes(mesh)[a] > 1) or None
 
 
 def shard_cache(k, v, pos, mesh) -> KVCache:

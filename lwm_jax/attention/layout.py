@@ -21,9 +21,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from lwm_jax.errors import UserError
-from lwm_jax.parallel.mesh import logical_to_spec
-
-SP, ULYSSES = "sp", "ulysses"
+from lwm_jax.parallel.mesh import SP, ULYSSES, axis_sizes, logical_to_spec
 
 
 def _round_up(x: int, m: int) -> int:
@@ -114,7 +112,8 @@ def padded_length(seq_len: int, impl: str, sp: int = 1, block_size: int = 512, q
 def layout_length(seq_len: int, impl: str, mesh, block_size: int = 512, quantum: int = 1) -> int:
     """The smallest length >= `seq_len` that `impl` accepts on `mesh` (None: one device): what a
     caller pads a sequence of any length to before `place` (the padding masked, never scored)."""
-    return padded_length(seq_len, impl, sp_size(mesh), block_size, quantum, ulysses=ulysses_size(mesh))
+    sizes = axis_sizes(mesh)
+    return padded_length(seq_len, impl, sizes[SP], block_size, quantum, ulysses=sizes[ULYSSES])
 
 
 def check_mesh(impl: str, mesh) -> None:
@@ -149,17 +148,7 @@ def check_heads(q_heads: int, kv_heads: int, tp: int = 1, ulysses: int = 1) -> N
 
 def sp_size(mesh) -> int:
     """The size of the mesh's `sp` axis (1 without a mesh or the axis): the zigzag layout's."""
-    return dict(mesh.shape).get(SP, 1) if mesh is not None else 1
-
-
-def ulysses_size(mesh) -> int:
-    """The size of the mesh's `ulysses` axis (1 without a mesh or the axis)."""
-    return dict(mesh.shape).get(ULYSSES, 1) if mesh is not None else 1
-
-
-def seq_shards(mesh) -> int:
-    """How many ways the sequence is sharded on `mesh`: `sp * ulysses` (1 without a mesh)."""
-    return sp_size(mesh) * ulysses_size(mesh)
+    return axis_sizes(mesh)[SP]
 
 
 def to_layout(x, impl: str, sp: int, axis: int = 1):

@@ -41,12 +41,7 @@ from lwm_jax.attention import ulysses as U
 from lwm_jax.attention.blockwise import check_inputs
 from lwm_jax.attention.layout import check_heads, check_mesh, ring_block, zigzag_indices
 from lwm_jax.errors import UserError
-
-SP, ULYSSES = "sp", "ulysses"
-SEQ_AXES = (SP, ULYSSES)  # the sequence's mesh axes, sp major
-BATCH_AXES = ("dp", "fsdp")
-HEADS_AXIS = "tp"
-
+from lwm_jax.parallel.mesh import BATCH_AXES, HEADS_AXIS, SEQ_AXES, SP, ULYSSES, axis_sizes
 
 # Static plan -----------------------------------------------------------------------------------
 
@@ -120,18 +115,18 @@ def ring_attention(q, k, v, *, segment_ids=None, positions=None, causal: bool = 
     check_inputs(q, k, v, segment_ids, positions)
     mesh = jax.sharding.get_abstract_mesh()
     check_mesh("ring", mesh)
-    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
-    sp, ulysses = sizes.get(SP, 1), sizes.get(ULYSSES, 1)
+    names, sizes = set(mesh.axis_names), axis_sizes(mesh)
+    sp, ulysses = sizes[SP], sizes[ULYSSES]
     batch, seq, q_heads, head_dim = q.shape
     kv_heads = k.shape[2]
     block = ring_block(seq, sp, block_size, ulysses)
-    batch_axes = tuple(a for a in BATCH_AXES if a in sizes)
+    batch_axes = tuple(a for a in BATCH_AXES if a in names)
     n_batch = math.prod(sizes[a] for a in batch_axes)
     if batch % n_batch:
         raise UserError(f"batch={batch} must be divisible by {'*'.join(batch_axes)}={n_batch} "
                         "(ring attention shards the batch over them)")
-    heads_axis = HEADS_AXIS if HEADS_AXIS in sizes else None
-    tp = sizes.get(HEADS_AXIS, 1)
+    heads_axis = HEADS_AXIS if HEADS_AXIS in names else None
+    tp = sizes[HEADS_AXIS]
     check_heads(q_heads, kv_heads, tp, ulysses)
     slots = U.kv_slots(kv_heads // tp, ulysses)
     kv_per_device = 1 if slots is not None else kv_heads // tp // ulysses
@@ -142,7 +137,7 @@ def ring_attention(q, k, v, *, segment_ids=None, positions=None, causal: bool = 
         positions = jnp.broadcast_to(natural, (batch, seq))
     tiling = K.Tiling(q_heads // tp // ulysses // kv_per_device, block, 1.0 / math.sqrt(head_dim))
     cfg = _Ring(sp, ulysses, tiling, causal, chosen, None if slots is None else tuple(slots.tolist()), whole)
-    b, seq_axes = batch_axes or None, tuple(a for a in SEQ_AXES if a in sizes) or None
+    b, seq_axes = batch_axes or None, tuple(a for a in SEQ_AXES if a in names) or None
     x_spec, id_spec = P(b, seq_axes, heads_axis, None), P(b, seq_axes)
     return jax.shard_map(
         functools.partial(_device_attention, cfg=cfg), mesh=mesh,

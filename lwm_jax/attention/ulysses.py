@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-ULYSSES = "ulysses"
+from lwm_jax.parallel.mesh import ULYSSES
 
 
 def kv_slots(kv_heads: int, ulysses: int) -> np.ndarray | None:

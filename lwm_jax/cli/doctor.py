@@ -10,7 +10,7 @@ import textwrap
 from lwm_jax.cli.common import command, print_result
 from lwm_jax.config import MeshConfig
 from lwm_jax.doctor import JSON_KEYS, run_doctor
-from lwm_jax.plan import GIB
+from lwm_jax.planner import GIB
 
 
 def _gbps(x) -> str:

@@ -16,7 +16,7 @@ from lwm_jax.errors import UserError
 from lwm_jax.eval.plots import line_plot
 from lwm_jax.eval.theta_sweep import stage_sweep
 from lwm_jax.model.rope import theta_for
-from lwm_jax.plan import aot_worker, plan_report
+from lwm_jax.planner import aot_worker, plan_report
 from lwm_jax.train.runner import TrainHooks, train
 
 

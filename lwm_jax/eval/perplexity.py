@@ -8,7 +8,6 @@ to the mesh's data axes); padding has segment id 0, which no real token has, and
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -23,6 +22,7 @@ from lwm_jax.data.tokenize import get_tokenizer, load_tokenizer_info
 from lwm_jax.errors import UserError
 from lwm_jax.eval.niah import read_documents
 from lwm_jax.model.llama import Llama
+from lwm_jax.parallel.mesh import batch_shards
 from lwm_jax.train.loss import chunked_cross_entropy
 
 
@@ -51,7 +51,6 @@ def load_tokens(path: str | Path, vocab_size: int) -> np.ndarray:
 
 PAD_SEGMENT = 0  # the segment id of padding (as in packed training data); real tokens have REAL_SEGMENT
 REAL_SEGMENT = 1
-DATA_AXES = ("dp", "fsdp")  # the mesh axes a batch is split over
 
 
 def _rows(tokens) -> list[np.ndarray]:
@@ -73,8 +72,7 @@ def padded_batch(tokens, impl: str, mesh=None, block_size: int = 512) -> dict[st
     """
     rows = _rows(tokens)
     lengths = np.asarray([len(r) for r in rows], np.int32)
-    sizes = dict(mesh.shape) if mesh is not None else {}
-    ways = math.prod(sizes.get(a, 1) for a in DATA_AXES)
+    ways = batch_shards(mesh)
     batch = -(-len(rows) // ways) * ways
     seq = layout_length(int(lengths.max()), impl, mesh, block_size)
     out = np.zeros((batch, seq), np.int32)

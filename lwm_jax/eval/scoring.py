@@ -21,6 +21,7 @@ from lwm_jax.generate import generate
 from lwm_jax.model.context import check_context
 from lwm_jax.model.rope import length_temperature, with_attention_temperature
 from lwm_jax.model.store import load_model, merge_params, read_metadata
+from lwm_jax.parallel.mesh import batch_shards
 from lwm_jax.progress import progress
 
 # `logits_fn(ids: int32 [seq]) -> float [k, vocab]`: logits of the last k positions (any k >= 1;
@@ -104,7 +105,7 @@ class ModelLogits:
         self.max_length = max_length or cfg.max_position_embeddings
         check_mesh(cfg.attention, mesh)
         self.sp = sp_size(mesh)
-        self.batch = mesh.shape["dp"] * mesh.shape["fsdp"] if mesh is not None else 1
+        self.batch = batch_shards(mesh)
 
     def ensure_tail(self, rows: int) -> None:
         """Return at least `rows` logits rows from now on (a long answer)."""

@@ -17,11 +17,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from lwm_jax.parallel.mesh import logical_to_spec
-
-
-def _axes(entry) -> tuple[str, ...]:
-    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+from lwm_jax.parallel.mesh import logical_to_spec, spec_axes
 
 
 def _local_lookup(table, tokens, *, vocab_axis, token_axes, dtype):
@@ -49,10 +45,10 @@ def embed_lookup(table: jax.Array, tokens: jax.Array, dtype) -> jax.Array:
         return jnp.take(table, tokens, axis=0).astype(dtype)
     table_spec = logical_to_spec(("vocab", "embed"), mesh)
     token_spec = logical_to_spec(("batch", "length"), mesh)
-    vocab_axes, group = _axes(table_spec[0]), _axes(table_spec[1])
+    vocab_axes, group = spec_axes(table_spec[0]), spec_axes(table_spec[1])
     if len(vocab_axes) > 1:
         raise ValueError(f"the sharded lookup expects the vocab over at most one axis, got {vocab_axes}")
-    batch_axes, length_axes = _axes(token_spec[0]), _axes(token_spec[1])
+    batch_axes, length_axes = spec_axes(token_spec[0]), spec_axes(token_spec[1])
     # The group's axes in the table's column order (major first), each with the token dimension it
     # shards. The all-to-all runs minor axis first, so the columns come back in the table's order.
     token_axes = []

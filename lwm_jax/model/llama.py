@@ -17,14 +17,15 @@ from jax.ad_checkpoint import checkpoint_name
 
 from lwm_jax.attention import attention
 from lwm_jax.attention.decode import KVCache, cache_attention
-from lwm_jax.config import ModelConfig
+from lwm_jax.config import REMAT_POLICIES, ModelConfig
 from lwm_jax.errors import UserError
 from lwm_jax.model.embed import embed_lookup
 from lwm_jax.model.rope import apply_rope, model_inv_frequencies, model_rope_scale
-from lwm_jax.parallel.mesh import constrain
+from lwm_jax.parallel.mesh import constrain, seq_shards
 
 LAYER_INPUT = "layer_input"  # the residual stream entering a layer: what the layer scan keeps for the backward
-REMAT_POLICIES = {
+# The `jax.checkpoint` policy of each remat name but `none` (no checkpoint at all).
+CHECKPOINT_POLICIES = {
     "full": None,
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
@@ -33,14 +34,8 @@ REMAT_POLICIES = {
         names_which_can_be_saved=(), names_which_can_be_offloaded=(LAYER_INPUT,),
         offload_src="device", offload_dst="pinned_host"),
 }
+assert ("none", *CHECKPOINT_POLICIES) == REMAT_POLICIES, "config.REMAT_POLICIES must name exactly these"
 TILE_TOKENS = 2048  # the default tile: the MLP working set of 2,048 tokens is well under the attention's
-
-
-def _seq_shards() -> int:
-    """How many ways the current mesh shards the sequence: `sp * ulysses` (1 without a mesh)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    sizes = {} if mesh.empty else dict(zip(mesh.axis_names, mesh.axis_sizes))
-    return sizes.get("sp", 1) * sizes.get("ulysses", 1)
 
 
 def seq_tile_for(config: ModelConfig, local_len: int) -> int:
@@ -58,7 +53,7 @@ def map_tiles(fn, arrays: tuple, tile: int, remat: bool):
     array or a tuple of them, of the same leading shape), computed one tile of every device's local
     sequence at a time (a `lax.map`, each tile recomputed on its own in the backward when `remat`),
     so per-token work holds one tile's intermediates, not the whole local sequence's."""
-    sp = _seq_shards()  # every sequence shard, sp major then ulysses: the logical `length`
+    sp = seq_shards(jax.sharding.get_abstract_mesh())  # every sequence shard (sp major, then ulysses): `length`
     batch, seq = arrays[0].shape[:2]
     n = seq // sp // tile
     if n <= 1:
@@ -166,7 +161,8 @@ class DecoderLayer(nnx.Module):
         attention itself is per token and runs over sequence tiles (`map_tiles`): the norm and the
         q/k/v projections before it, the output projection, norm and MLP after it."""
         cfg = self.config
-        tile = seq_tile_for(cfg, x.shape[1] // _seq_shards()) if cache is None else x.shape[1]
+        local = x.shape[1] // seq_shards(jax.sharding.get_abstract_mesh())
+        tile = seq_tile_for(cfg, local) if cache is None else x.shape[1]
         remat = cfg.remat in ("full", "offload")
         q, k, v = map_tiles(self.project_in, (x, positions), tile, remat)
         heads, kv = self.self_attn.attend(q, k, v, positions, segment_ids, cache, layer)
@@ -251,7 +247,8 @@ class Llama(nnx.Module):
             return (h, None), kv if return_kv else None
 
         if cfg.remat != "none" and cache is None and not return_kv:
-            layer_step = jax.checkpoint(layer_step, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+            layer_step = jax.checkpoint(layer_step, policy=CHECKPOINT_POLICIES[cfg.remat],
+                                        prevent_cse=not cfg.scan_layers)
         carry, inputs = (self.embed(tokens), cache), (state, jnp.arange(cfg.num_layers, dtype=jnp.int32))
         if cfg.scan_layers:
             carry, kv = jax.lax.scan(layer_step, carry, inputs)

@@ -15,16 +15,16 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from lwm_jax.parallel.mesh import constrain, logical_to_spec
-
-SEQ_AXES = ("sp", "ulysses")  # the logical `length`, sp major
-
-
-def _sequence_shards() -> int:
-    """How many ways the sequence axis is sharded under the current mesh (`sp * ulysses`)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    sizes = {} if mesh.empty else dict(zip(mesh.axis_names, mesh.axis_sizes))
-    return math.prod(sizes.get(a, 1) for a in SEQ_AXES)
+from lwm_jax.parallel.mesh import (
+    HEADS_AXIS,
+    SEQ_AXES,
+    WEIGHT_AXES,
+    constrain,
+    current_axis_sizes,
+    logical_to_spec,
+    seq_shards,
+    spec_axes,
+)
 
 
 def chunked_cross_entropy(hidden, out_weights, targets, loss_weights, chunk_size: int = 2048):
@@ -36,7 +36,7 @@ def chunked_cross_entropy(hidden, out_weights, targets, loss_weights, chunk_size
     `chunk_size / shards` of its own tokens at a time and nothing is resharded.
     """
     batch, seq, embed = hidden.shape
-    shards = _sequence_shards()
+    shards = seq_shards(jax.sharding.get_abstract_mesh())
     if seq % shards:
         shards = 1
     local = seq // shards
@@ -66,10 +66,6 @@ def chunked_cross_entropy(hidden, out_weights, targets, loss_weights, chunk_size
     nll, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32),
                           (to_chunks(hidden), to_chunks(targets), to_chunks(weights)))
     return nll, jnp.sum(weights)
-
-
-def _axes(entry) -> tuple[str, ...]:
-    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 
 
 def _group_nll(h, t, w, weights, *, group, gather_axes, chunk):
@@ -125,17 +121,17 @@ def vocab_parallel_cross_entropy(hidden, out_weights, targets, loss_weights, chu
     mesh = jax.sharding.get_abstract_mesh()
     batch, seq, _ = hidden.shape
     vocab = out_weights.shape[1]
-    sizes = {} if mesh.empty else dict(zip(mesh.axis_names, mesh.axis_sizes))
-    group = tuple(a for a in ("fsdp", *SEQ_AXES, "tp") if sizes.get(a, 1) > 1)
+    sizes = current_axis_sizes()
+    group = tuple(a for a in (*WEIGHT_AXES, HEADS_AXIS) if sizes[a] > 1)
     ways = math.prod(sizes[a] for a in group)
     token_spec = logical_to_spec(("batch", "length"), mesh) if group else None
-    batch_axes = _axes(token_spec[0]) if group else ()
-    shards = math.prod(sizes.get(a, 1) for a in SEQ_AXES)
+    batch_axes = spec_axes(token_spec[0]) if group else ()
+    shards = math.prod(sizes[a] for a in SEQ_AXES)
     local = seq // shards
     chunk = max(1, min(chunk_size // shards, local))
     if not group or vocab % ways or seq % shards or local % chunk:
         return chunked_cross_entropy(hidden, out_weights, targets, loss_weights, chunk_size)
-    gather_axes = tuple((a, 0 if a in batch_axes else 1) for a in ("fsdp", *SEQ_AXES) if a in group)
+    gather_axes = tuple((a, 0 if a in batch_axes else 1) for a in WEIGHT_AXES if a in group)
     w = jax.lax.with_sharding_constraint(out_weights, P(None, group))
     weights = loss_weights.astype(jnp.float32)
     fn = functools.partial(_group_nll, group=group, gather_axes=gather_axes, chunk=chunk)

@@ -20,12 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lwm_jax.config import ModelConfig
-
-# Dense bf16 peak FLOP/s per device, matched by substring of `jax.devices()[0].device_kind`.
-PEAK_FLOPS = {
-    "H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12,
-    "TPU v6": 918e12, "TPU v5p": 459e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v4": 275e12,
-}
+from lwm_jax.hardware import hardware_for_device
 
 
 def flops_per_token(config: ModelConfig, seq_len: int) -> float:
@@ -51,21 +46,26 @@ def measured_matmul_flops(n: int = 1024, repeats: int = 5) -> float:
     return 2.0 * n**3 / best
 
 
-def peak_flops(override_tflops: float | None = None) -> tuple[float, str]:
-    """(peak FLOP/s of all local devices together, where the figure came from).
+def device_peak_flops(device) -> tuple[float, str]:
+    """(dense peak FLOP/s of one device, where the figure came from): the hardware table's dense
+    bf16 peak on an accelerator it knows; elsewhere the measured float32 matmul rate of this machine
+    (simulated CPU devices share the same cores, so that rate is the whole machine's)."""
+    hw = hardware_for_device(device.device_kind) if device.platform != "cpu" else None
+    if hw is not None:
+        return hw.peak_tflops * 1e12, f"table ({hw.name})"
+    return measured_matmul_flops(), f"measured float32 matmul rate ({device.device_kind})"
 
-    Accelerators: the per-device table value (or the override) times the device count. CPU: the
-    measured matmul rate of the machine, since simulated CPU devices share the same cores.
-    """
+
+def peak_flops(override_tflops: float | None = None) -> tuple[float, str]:
+    """(peak FLOP/s of all devices together, where the figure came from): the override or the
+    table figure per device times the device count; on CPU the machine's measured rate."""
     devices = jax.devices()
     if override_tflops:
         return override_tflops * 1e12 * len(devices), "configured"
-    kind = devices[0].device_kind
-    if devices[0].platform != "cpu":
-        for name, flops in PEAK_FLOPS.items():
-            if name.lower() in kind.lower():
-                return flops * len(devices), f"table ({name} x {len(devices)})"
-    return measured_matmul_flops(), f"measured float32 matmul rate ({kind})"
+    flops, source = device_peak_flops(devices[0])
+    if source.startswith("table"):
+        return flops * len(devices), f"{source[:-1]} x {len(devices)})"
+    return flops, source
 
 
 class MetricsWriter:

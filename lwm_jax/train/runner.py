@@ -34,7 +34,7 @@ from lwm_jax.progress import log, progress
 from lwm_jax.train.checkpoint import TrainCheckpointer
 from lwm_jax.train.metrics import MetricsWriter, flops_per_token, peak_flops
 from lwm_jax.train.optimizer import make_optimizer, make_schedule
-from lwm_jax.train.stages import StagePlan, check_data, init_source, plan_recipe
+from lwm_jax.train.schedule import ScheduledStage, check_data, init_source, schedule_recipe
 from lwm_jax.train.step import build_step, init_params
 from lwm_jax.train.workdir import (
     FINAL_FILE,
@@ -105,7 +105,7 @@ class _Preemption:
         return False
 
 
-def _local_batch(batch: dict[str, np.ndarray], plan: StagePlan) -> dict[str, np.ndarray]:
+def _local_batch(batch: dict[str, np.ndarray], plan: ScheduledStage) -> dict[str, np.ndarray]:
     """Per-process `[A*B_local, seq+1]` examples -> `[A, B_local, seq]` train arrays in the token
     order of the model's attention."""
     arrays = split_inputs_targets(batch)
@@ -114,7 +114,7 @@ def _local_batch(batch: dict[str, np.ndarray], plan: StagePlan) -> dict[str, np.
     return {k: to_layout(v, plan.model.attention, plan.mesh.sp, axis=-1) for k, v in arrays.items()}
 
 
-def _global_batch(local: dict[str, np.ndarray], sharding, plan: StagePlan) -> dict[str, jax.Array]:
+def _global_batch(local: dict[str, np.ndarray], sharding, plan: ScheduledStage) -> dict[str, jax.Array]:
     """Global `[A, B, seq]` arrays from this process's rows (all of seq, its share of B)."""
     shape = (plan.stage.grad_accum, plan.stage.batch_size, plan.stage.seq_len)
     return {k: jax.make_array_from_process_local_data(sharding, v, shape) for k, v in local.items()}
@@ -126,7 +126,7 @@ def _param_l2(params) -> float:
     return float(math.sqrt(sum(float(x) for x in jax.device_get(sums))))
 
 
-def _initial_params(plan: StagePlan, recipe: RecipeConfig, workdir: Path, mesh, hooks: TrainHooks):
+def _initial_params(plan: ScheduledStage, recipe: RecipeConfig, workdir: Path, mesh, hooks: TrainHooks):
     stage = plan.stage
     kind, _, target = stage.init_from.partition(":")
     if stage.init_from == "previous":
@@ -147,7 +147,7 @@ def _initial_params(plan: StagePlan, recipe: RecipeConfig, workdir: Path, mesh, 
     return init_params(plan.model, recipe.seed + plan.index, mesh)
 
 
-def sweep_stage_theta(plan: StagePlan, plans: list[StagePlan], recipe: RecipeConfig, workdir: Path,
+def sweep_stage_theta(plan: ScheduledStage, plans: list[ScheduledStage], recipe: RecipeConfig, workdir: Path,
                       hooks: TrainHooks):
     """Runs a `rope_theta: sweep` stage's theta search from its starting params; returns (theta, params).
 
@@ -177,7 +177,7 @@ def sweep_stage_theta(plan: StagePlan, plans: list[StagePlan], recipe: RecipeCon
     return theta, params
 
 
-def _resume_or_start(plan: StagePlan, recipe: RecipeConfig, workdir: Path, writer, hooks: TrainHooks, mesh, tx,
+def _resume_or_start(plan: ScheduledStage, recipe: RecipeConfig, workdir: Path, writer, hooks: TrainHooks, mesh, tx,
                      fns, checkpointer: TrainCheckpointer, data_iter, start_params):
     """`(start step, params, opt_state)`: the newest readable checkpoint's, or the stage's initial ones."""
     stage, folder = plan.stage, stage_dir(workdir, plan.name)
@@ -200,7 +200,7 @@ def _resume_or_start(plan: StagePlan, recipe: RecipeConfig, workdir: Path, write
     return 0, params, opt_state
 
 
-def run_stage(plan: StagePlan, recipe: RecipeConfig, workdir: Path, writer, profile: tuple[int, int] | None,
+def run_stage(plan: ScheduledStage, recipe: RecipeConfig, workdir: Path, writer, profile: tuple[int, int] | None,
               global_step: int, hooks: TrainHooks, start_params=None,
               preemption: _Preemption | None = None) -> tuple[dict[str, Any], int]:
     """Trains one stage to its last step (resuming from its newest readable checkpoint); returns its
@@ -298,7 +298,7 @@ def train(recipe: RecipeConfig, workdir: str | Path, only_stage: str | None = No
     """
     workdir = Path(workdir)
     swept = swept_thetas(workdir, recipe)
-    plans = plan_recipe(recipe, jax.device_count(), swept=swept)
+    plans = schedule_recipe(recipe, jax.device_count(), swept=swept)
     if only_stage is not None:
         recipe.stage(only_stage)
     if recipe.data is None or not recipe.data.paths:
@@ -325,7 +325,7 @@ def train(recipe: RecipeConfig, workdir: str | Path, only_stage: str | None = No
                 start_params = None
                 if plan.theta_pending:
                     swept[plan.name], start_params = sweep_stage_theta(plan, plans, recipe, workdir, hooks)
-                    plans = plan_recipe(recipe, jax.device_count(), swept=swept)  # later rules build on it
+                    plans = schedule_recipe(recipe, jax.device_count(), swept=swept)  # later rules build on it
                     plan = plans[index]
                 summary, global_step = run_stage(plan, recipe, workdir, writer, profile, global_step, hooks,
                                                  start_params, preemption)

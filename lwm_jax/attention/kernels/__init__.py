@@ -1,11 +1,10 @@
 """Per-block attention kernels behind one small interface (`base.Kernel`), one per platform: the
 pure-JAX `XlaKernel` (everywhere; its blocks in `xla` are also the default backward), `cudnn`
 (GPU) and `splash` (TPU). This module is the registry: it names the kernels and picks one per call.
+The names a config accepts (`config.ATTENTION_KERNELS`) are this registry's, checked at import.
 """
 
 from __future__ import annotations
-
-import jax
 
 from lwm_jax.attention.kernels.base import XLA, Kernel, XlaKernel
 from lwm_jax.attention.kernels.cudnn import CUDNN
@@ -21,19 +20,17 @@ from lwm_jax.attention.kernels.rows import (
     rows_to_q,
 )
 from lwm_jax.attention.kernels.splash import SPLASH
+from lwm_jax.config import ATTENTION_KERNELS
 from lwm_jax.errors import UserError
+from lwm_jax.parallel.mesh import mesh_platform
 
 __all__ = ["LSE_EMPTY", "XLA", "Kernel", "Meta", "XlaKernel", "Tiling", "get_kernel", "ids_to_kv", "ids_to_rows",
-           "kernel_names", "kv_to_rows", "q_to_rows", "register", "rows_to_kv", "rows_to_q", "select_kernel"]
+           "kernel_names", "kv_to_rows", "q_to_rows", "rows_to_kv", "rows_to_q", "select_kernel"]
 
 _KERNELS: dict[str, Kernel] = {k.name: k for k in (XLA, CUDNN, SPLASH)}
+assert ("auto", *_KERNELS) == ATTENTION_KERNELS, "config.ATTENTION_KERNELS must name exactly these kernels"
 # Tried in this order by `kernel="auto"` on each platform; `xla` is always the last resort.
 _AUTO: dict[str, tuple[str, ...]] = {"gpu": ("cudnn",), "tpu": ()}
-
-
-def register(kernel: Kernel) -> Kernel:
-    _KERNELS[kernel.name] = kernel
-    return kernel
 
 
 def kernel_names() -> tuple[str, ...]:
@@ -46,11 +43,11 @@ def get_kernel(name: str) -> Kernel:
     return _KERNELS[name]
 
 
-def select_kernel(name: str, *, dtype, head_dim: int, segments: bool,
+def select_kernel(name: str | Kernel, *, dtype, head_dim: int, segments: bool,
                   platform: str | None = None) -> Kernel:
     """The kernel for a call: `auto` picks the platform's fused kernel when it supports the call
-    (else `xla`); a named kernel that cannot run the call is an error."""
-    platform = platform or jax.default_backend()
+    (else `xla`); a named kernel (or a `Kernel` given as such) that cannot run the call is an error."""
+    platform = platform or mesh_platform()
     if name == "auto":
         for candidate in _AUTO.get(platform, ()):
             kernel = _KERNELS.get(candidate)
@@ -58,7 +55,8 @@ def select_kernel(name: str, *, dtype, head_dim: int, segments: bool,
                     dtype=dtype, head_dim=head_dim, segments=segments) is None:
                 return kernel
         return _KERNELS["xla"]
-    kernel = get_kernel(name)
+    kernel = name if isinstance(name, Kernel) else get_kernel(name)
+    name = kernel.name
     if kernel.platforms and platform not in kernel.platforms:
         raise UserError(f"attention kernel={name!r} runs on {'/'.join(kernel.platforms)}, "
                         f"not on {platform}; use kernel='auto' or 'xla'")

@@ -9,11 +9,11 @@ depends on the query block), so fully masked blocks are never computed.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 
 from lwm_jax.attention.kernels.rows import LSE_EMPTY, Meta, Tiling
+from lwm_jax.parallel.mesh import mesh_platform
 
 # Start value of the running row maximum: below any real score, finite so that
 # exp(scale * (m_old - m_new)) is 0 rather than NaN for rows that have seen only masked keys.
@@ -51,8 +51,9 @@ _MAX_TILE = {"cpu": 256}
 
 
 def compute_tile(block: int) -> int:
-    """The tile the loops run on: `block`, or a divisor of it capped for the backend."""
-    cap = _MAX_TILE.get(jax.default_backend())
+    """The tile the loops run on: `block`, or a divisor of it capped for the platform of the
+    devices the program is lowered for (`mesh_platform`)."""
+    cap = _MAX_TILE.get(mesh_platform())
     return cap if cap is not None and block > cap and block % cap == 0 else block
 
 

@@ -18,7 +18,7 @@ from lwm_jax.model.store import read_hf_config, read_metadata
 
 
 @dataclasses.dataclass(frozen=True)
-class StagePlan:
+class ScheduledStage:
     """A stage with everything resolved: model config (theta, length, remat) and mesh."""
 
     index: int
@@ -53,8 +53,8 @@ def init_source(stage: StageConfig, recipe: RecipeConfig) -> ModelConfig:
     return source
 
 
-def plan_recipe(recipe: RecipeConfig, num_devices: int | None, check_sources: bool = True,
-                swept: dict[str, float] | None = None, only_stage: str | None = None) -> list[StagePlan]:
+def schedule_recipe(recipe: RecipeConfig, num_devices: int | None, check_sources: bool = True,
+                swept: dict[str, float] | None = None, only_stage: str | None = None) -> list[ScheduledStage]:
     """Resolves theta, mesh and model per stage and checks everything that can fail before compiling.
 
     `num_devices=None` sizes each stage by its own mesh (which then may not use -1), as the planner
@@ -101,7 +101,7 @@ def plan_recipe(recipe: RecipeConfig, num_devices: int | None, check_sources: bo
             raise UserError(f"{where}: mesh {mesh_cfg.spec()} has a -1 axis; give the device count (--devices)")
         mesh = mesh_cfg.resolve(num_devices if num_devices is not None else math.prod(mesh_cfg.shape))
         _check_stage(where, stage, model, mesh)
-        plans.append(StagePlan(index, stage, model, mesh, theta_pending=pending))
+        plans.append(ScheduledStage(index, stage, model, mesh, theta_pending=pending))
     return plans
 
 
@@ -127,7 +127,7 @@ def _check_stage(where: str, stage: StageConfig, model: ModelConfig, mesh: MeshC
                         f"the nearest valid lengths are {nearest}")
 
 
-def check_data(recipe: RecipeConfig, plan: StagePlan) -> None:
+def check_data(recipe: RecipeConfig, plan: ScheduledStage) -> None:
     """The stage's prepared data exists, matches its seq_len, and its token ids fit the model's vocab."""
     load_prepared(recipe.data, plan.stage.seq_len)
     for directory in recipe.data.resolved_paths(plan.stage.seq_len):

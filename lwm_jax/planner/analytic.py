@@ -21,54 +21,20 @@ which is what `--aot` is compared with; `memory_bytes_per_device` is the acceler
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any
 
 import numpy as np
 
-from lwm_jax.config import MESH_AXES, MeshConfig, ModelConfig, RecipeConfig
+from lwm_jax.config import MeshConfig, ModelConfig, RecipeConfig
+from lwm_jax.hardware import Hardware
 from lwm_jax.model.llama import seq_tile_for
-from lwm_jax.parallel.mesh import LOGICAL_RULES
-from lwm_jax.plan.traffic import attention_bytes_per_device, axis_link
+from lwm_jax.parallel.mesh import SP, ULYSSES, shard_count
+from lwm_jax.planner.traffic import attention_bytes_per_device, axis_link
 from lwm_jax.train.metrics import flops_per_token
-from lwm_jax.train.stages import plan_recipe
+from lwm_jax.train.schedule import schedule_recipe
 
 GIB = 2**30
-
-
-@dataclasses.dataclass(frozen=True)
-class Hardware:
-    """One device kind: memory, dense bf16 peak, link bandwidths (GB/s, one direction)."""
-
-    name: str = "L40S"
-    memory_gib: float = 48.0
-    peak_tflops: float = 362.0
-    efficiency: float = 0.4  # fraction of peak a well-tuned step reaches
-    intra_node_gbps: float = 32.0  # PCIe 4.0 x16 (L40S has no NVLink)
-    inter_node_gbps: float = 50.0  # 400 Gb/s per node
-    devices_per_node: int = 8
-
-
-HARDWARE = {
-    "L40S": Hardware(),
-    "H100": Hardware("H100", 80.0, 989.0, 0.4, 450.0, 50.0, 8),
-    "A100": Hardware("A100", 80.0, 312.0, 0.4, 300.0, 25.0, 8),
-    "TPU v5p": Hardware("TPU v5p", 95.0, 459.0, 0.45, 200.0, 200.0, 4),
-}
-
-
-def _shard_factor(logical_axes: tuple[str | None, ...], mesh: MeshConfig) -> int:
-    sizes = dict(zip(MESH_AXES, mesh.shape))
-    used: set[str] = set()
-    factor = 1
-    for name in logical_axes:
-        rule = LOGICAL_RULES.get(name) if name else None
-        for axis in (rule,) if isinstance(rule, str) else tuple(rule or ()):
-            if axis not in used:
-                used.add(axis)
-                factor *= sizes[axis]
-    return factor
 
 
 def param_bytes_per_device(model: ModelConfig, mesh: MeshConfig) -> int:
@@ -89,7 +55,7 @@ def param_bytes_per_device(model: ModelConfig, mesh: MeshConfig) -> int:
     ]
     if not model.tie_word_embeddings:
         shapes.append(((d, v), ("embed", "vocab")))
-    return sum(4 * math.prod(shape) // _shard_factor(axes, mesh) for shape, axes in shapes)
+    return sum(4 * math.prod(shape) // shard_count(axes, mesh) for shape, axes in shapes)
 
 
 def layer_param_count(model: ModelConfig) -> int:
@@ -199,7 +165,7 @@ def step_seconds(model: ModelConfig, mesh: MeshConfig, seq_len: int, batch_size:
         gbps = hw.inter_node_gbps if link == "inter-node" else hw.intra_node_gbps
         per_axis[t["axis"]] = {"scheme": scheme, "bytes_per_step": moved, "link": link, "gbps": gbps,
                                "seconds": moved / (gbps * 1e9)}
-    ring, ulysses = per_axis["sp"]["seconds"], per_axis["ulysses"]["seconds"]
+    ring, ulysses = per_axis[SP]["seconds"], per_axis[ULYSSES]["seconds"]
     shards = mesh.fsdp * mesh.sp * mesh.ulysses
     weights = param_bytes_per_device(model, mesh) * shards * dt / 4
     fsdp_bytes = 3 * weights * (shards - 1) / shards * grad_accum  # gather fwd, gather bwd, reduce-scatter
@@ -257,7 +223,7 @@ def longest_fitting(model: ModelConfig, mesh: MeshConfig, batch_size: int, grad_
     return lo * unit
 
 
-def plan_recipe_stages(recipe: RecipeConfig, hw: Hardware, devices: int | None = None,
+def plan_recipe(recipe: RecipeConfig, hw: Hardware, devices: int | None = None,
                        only_stage: str | None = None, max_seq_len: bool = False) -> list[dict[str, Any]]:
     """One analytic plan per stage, each on its own mesh (or all on `devices`); with `only_stage`,
     that stage's alone (the other stages' meshes are not checked); with `max_seq_len`, each entry
@@ -265,7 +231,7 @@ def plan_recipe_stages(recipe: RecipeConfig, hw: Hardware, devices: int | None =
     if only_stage is not None:
         recipe.stage(only_stage)  # an unknown name is an error, not an empty plan
     out = []
-    for plan in plan_recipe(recipe, devices, check_sources=False, only_stage=only_stage):
+    for plan in schedule_recipe(recipe, devices, check_sources=False, only_stage=only_stage):
         stage = plan.stage
         moment_bytes = np.dtype(stage.optimizer_config.moment_dtype).itemsize
         result = plan_stage(plan.model, plan.mesh, stage.seq_len, stage.batch_size, stage.grad_accum, stage.steps,

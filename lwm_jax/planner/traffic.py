@@ -9,6 +9,7 @@ prints them beside its measured rows. Counts follow `attention.ring` and `attent
 from __future__ import annotations
 
 from lwm_jax.config import MESH_AXES, MeshConfig
+from lwm_jax.parallel.mesh import SP, ULYSSES
 
 
 def attention_bytes_per_device(seq_len: int, heads: int, kv_heads: int, head_dim: int, dtype_bytes: int,
@@ -34,8 +35,8 @@ def attention_bytes_per_device(seq_len: int, heads: int, kv_heads: int, head_dim
     block = seq_len // sp * kv_device * head_dim
     ring_fwd = (sp - 1) * 2 * block * dtype_bytes
     ring_bwd = ring_fwd + (sp * 2 * block * 4 if sp > 1 else 0)
-    out = {"ring": {"axis": "sp", "forward_bytes": ring_fwd, "backward_bytes": ring_bwd},
-           "ulysses": {"axis": "ulysses", "forward_bytes": ulysses_bytes, "backward_bytes": ulysses_bytes}}
+    out = {"ring": {"axis": SP, "forward_bytes": ring_fwd, "backward_bytes": ring_bwd},
+           "ulysses": {"axis": ULYSSES, "forward_bytes": ulysses_bytes, "backward_bytes": ulysses_bytes}}
     out["total_bytes"] = sum(v["forward_bytes"] + v["backward_bytes"] for v in out.values())
     return out
 

@@ -19,7 +19,7 @@ from lwm_jax.errors import UserError
 from lwm_jax.model.store import params_target
 from lwm_jax.parallel.mesh import make_mesh
 from lwm_jax.train.optimizer import make_optimizer
-from lwm_jax.train.stages import plan_recipe
+from lwm_jax.train.schedule import schedule_recipe
 from lwm_jax.train.step import BATCH_KEYS, build_step
 
 
@@ -29,7 +29,7 @@ def aot_memory(recipe: RecipeConfig, stage_name: str, devices: int | None = None
     Needs as many (simulated) devices as the stage's mesh has; the CLI starts a process per stage
     with `--cpu-devices` set accordingly.
     """
-    plan = next(p for p in plan_recipe(recipe, devices, check_sources=False, only_stage=stage_name)
+    plan = next(p for p in schedule_recipe(recipe, devices, check_sources=False, only_stage=stage_name)
                 if p.name == stage_name)
     stage = plan.stage
     mesh = make_mesh(plan.mesh, devices=jax.devices()[: math.prod(plan.mesh.shape)])
