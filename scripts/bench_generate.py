@@ -59,7 +59,7 @@ def main(argv=None) -> int:
                          num_kv_heads=2, head_dim=64, bos_token_id=0, eos_token_id=(1,), remat="none",
                          attention="ring", attention_block_size=512)
     mesh = make_mesh(MeshConfig(sp=CPU_DEVICES))
-    model = G._on_mesh(Llama(config, nnx.Rngs(0)), mesh)
+    model = G.place_model(Llama(config, nnx.Rngs(0)), mesh)
     single_model = Llama(config, nnx.Rngs(0))
     one_device = jax.devices()[0]
     rng = np.random.default_rng(0)
@@ -68,8 +68,8 @@ def main(argv=None) -> int:
     rows = []
     for context in (int(c) for c in args.contexts.split(",")):
         prompt = rng.integers(2, config.vocab_size, context).astype(np.int32)
-        plan = G.plan_cache(config, context, args.new_tokens, mesh)
-        single_plan = G.plan_cache(config.replace(attention="blockwise"), context, args.new_tokens, None)
+        plan = G.cache_spec(config, context, args.new_tokens, mesh)
+        single_plan = G.cache_spec(config.replace(attention="blockwise"), context, args.new_tokens, None)
         jax.block_until_ready(G.prefill(model, prompt, plan, mesh))  # compile
         start = time.perf_counter()
         logits, cache = jax.block_until_ready(G.prefill(model, prompt, plan, mesh))
@@ -81,7 +81,7 @@ def main(argv=None) -> int:
                 for c in host]
         single_cache = tuple(jax.device_put(c, one_device) for c in host)
         single_logits = jax.device_put(np.asarray(logits), one_device)
-        sharded_hlo = G._decode.lower(model, cache, logits, jnp.int32(context), jax.random.key(0),
+        sharded_hlo = G.loop._decode.lower(model, cache, logits, jnp.int32(context), jax.random.key(0),
                                       jnp.asarray([-1], jnp.int32), jnp.float32(1), jnp.float32(1),
                                       max_new_tokens=args.new_tokens, greedy=True, mesh=mesh).compile().as_text()
         counts = _collectives(sharded_hlo)

@@ -147,7 +147,7 @@ def generate_check(args, sizes: dict) -> dict:
     config = sizes["model"].replace(max_position_embeddings=n + new)
     model = Llama(config, nnx.Rngs(0))
     prompt = np.random.default_rng(0).integers(0, config.vocab_size, n).astype(np.int32)
-    plan = G.plan_cache(config, n, new, None)
+    plan = G.cache_spec(config, n, new, None)
     timings = {}
     for label in ("first", "timed"):  # the first call of each compiles
         start = time.perf_counter()

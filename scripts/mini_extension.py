@@ -381,9 +381,9 @@ def evaluate(ckpt: Path, sample: Path, s: Settings, stacks, heatmaps: Path) -> d
 def position_loss(ckpt: Path, tokens, s: Settings) -> dict:
     """Mean next-token NLL on demo-corpus text in position buckets ending at each eval length."""
     from lwm_jax.eval.perplexity import nll_by_position
-    from lwm_jax.model.store import load_model
+    from lwm_jax.model.opened import open_checkpoint
 
-    model, _ = load_model(str(ckpt), attention="blockwise")
+    model = open_checkpoint(str(ckpt), attention="blockwise").model()
     result = nll_by_position(model, tokens, [0, *eval_lengths(s)])
     return {int(b["end"]): b["mean_nll"] for b in result["buckets"]}
 

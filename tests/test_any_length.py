@@ -59,12 +59,12 @@ def ring(tiny):
     import jax
 
     from lwm_jax.config import MeshConfig
-    from lwm_jax.model.store import load_model
+    from lwm_jax.model.opened import open_checkpoint
     from lwm_jax.parallel.mesh import make_mesh
 
     mesh = make_mesh(MeshConfig.parse("dp=2,sp=4"))
     with jax.set_mesh(mesh):
-        model, _ = load_model(tiny["ckpt"], mesh=mesh, attention="ring")
+        model = open_checkpoint(tiny["ckpt"], mesh, attention="ring").model()
     return model, mesh
 
 

@@ -198,9 +198,9 @@ def _edit_config(folder, **changes):
 def _logits_match(hf_dir, ckpt, tokens, tol=LOGIT_TOL):
     import jax.numpy as jnp
 
-    from lwm_jax.model.store import load_model
+    from lwm_jax.model.opened import open_checkpoint
 
-    ours = np.asarray(load_model(ckpt)[0](jnp.asarray(tokens)))
+    ours = np.asarray(open_checkpoint(ckpt).model()(jnp.asarray(tokens)))
     theirs, _ = _logits(hf_dir, tokens)
     return np.abs(ours - theirs).max() <= tol
 

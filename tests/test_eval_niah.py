@@ -142,16 +142,16 @@ def test_model_logits_tail_matches_full_forward_ring(tiny_ckpt):
 
     from lwm_jax.config import MeshConfig
     from lwm_jax.eval.scoring import ModelLogits
-    from lwm_jax.model.store import load_model
+    from lwm_jax.model.opened import open_checkpoint
     from lwm_jax.parallel.mesh import make_mesh
 
-    model, _ = load_model(tiny_ckpt)
+    model = open_checkpoint(tiny_ckpt).model()
     ids = np.random.default_rng(0).integers(0, 128_000, size=61).astype(np.int32)  # odd: padded to 64 for the ring
     full = np.asarray(model(ids[None]))[0]
     np.testing.assert_allclose(ModelLogits(model, tail=8)(ids), full[-8:], atol=LOGITS_ATOL)
     mesh = make_mesh(MeshConfig.parse("dp=2,sp=4"))
     with jax.set_mesh(mesh):
-        ring, _ = load_model(tiny_ckpt, mesh=mesh, attention="ring")
+        ring = open_checkpoint(tiny_ckpt, mesh, attention="ring").model()
         ring_tail = ModelLogits(ring, mesh=mesh, tail=8)(ids)
     np.testing.assert_allclose(ring_tail, full[-8:], atol=LOGITS_ATOL)
 

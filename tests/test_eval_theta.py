@@ -118,13 +118,13 @@ def test_golden_section_on_known_minimum():
 def test_loss_by_position(trained_ckpt, tmp_path, capsys):
     from lwm_jax.cli import main
     from lwm_jax.eval.perplexity import load_tokens, mean_nll
-    from lwm_jax.model.store import load_model
+    from lwm_jax.model.opened import open_checkpoint
 
     ckpt, data, _ = trained_ckpt
     assert main(["eval", "ppl", str(ckpt), "--data", str(data), "--seq-len", str(SEQ), "--num-sequences", "4",
                  "--buckets", f"{PERIOD - 1},{2 * PERIOD}", "--out", str(tmp_path), "--json"]) == 0
     result = json.loads(capsys.readouterr().out.splitlines()[-1])
-    model, _ = load_model(ckpt)
+    model = open_checkpoint(ckpt).model()
     plain, count = mean_nll(model, load_tokens(data, VOCAB))
     assert result["tokens"] == count and abs(result["mean_nll"] - plain) <= NLL_ATOL
     first, _, last = result["buckets"]

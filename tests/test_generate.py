@@ -140,13 +140,13 @@ def test_sharded_decode_never_moves_the_cache(tiny):
     from lwm_jax.parallel.mesh import make_mesh
 
     mesh = make_mesh(MeshConfig(sp=4), devices=jax.devices()[:4])
-    model = G._on_mesh(import_hf(tiny["root"] / "hf", attention="ring"), mesh)
-    plan = G.plan_cache(model.config, len(tiny["prompt"]), NEW_TOKENS, mesh)
+    model = G.place_model(import_hf(tiny["root"] / "hf", attention="ring"), mesh)
+    plan = G.cache_spec(model.config, len(tiny["prompt"]), NEW_TOKENS, mesh)
     logits, cache = G.prefill(model, tiny["prompt"], plan, mesh)
     assert cache[0].sharding.spec[2] == "sp"
     out, count = G.decode(model, cache, logits, plan, mesh=mesh)
     assert np.asarray(out)[: int(count)].tolist() == tiny["expected"]
-    hlo = G._decode.lower(model, cache, logits, jnp.int32(plan.prompt_len), jax.random.key(0),
+    hlo = G.loop._decode.lower(model, cache, logits, jnp.int32(plan.prompt_len), jax.random.key(0),
                           jnp.asarray([-1], jnp.int32), jnp.float32(1), jnp.float32(1),
                           max_new_tokens=NEW_TOKENS, greedy=True, mesh=mesh).compile().as_text()
     assert re.search(r"\ball-reduce(-start)?\(", hlo)

@@ -26,7 +26,7 @@ from lwm_jax.config import ModelConfig
 from lwm_jax.convert import gguf as gguf_export
 from lwm_jax.errors import UserError
 from lwm_jax.model.llama import Llama
-from lwm_jax.model.store import load_model
+from lwm_jax.model.opened import open_checkpoint
 from tests.conftest import llama3_tokenizer_dir, make_hf_llama
 
 F32_LOGIT_TOL = 1e-3  # max |llama.cpp - ours| over the prompt's logits
@@ -81,7 +81,7 @@ def _llama_cpp_logits(path, tokens) -> np.ndarray:
 
 
 def _ours(ckpt, tokens) -> np.ndarray:
-    model, _ = load_model(ckpt)
+    model = open_checkpoint(ckpt).model()
     return np.asarray(model(jnp.asarray([tokens], jnp.int32)))[0]
 
 
@@ -247,7 +247,7 @@ def test_failed_export_leaves_existing_file_and_no_partial_file(exported, tmp_pa
     monkeypatch.setattr(gguf_export, "hf_tensors", failing)
     out = tmp_path / "m.gguf"
     out.write_bytes(b"keep")
-    model, _ = load_model(exported.ckpt)
+    model = open_checkpoint(exported.ckpt).model()
     with pytest.raises(RuntimeError, match="disk full"):
         gguf_export.export_gguf(model, out, llama3_tokenizer_dir(), type="f16", force=True)
     assert out.read_bytes() == b"keep" and sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]

@@ -19,10 +19,11 @@ import numpy as np
 
 from lwm_jax.config import ModelConfig, RopeScaling
 from lwm_jax.convert.hf import hf_shapes, hf_tensors
+from lwm_jax.data.tokenize import EOT_TOKEN
 from lwm_jax.errors import UserError
 from lwm_jax.model.llama import Llama
+from lwm_jax.model.opened import open_checkpoint
 from lwm_jax.model.rope import attention_factor, inv_frequencies
-from lwm_jax.model.store import load_model, read_metadata
 from lwm_jax.progress import progress
 
 QT = gguf.GGMLQuantizationType
@@ -35,7 +36,6 @@ LLAMA3_PRE = "llama-bpe"
 LLAMA3_SPLIT_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                       r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 DEFAULT_SPECIALS = {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"}
-EOT_TOKEN = "<|eot_id|>"
 ROPE_FREQS = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
 
 
@@ -334,8 +334,7 @@ def export_checkpoint(ckpt: str | Path, out_path: str | Path, tokenizer_dir: str
     """
     check_type(type)
     out = check_output(out_path, force)
-    metadata = read_metadata(ckpt, step)
-    vocab = read_vocab(tokenizer_dir, metadata["model"]["vocab_size"])
-    model, metadata = load_model(ckpt, step)
-    return _write(model, out, vocab, type=type, name=out.stem,
-                  context_length=int(metadata["max_position_embeddings"]), rope_theta=float(metadata["rope_theta"]))
+    opened = open_checkpoint(ckpt, step=step)
+    vocab = read_vocab(tokenizer_dir, opened.config.vocab_size)
+    return _write(opened.model(), out, vocab, type=type, name=out.stem, context_length=opened.trained_length,
+                  rope_theta=opened.rope_theta)

@@ -23,17 +23,16 @@ import numpy as np
 import yaml
 from flax import nnx
 
-from lwm_jax.config import ModelConfig, from_dict
+from lwm_jax.config import ModelConfig
 from lwm_jax.convert.safetensors_io import INDEX_FILE, TensorReader, plan_shards, weight_files, write_safetensors
 from lwm_jax.errors import UserError
 from lwm_jax.model.llama import Llama
+from lwm_jax.model.opened import open_checkpoint
 from lwm_jax.model.store import (
     LazyLeaf,
-    iter_params,
     model_metadata,
     params_target,
     read_hf_config,
-    read_metadata,
     save_lazy_params,
 )
 from lwm_jax.parallel.mesh import state_shardings
@@ -321,14 +320,12 @@ def export_hf_checkpoint(ckpt: str | Path, out_dir: str | Path, *, stage: str | 
     out_dir = Path(out_dir)
     ckpt, record = stage_checkpoint(ckpt, stage) if stage else (ckpt, None)
     tokenizer_dir = _check_export(out_dir, dtype, tokenizer_dir, force)
-    meta = read_metadata(ckpt)
-    cfg = from_dict(ModelConfig, meta["model"])
-    if meta.get("max_position_embeddings") is not None:
-        cfg = cfg.replace(max_position_embeddings=meta["max_position_embeddings"])
-    _write_hf(cfg, iter_params(ckpt, cfg), _leaf_keys(cfg), out_dir, dtype=dtype, tokenizer_dir=tokenizer_dir,
+    opened = open_checkpoint(ckpt)
+    cfg = opened.config
+    _write_hf(cfg, opened.iter_params(), _leaf_keys(cfg), out_dir, dtype=dtype, tokenizer_dir=tokenizer_dir,
               max_shard_bytes=max_shard_bytes)
     if record is not None:
-        write_model_card(out_dir, record, meta)
+        write_model_card(out_dir, record, opened.metadata)
     return {"out_dir": str(out_dir), "dtype": dtype}
 
 

@@ -18,9 +18,10 @@ import zstandard
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from tqdm import tqdm
 
+from lwm_jax.data.tokenize import EOT_TOKEN
 from lwm_jax.errors import UserError
 
-SPECIAL_TOKENS = ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+SPECIAL_TOKENS = ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", EOT_TOKEN)
 # Llama-3 Instruct's chat template (the revision that honours add_generation_prompt).
 LLAMA3_CHAT_TEMPLATE = (
     "{% set loop_messages = messages %}{% for message in loop_messages %}"

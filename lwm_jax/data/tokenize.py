@@ -23,6 +23,7 @@ from lwm_jax.data.packing import with_bos_eos
 from lwm_jax.data.sources import Doc, WorkUnit, read_unit
 from lwm_jax.errors import UserError
 
+EOT_TOKEN = "<|eot_id|>"  # Llama-3's end of a chat turn: generation stops at it
 TEXT_BATCH_CHARS = 4 << 20  # characters handed to the batch encoder at once
 TEXT_BATCH_DOCS = 4096
 CHAT_BATCH = 256

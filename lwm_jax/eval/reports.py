@@ -5,26 +5,18 @@ probes or the theta sweep, and write the JSON + PNG files. What the `lwm-jax eva
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from collections.abc import Sequence
-
-import jax
 
 from lwm_jax.errors import UserError
 from lwm_jax.eval import niah, passkey, ruler
 from lwm_jax.eval.perplexity import load_eval_data, load_tokens, mean_nll, nll_by_position, parse_buckets
 from lwm_jax.eval.plots import line_plot, short_length
-from lwm_jax.eval.scoring import runtime_for, setup_probes
+from lwm_jax.eval.scoring import setup_probes
 from lwm_jax.eval.theta_sweep import save_sweep, theta_sweep
-from lwm_jax.model.context import check_context
-from lwm_jax.model.store import load_model, read_metadata
-
-
-def _on_mesh(mesh):
-    """`jax.set_mesh(mesh)`, or nothing without a mesh."""
-    return jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
+from lwm_jax.model.opened import open_checkpoint
+from lwm_jax.parallel.mesh import use_mesh
 
 
 def _name(ckpt: str) -> str:
@@ -75,20 +67,19 @@ def ppl_report(ckpt: str, *, tokens: str | None = None, data: Sequence[str] | No
     `buckets`, `sequences` and `seq_len`), and with `out` written by `write_ppl_report`. Sequences
     past the checkpoint's max_position_embeddings are measured, with a warning (`check_context`).
     """
-    meta = read_metadata(ckpt)
-    vocab = meta["model"]["vocab_size"]
+    opened = open_checkpoint(ckpt, mesh, **runtime)
+    vocab = opened.config.vocab_size
     if seq_len is not None and seq_len < 2:
         raise UserError(f"--seq-len={seq_len} must be >= 2 (one next-token prediction)")
     if tokens is not None:
         ids = load_tokens(tokens, vocab)
     else:
-        ids = load_eval_data(data, seq_len or meta["max_position_embeddings"], num_sequences, vocab, tokenizer)
-    check_context(int(ids.shape[1]), meta["max_position_embeddings"], what="sequence length")
+        ids = load_eval_data(data, seq_len or opened.trained_length, num_sequences, vocab, tokenizer)
+    opened.check_context(int(ids.shape[1]), what="sequence length")
     by_position = data is not None or buckets is not None or out is not None
     edges = parse_buckets(buckets, ids.shape[1]) if by_position else None
-    runtime = runtime_for(meta, mesh, runtime)
-    with _on_mesh(mesh):
-        model, _ = load_model(ckpt, mesh=mesh, **runtime)
+    with use_mesh(mesh):
+        model = opened.model()
         if not by_position:
             nll, count = mean_nll(model, ids, mesh=mesh)
             return {"mean_nll": nll, "tokens": count}
@@ -120,7 +111,7 @@ def probe_report(task: str, ckpt: str, tokenizer: str, *, lengths: Sequence[int]
     `depths` default to the task's own; `temperature` "log-n" scores past the trained length with
     the log-n attention temperature. The result gains `checkpoint`, `temperature` and `files`.
     """
-    with _on_mesh(mesh):
+    with use_mesh(mesh):
         s = setup_probes(ckpt, tokenizer, mesh=mesh, chat=chat, generate=generate, max_length=max_length,
                          lengths=lengths, temperature=temperature, **runtime)
         common = dict(lengths=lengths, samples=samples, seed=seed, chat=s.chat, bos_id=s.info.bos_id,
@@ -140,14 +131,12 @@ def theta_sweep_report(ckpt: str, data: Sequence[str], *, context: int, candidat
                        **runtime) -> dict:
     """Loss of `ckpt` at candidate RoPE thetas on `data` (see `theta_sweep`); with `out` also writes
     theta_sweep.json and theta_sweep.png there (the result gains `files`)."""
-    meta = read_metadata(ckpt)
-    check_context(context, meta["max_position_embeddings"], what="context")
-    tokens = load_eval_data(data, context, num_sequences, meta["model"]["vocab_size"], tokenizer)
-    runtime = runtime_for(meta, mesh, runtime)
-    with _on_mesh(mesh):
-        model, _ = load_model(ckpt, mesh=mesh, **runtime)
-        result = theta_sweep(model, tokens, context=context, candidates=candidates, search=search, num=num,
-                             span=span, iterations=iterations, orig_context=meta["max_position_embeddings"],
+    opened = open_checkpoint(ckpt, mesh, **runtime)
+    opened.check_context(context, what="context")
+    tokens = load_eval_data(data, context, num_sequences, opened.config.vocab_size, tokenizer)
+    with use_mesh(mesh):
+        result = theta_sweep(opened.model(), tokens, context=context, candidates=candidates, search=search,
+                             num=num, span=span, iterations=iterations, orig_context=opened.trained_length,
                              mesh=mesh)
     if out:
         result["files"] = save_sweep(result, out)

@@ -19,8 +19,9 @@ from lwm_jax.errors import UserError
 from lwm_jax.eval.probes import ChatWrap, Probe, chat_wrap_for
 from lwm_jax.generate import generate
 from lwm_jax.model.context import check_context
+from lwm_jax.model.opened import open_checkpoint
 from lwm_jax.model.rope import length_temperature, with_attention_temperature
-from lwm_jax.model.store import load_model, merge_params, read_metadata
+from lwm_jax.model.store import merge_params
 from lwm_jax.parallel.mesh import batch_shards
 from lwm_jax.progress import progress
 
@@ -201,14 +202,6 @@ class ProbeSetup:
     meta: dict = dataclasses.field(default_factory=dict)
 
 
-def runtime_for(meta: dict, mesh, runtime: dict) -> dict:
-    """`runtime` with the attention a checkpoint runs with here when none was asked: a ring checkpoint
-    runs blockwise (the same attention on one device) when there is no mesh, else its own."""
-    if runtime.get("attention") is None and mesh is None and meta["model"].get("attention") == "ring":
-        return {**runtime, "attention": "blockwise"}
-    return runtime
-
-
 def setup_probes(ckpt: str, tokenizer_dir: str, *, mesh=None, chat: bool = False, generate: bool = False,
                  max_length: int | None = None, lengths=(), tail: int = 32, temperature: str = "none",
                  **runtime) -> ProbeSetup:
@@ -227,24 +220,21 @@ def setup_probes(ckpt: str, tokenizer_dir: str, *, mesh=None, chat: bool = False
     info = load_tokenizer_info(tokenizer_dir)
     tokenizer = get_tokenizer(info.tokenizer_file)
     wrap = chat_wrap_for(tokenizer, info, chat)
-    meta = read_metadata(ckpt)
     if max_length is not None and max_length < 1:
         raise UserError(f"--max-length={max_length} must be >= 1")
-    trained = meta["max_position_embeddings"]
-    limit = max_length or trained
+    opened = open_checkpoint(ckpt, mesh, **runtime)
+    limit = max_length or opened.trained_length
     if lengths:
-        check_context(max(lengths), trained, what="length", limit=limit)
-    runtime = runtime_for(meta, mesh, runtime)
-    if meta["model"]["vocab_size"] < info.vocab_size:
+        opened.check_context(max(lengths), what="length", limit=limit)
+    if opened.config.vocab_size < info.vocab_size:
         raise UserError(f"tokenizer {info.directory} has {info.vocab_size} tokens but the model's vocab_size is "
-                        f"{meta['model']['vocab_size']}")
-    check_mesh(runtime.get("attention"), mesh)
-    model, _ = load_model(ckpt, mesh=mesh, **runtime)
-    stop = [info.eos_id] + [i for i in (tokenizer.token_to_id("<|eot_id|>"),) if i is not None]
+                        f"{opened.config.vocab_size}")
+    model = opened.model()
+    stop = opened.stop_ids(tokenizer, info.eos_id)
     logits_fn = (LengthTempered(model, lengths, mesh, tail=tail, max_length=limit) if temperature == "log-n"
                  else ModelLogits(model, mesh, tail=tail, max_length=limit))
     return ProbeSetup(tokenizer, info, logits_fn, wrap, generate_fn_for(model, mesh, stop) if generate else None,
-                      meta)
+                      opened.metadata)
 
 
 def parse_lengths(text: str) -> list[int]:

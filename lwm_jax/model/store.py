@@ -23,7 +23,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh
 
-from lwm_jax.config import RUN_FIELDS, ModelConfig, from_dict, to_dict
+from lwm_jax.config import ModelConfig, to_dict
 from lwm_jax.errors import UserError
 from lwm_jax.model.llama import Llama
 from lwm_jax.parallel.mesh import state_shardings
@@ -124,20 +124,6 @@ def merge_params(config: ModelConfig, params: dict) -> Llama:
     graphdef, state = nnx.split(nnx.eval_shape(lambda: Llama(config, nnx.Rngs(0))))
     nnx.replace_by_pure_dict(state, params)
     return nnx.merge(graphdef, state)
-
-
-def load_model(path: str | Path, step: int | None = None, mesh: Mesh | None = None,
-               **runtime: Any) -> tuple[Llama, dict[str, Any]]:
-    """Restores a `Llama` (params sharded on `mesh` if given) and its metadata.
-
-    `runtime` overrides how the model runs (dtype, remat, attention, ...), never its shapes.
-    """
-    unknown = set(runtime) - set(RUN_FIELDS)
-    if unknown:
-        raise ValueError(f"cannot override {sorted(unknown)} at load time (run-only fields: {RUN_FIELDS})")
-    metadata = read_metadata(path, step)
-    config = from_dict(ModelConfig, metadata["model"]).replace(**runtime)
-    return merge_params(config, restore_params(path, config, mesh, step)), metadata
 
 
 def read_hf_config(hf_dir: str | Path, **runtime) -> ModelConfig:

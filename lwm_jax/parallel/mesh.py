@@ -10,6 +10,7 @@ through the constants below, never by their strings.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import jax
@@ -95,6 +96,11 @@ def make_mesh(config: MeshConfig, devices=None) -> Mesh:
         return jax.make_mesh(resolved.shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
     return Mesh(np.asarray(devices).reshape(resolved.shape), MESH_AXES,
                 axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def use_mesh(mesh):
+    """`jax.set_mesh(mesh)`, or a context that sets nothing when `mesh` is None."""
+    return jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
 
 
 def logical_to_spec(logical_axes: tuple[str | None, ...], mesh=None) -> P:
