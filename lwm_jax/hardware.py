@@ -50,12 +50,12 @@ HARDWARE: dict[str, Hardware] = {h.name: h for h in (
 )}
 
 
-def get_hardware(name: str) -> Hardware:
-    """The entry named `name` (case-insensitive); a UserError naming the known ones otherwise."""
+def get_hardware(name: str, flag: str = "--hardware") -> Hardware:
+    """The entry named `name` (case-insensitive); a UserError naming `flag` and the known ones otherwise."""
     for key, hw in HARDWARE.items():
         if key.lower() == name.lower():
             return hw
-    raise UserError(f"hardware {name!r} is not one of {', '.join(HARDWARE)}")
+    raise UserError(f"{flag} {name!r} is not one of {', '.join(HARDWARE)}")
 
 
 def hardware_for_device(device_kind: str) -> Hardware | None:

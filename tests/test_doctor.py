@@ -146,7 +146,7 @@ def test_every_json_key_is_documented(capsys):
     (["doctor", "--stage", "x16"], "--stage needs --recipe"),
     (["doctor", "--recipe", DEMO, "--stage", "nope"], "'nope' is not a stage"),
     (["doctor", "--mesh", "dp=3"], "needs 3 devices but 8"),
-    (["doctor", "--hardware", "B200"], "--hardware 'B200' is not one of"),
+    (["doctor", "--hardware", "H800"], "--hardware 'H800' is not one of"),
 ])
 def test_doctor_bad_input_is_one_line(capsys, argv, message):
     assert message in cli_error(capsys, argv)
