@@ -79,8 +79,8 @@ def test_recipe_sweep_stage_finds_trained_theta(trained_ckpt, tmp_path):
 
     from lwm_jax.config import DataConfig, RecipeConfig, from_dict
     from lwm_jax.eval.theta_sweep import stage_sweep
-    from lwm_jax.train.runner import TrainHooks, sweep_stage_theta
-    from lwm_jax.train.schedule import schedule_recipe
+    from lwm_jax.train.runner import TrainServices, sweep_stage_theta
+    from lwm_jax.train.schedule import init_source, schedule_recipe
     from lwm_jax.train.workdir import swept_thetas
 
     ckpt, data, _ = trained_ckpt
@@ -95,7 +95,8 @@ def test_recipe_sweep_stage_finds_trained_theta(trained_ckpt, tmp_path):
     recipe = dataclasses.replace(recipe, data=DataConfig(paths=[str(data)]))
     plans = schedule_recipe(recipe, 8)
     assert plans[0].theta_pending and plans[0].model.rope_theta == TRAINED_THETA  # the center, for now
-    theta, params = sweep_stage_theta(plans[0], plans, recipe, tmp_path, TrainHooks(sweep_theta=stage_sweep))
+    start = init_source(recipe.stages[0], recipe)
+    theta, params = sweep_stage_theta(plans[0], start, recipe, tmp_path, TrainServices(sweep_theta=stage_sweep))
     assert TRAINED_THETA / THETA_FACTOR <= theta <= TRAINED_THETA * THETA_FACTOR
     assert swept_thetas(tmp_path, recipe) == {"same": theta}
     assert (tmp_path / "stages/same/theta_sweep/theta_sweep.png").is_file()

@@ -17,7 +17,7 @@ from lwm_jax.eval.plots import line_plot
 from lwm_jax.eval.theta_sweep import stage_sweep
 from lwm_jax.model.rope import theta_for
 from lwm_jax.planner import aot_worker, plan_report
-from lwm_jax.train.runner import TrainHooks, train
+from lwm_jax.train.runner import TrainServices, train
 
 
 def write_loss_plot(workdir: Path, recipe) -> Path | None:
@@ -44,7 +44,7 @@ def write_loss_plot(workdir: Path, recipe) -> Path | None:
 
 # What training takes from conversion and evaluation: HF weights for `init_from: hf:DIR`, the theta
 # search for `rope_theta: sweep`, and the loss curve drawn when a run ends.
-HOOKS = TrainHooks(load_hf=import_hf_params, sweep_theta=stage_sweep, after_run=write_loss_plot)
+SERVICES = TrainServices(load_hf=import_hf_params, sweep_theta=stage_sweep, after_run=write_loss_plot)
 
 GIB = 2**30
 
@@ -82,7 +82,7 @@ def cmd_train(args) -> int:
     profile = _parse_profile(args.profile)
     workdir = Path(args.workdir or f"runs/{recipe.name}")
     try:
-        summaries = train(recipe, workdir, only_stage=args.stage, profile=profile, hooks=HOOKS)
+        summaries = train(recipe, workdir, only_stage=args.stage, profile=profile, services=SERVICES)
     except KeyboardInterrupt:  # Ctrl-C before the steps began, or twice: nothing to save
         print("lwm-jax: interrupted; nothing saved since the last checkpoint", file=sys.stderr)
         raise SystemExit(130) from None

@@ -182,7 +182,7 @@ def import_hf_checkpoint(hf_dir: str | Path, ckpt: str | Path, *, mesh=None, for
 
 
 def import_hf_params(hf_dir: str | Path, mesh, runtime: dict) -> dict:
-    """Params (pure dict) of a Hugging Face folder on `mesh` (the `TrainHooks.load_hf` of training)."""
+    """Params (pure dict) of a Hugging Face folder on `mesh` (the `TrainServices.load_hf` of training)."""
     return nnx.to_pure_dict(nnx.state(import_hf(hf_dir, mesh=mesh, **runtime)))
 
 

@@ -254,18 +254,23 @@ def build_iterator(config: DataConfig, *, seq_len: int, global_batch_size: int, 
 
 
 def make_global_batch(local_batch: dict[str, np.ndarray], sharding: Any, *,
-                      global_batch_size: int | None = None) -> dict[str, Any]:
+                      global_batch_size: int | None = None, batch_axis: int = 0) -> dict[str, Any]:
     """Global `jax.Array`s from this process's rows via `jax.make_array_from_process_local_data`.
 
     `sharding` is one `NamedSharding` for every array or a dict of them per key. Give
     `global_batch_size` when processes that share rows (sequence parallelism across hosts) each
     pass the same rows; by default the global batch is the per-process rows times the processes
     that hold distinct rows, as JAX infers it. Shard the sequence axis only after
-    `packing.split_inputs_targets` (seq_len divides evenly, seq_len + 1 does not).
+    `packing.split_inputs_targets` (seq_len divides evenly, seq_len + 1 does not). `batch_axis`: the
+    axis of the rows (1 for training's `[grad_accum, batch, seq]`).
     """
     out = {}
     for key, value in local_batch.items():
         s = sharding[key] if isinstance(sharding, dict) else sharding
-        shape = None if global_batch_size is None else (global_batch_size, *np.shape(value)[1:])
+        shape = None
+        if global_batch_size is not None:
+            shape = list(np.shape(value))
+            shape[batch_axis] = global_batch_size
+            shape = tuple(shape)
         out[key] = jax.make_array_from_process_local_data(s, np.asarray(value), shape)
     return out

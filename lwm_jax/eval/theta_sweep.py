@@ -163,7 +163,7 @@ def save_sweep(result: dict, directory: str | Path) -> dict[str, str]:
 
 def stage_sweep(model, paths, *, context: int, sweep: ThetaSweepConfig, sequences: int, orig_context: int, mesh,
                 out_dir: str | Path, param: str = "rope_theta") -> float:
-    """A recipe stage's `rope_theta: sweep` or `sweep: FIELD` (the `TrainHooks.sweep_theta` the CLI
+    """A recipe stage's `rope_theta: sweep` or `sweep: FIELD` (the `TrainServices.sweep_theta` the CLI
     passes to training): the search on the first `sequences` of the stage's data; process 0 writes
     and logs the table. Returns the best value."""
     tokens = load_eval_data(paths, context, sequences, model.config.vocab_size)

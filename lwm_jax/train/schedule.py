@@ -1,5 +1,5 @@
-"""Stage planning: every stage of a recipe resolved (theta, length, remat, mesh) and checked
-against the devices, the init sources and the prepared data before anything compiles.
+"""The stage schedule: every stage of a recipe resolved (theta, length, remat, mesh) and checked
+against the devices, the init sources and the prepared data before anything compiles, once per run.
 """
 
 from __future__ import annotations
@@ -53,47 +53,58 @@ def init_source(stage: StageConfig, recipe: RecipeConfig) -> ModelConfig:
     return source
 
 
+def stage_model(recipe: RecipeConfig, stage: StageConfig, previous: ModelConfig,
+                swept: float | None = None) -> ModelConfig:
+    """The model a stage trains: the recipe's, with the stage's length, remat, RoPE scaling (the
+    previous model's when the stage gives none) and theta, a number or a rule applied to `previous`
+    (the model the stage starts from: the previous stage's, or the first stage's init source).
+    `swept`: the value a sweeping stage found (None before its search: the scaling-law theta, or the
+    recipe's value of the swept field, stands in; shapes do not depend on them)."""
+    where = f"stages.{stage.name}"
+    if stage.rope_theta == "sweep" and swept is not None:
+        theta = swept
+    elif stage.rope_theta in ("scaling-law", "ntk", "sweep"):
+        rule = "scaling-law" if stage.rope_theta == "sweep" else stage.rope_theta
+        theta = theta_for(rule, stage.seq_len, previous.rope_theta, recipe.model.head_dim,
+                          previous.max_position_embeddings)
+    else:
+        theta = float(stage.rope_theta)
+    if not (theta > 0 and math.isfinite(theta)):
+        raise UserError(f"{where}.rope_theta resolves to {theta}; it must be > 0")
+    rope = previous.rope_scaling if stage.rope is None else stage.rope
+    if stage.swept not in (None, "rope_theta") and swept is not None:
+        rope = dataclasses.replace(rope, **{stage.swept: swept})
+    return recipe.model.replace(rope_theta=theta, rope_scaling=rope, max_position_embeddings=stage.seq_len,
+                                remat=stage.remat or recipe.model.remat)
+
+
 def schedule_recipe(recipe: RecipeConfig, num_devices: int | None, check_sources: bool = True,
-                swept: dict[str, float] | None = None, only_stage: str | None = None) -> list[ScheduledStage]:
-    """Resolves theta, mesh and model per stage and checks everything that can fail before compiling.
+                    swept: dict[str, float] | None = None, only_stage: str | None = None) -> list[ScheduledStage]:
+    """Resolves theta, mesh and model per stage (`stage_model`) and checks everything that can fail
+    before compiling.
 
     `num_devices=None` sizes each stage by its own mesh (which then may not use -1), as the planner
     does for recipes whose stages run on different clusters. `check_sources=False` skips looking at
     init folders (planning on a machine that does not hold the weights). `swept` holds the values
-    that sweeping stages (`rope_theta: sweep`, or `sweep: FIELD` of their `rope`) have found so far; a
-    stage not yet swept is planned with the scaling-law theta or its recipe value of the field
-    (shapes do not depend on them) and marked `theta_pending`. A stage without `rope` keeps the RoPE
-    scaling method of the model it starts from. `only_stage`: plan (and check the mesh of) that stage
-    alone; the others still pass their theta and RoPE on to it.
+    that sweeping stages (`rope_theta: sweep`, or `sweep: FIELD` of their `rope`) found in an earlier
+    run; a stage not yet swept is marked `theta_pending` and its model (and those of the stages
+    after it) is provisional until the runner resolves it where the stage starts. `only_stage`:
+    schedule (and check the mesh of) that stage alone; the others still pass their theta and RoPE on
+    to it.
     """
     plans = []
     swept = swept or {}
-    first = recipe.stages[0]
-    previous = init_source(first, recipe) if check_sources else recipe.model
-    prev_theta, prev_len, prev_rope = previous.rope_theta, previous.max_position_embeddings, previous.rope_scaling
+    previous = init_source(recipe.stages[0], recipe) if check_sources else recipe.model
     for index, stage in enumerate(recipe.stages):
         where = f"stages.{stage.name}"
         pending = stage.swept is not None and stage.name not in swept
         if stage.swept is not None and stage.init_from == "scratch":
             raise UserError(f"{where}: a {stage.swept} sweep needs trained weights to measure, but the stage "
                             "starts from scratch; give a number or a rule")
-        if stage.rope_theta == "sweep" and not pending:
-            theta = swept[stage.name]
-        elif stage.rope_theta in ("scaling-law", "ntk", "sweep"):
-            rule = "scaling-law" if stage.rope_theta == "sweep" else stage.rope_theta
-            theta = theta_for(rule, stage.seq_len, prev_theta, recipe.model.head_dim, prev_len)
-        else:
-            theta = float(stage.rope_theta)
-        if not (theta > 0 and math.isfinite(theta)):
-            raise UserError(f"{where}.rope_theta resolves to {theta}; it must be > 0")
         if check_sources and index > 0 and stage.init_from != "previous":
             init_source(stage, recipe)  # checks the folder exists and its shapes match
-        rope = prev_rope if stage.rope is None else stage.rope
-        if stage.swept not in (None, "rope_theta") and not pending:
-            rope = dataclasses.replace(rope, **{stage.swept: swept[stage.name]})
-        model = recipe.model.replace(rope_theta=theta, rope_scaling=rope, max_position_embeddings=stage.seq_len,
-                                     remat=stage.remat or recipe.model.remat)
-        prev_theta, prev_len, prev_rope = theta, stage.seq_len, model.rope_scaling
+        model = stage_model(recipe, stage, previous, swept.get(stage.name))
+        previous = model
         if only_stage not in (None, stage.name):
             continue
         mesh_cfg = stage.mesh or recipe.mesh
