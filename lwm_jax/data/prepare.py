@@ -14,7 +14,6 @@ from pathlib import Path
 import grain
 from absl import flags
 from array_record.python.array_record_module import ArrayRecordWriter
-from tqdm import tqdm
 
 from lwm_jax import __version__
 from lwm_jax.config import PrepareConfig
@@ -23,6 +22,7 @@ from lwm_jax.data.packing import SequencePacker
 from lwm_jax.data.sources import SKIP_REASONS, plan_inputs
 from lwm_jax.data.tokenize import TokenizeUnit, load_tokenizer_info
 from lwm_jax.errors import UserError
+from lwm_jax.progress import progress as report
 
 SHARD_DIR = "shards"
 WRITER_OPTIONS = "group_size:1,uncompressed"  # one sequence per chunk, no decompression: fast random reads
@@ -82,6 +82,73 @@ def _stem(name: str, taken: set[str]) -> str:
     return stem
 
 
+class _SourceOutput:
+    """One source's way out of `prepare`: its packer, its shard writer and its counts."""
+
+    def __init__(self, name: str, kind: str, stem: str, out: Path, config: PrepareConfig, eos_id: int):
+        self.name, self.kind = name, kind
+        self.packer = SequencePacker(config.seq_len, eos_id, with_mask=kind == "chat")
+        self.writer = _ShardWriter(out, stem, config.shard_tokens)
+        self.record_tokens = config.seq_len + 1
+        self.stats: collections.Counter = collections.Counter()
+
+    def add(self, part: dict) -> int:
+        """Packs and writes one unit's documents of this source; returns the tokens kept."""
+        st = self.stats
+        st["documents"] += part["documents"]
+        st["content_tokens"] += part["content_tokens"]
+        st["kept_documents"] += len(part["lengths"])
+        st["kept_tokens"] += len(part["tokens"])
+        for record in self.packer.add(part["tokens"], part["lengths"], part["mask"]):
+            self.writer.write(record, self.record_tokens)
+        return len(part["tokens"])
+
+    def finish(self) -> dict:
+        """Writes the packer's last sequence and returns the manifest entry of this source."""
+        for record in self.packer.finish():
+            self.writer.write(record, self.record_tokens)
+        st = self.stats
+        if self.packer.tokens_out != st["kept_tokens"]:  # packing must neither lose nor duplicate tokens
+            raise RuntimeError(f"packing lost tokens for {self.name}: {st['kept_tokens']} in, "
+                               f"{self.packer.tokens_out} out")
+        return {"kind": self.kind, "documents": st["documents"], "content_tokens": st["content_tokens"],
+                "kept_documents": st["kept_documents"], "kept_tokens": st["kept_tokens"],
+                "sequences": self.packer.sequences, "padding_tokens": self.packer.padding,
+                "shards": self.writer.files}
+
+
+class _Outputs:
+    """Every source's `_SourceOutput`, made when its first documents arrive: a source that holds both
+    text and chat records is written as two (`name` and `name-chat`)."""
+
+    def __init__(self, out: Path, config: PrepareConfig, eos_id: int):
+        self.out, self.config, self.eos_id = out, config, eos_id
+        self.by_key: dict[tuple[str, str], _SourceOutput] = {}
+        self.stems: set[str] = set()
+
+    def get(self, name: str, kind: str) -> _SourceOutput:
+        key = (name, kind)
+        if key not in self.by_key:
+            taken = any(k[0] == name for k in self.by_key)
+            shown = name if not taken else f"{name}-{kind}"
+            self.by_key[key] = _SourceOutput(shown, kind, _stem(shown, self.stems), self.out, self.config, self.eos_id)
+        return self.by_key[key]
+
+    def close(self) -> None:
+        for source in self.by_key.values():
+            source.writer.close()
+
+
+def _units(plan, info, config: PrepareConfig):
+    """The tokenized units, in grain worker processes (`config.workers`) or threads."""
+    ds = grain.MapDataset.source(list(plan.units)).map(TokenizeUnit(info, config))
+    if config.workers > 0:
+        _absl_flags_parsed()
+        return ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=1)).mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=config.workers, per_worker_buffer_size=1))
+    return ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=2))
+
+
 def prepare(inputs: list[str], tokenizer: str | Path, out: str | Path, config: PrepareConfig, *,
             overwrite: bool = False, progress: bool = False) -> dict:
     """Tokenizes and packs `inputs` into `out`; returns the manifest (also written to `out`).
@@ -99,65 +166,21 @@ def prepare(inputs: list[str], tokenizer: str | Path, out: str | Path, config: P
     (out / SHARD_DIR).mkdir(parents=True, exist_ok=True)
 
     start = time.perf_counter()
-    ds = grain.MapDataset.source(list(plan.units)).map(TokenizeUnit(info, config))
-    if config.workers > 0:
-        _absl_flags_parsed()
-        it = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=1)).mp_prefetch(
-            grain.MultiprocessingOptions(num_workers=config.workers, per_worker_buffer_size=1))
-    else:
-        it = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=2))
-
     counts: collections.Counter = collections.Counter()
-    packers: dict[tuple[str, str], SequencePacker] = {}
-    writers: dict[tuple[str, str], _ShardWriter] = {}
-    names: dict[tuple[str, str], str] = {}
-    stats: dict[tuple[str, str], collections.Counter] = {}
-    stems: set[str] = set()
-    total_tokens = 0
-    bar = tqdm(total=len(plan.units), unit="unit", desc="prepare", disable=not progress, dynamic_ncols=True)
-    iterator = iter(it)
+    outputs = _Outputs(out, config, info.eos_id)
+    iterator = iter(_units(plan, info, config))
     try:
-        for result in iterator:
+        results = report(iterator, "prepare (units)", total=len(plan.units)) if progress else iterator
+        for result in results:
             counts.update(result["counts"])
-            for key, part in result["sources"].items():
-                if key not in packers:
-                    name, kind = key
-                    taken = {n for k, n in names.items() if k[0] == name}
-                    names[key] = name if not taken else f"{name}-{kind}"
-                    packers[key] = SequencePacker(config.seq_len, info.eos_id, with_mask=kind == "chat")
-                    writers[key] = _ShardWriter(out, _stem(names[key], stems), config.shard_tokens)
-                    stats[key] = collections.Counter()
-                st = stats[key]
-                st["documents"] += part["documents"]
-                st["content_tokens"] += part["content_tokens"]
-                st["kept_documents"] += len(part["lengths"])
-                st["kept_tokens"] += len(part["tokens"])
-                total_tokens += len(part["tokens"])
-                for record in packers[key].add(part["tokens"], part["lengths"], part["mask"]):
-                    writers[key].write(record, config.seq_len + 1)
-            bar.update(1)
-            bar.set_postfix(tokens=f"{total_tokens:,}", refresh=False)
-        for key, packer in packers.items():
-            for record in packer.finish():
-                writers[key].write(record, config.seq_len + 1)
+            for (name, kind), part in result["sources"].items():
+                outputs.get(name, kind).add(part)
+        sources = {source.name: source.finish() for source in outputs.by_key.values()}
     finally:
-        bar.close()
-        for writer in writers.values():
-            writer.close()
+        outputs.close()
         if hasattr(iterator, "close"):
             iterator.close()
     seconds = time.perf_counter() - start
-
-    sources = {}
-    for key, packer in packers.items():
-        st = stats[key]
-        if packer.tokens_out != st["kept_tokens"]:  # packing must neither lose nor duplicate tokens
-            raise RuntimeError(f"packing lost tokens for {names[key]}: {st['kept_tokens']} in, "
-                               f"{packer.tokens_out} out")
-        sources[names[key]] = {
-            "kind": key[1], "documents": st["documents"], "content_tokens": st["content_tokens"],
-            "kept_documents": st["kept_documents"], "kept_tokens": st["kept_tokens"],
-            "sequences": packer.sequences, "padding_tokens": packer.padding, "shards": writers[key].files}
     corrupt = sorted(k.split(":", 1)[1] for k in counts if k.startswith("corrupt_file:"))
     skipped = {r: counts.get(r, 0) for r in SKIP_REASONS}
     skipped["empty_files"] = len(plan.empty_files)

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import zstandard
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from tqdm import tqdm
 
 from lwm_jax.data.tokenize import EOT_TOKEN
 from lwm_jax.errors import UserError
+from lwm_jax.progress import log
 
 SPECIAL_TOKENS = ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", EOT_TOKEN)
 # Llama-3 Instruct's chat template (the revision that honours add_generation_prompt).
@@ -217,18 +217,18 @@ def build_sample(out_dir: str | Path, *, vocab_size: int = 4096, max_chars_per_s
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not overwrite)):
         raise UserError(f"output {out} exists and is not an empty folder; pass --overwrite or choose a new folder")
 
-    steps = tqdm(total=4, desc="sample", unit="step", disable=not progress)
+    step = log if progress else (lambda message: None)
+    step("sample: reading the Python standard library's sources")
     files = stdlib_files()
     if not files:
         raise UserError(f"no standard-library sources found under {sysconfig.get_paths()['stdlib']}")
     code = [f for f in files if not is_test_file(f[0])]
     tests = [f for f in files if is_test_file(f[0])]
     sources = {"stdlib_code": _code_documents(code, max_chars_per_source)}
-    steps.update(1)
     sources["stdlib_docs"], chats = docstring_documents(code, max_chars_per_source, max_chars_per_source // 1500)
-    steps.update(1)
     sources["stdlib_tests"] = _test_documents(tests, max_chars_per_source)
 
+    step(f"sample: writing the corpus to {out / 'corpus'}")
     (out / "corpus").mkdir(parents=True, exist_ok=True)
     (out / "chat").mkdir(exist_ok=True)
     (out / "tokenizer").mkdir(exist_ok=True)
@@ -242,7 +242,7 @@ def build_sample(out_dir: str | Path, *, vocab_size: int = 4096, max_chars_per_s
         written.append(path)
     _write_jsonl_zst(out / "chat" / "chat-00000-of-00001.jsonl.zst", chats)
     written.append(out / "chat" / "chat-00000-of-00001.jsonl.zst")
-    steps.update(1)
+    step(f"sample: training the {tokenizer} tokenizer")
 
     train_texts, n = [], 0
     for record in records:
@@ -257,8 +257,6 @@ def build_sample(out_dir: str | Path, *, vocab_size: int = 4096, max_chars_per_s
               "model_max_length": 1 << 30, "tokenizer_class": "PreTrainedTokenizerFast"}
     (out / "tokenizer" / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     written += [out / "tokenizer" / "tokenizer.json", out / "tokenizer" / "tokenizer_config.json"]
-    steps.update(1)
-    steps.close()
     summary = {
         "python": platform.python_version(), "out_dir": str(out), "tokenizer": tokenizer,
         "vocab_size": tok.get_vocab_size(),

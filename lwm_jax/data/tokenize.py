@@ -161,6 +161,86 @@ class _SourceParts:
                 "documents": self.documents, "content_tokens": self.content_tokens}
 
 
+class _UnitTokenizer:
+    """The state of tokenizing one work unit: its kept documents per source, its counts, and the
+    batches of texts and chats waiting for the batch encoders."""
+
+    def __init__(self, info: TokenizerInfo, config: PrepareConfig, unit_index: int):
+        self.info, self.config = info, config
+        self.tok = get_tokenizer(info.tokenizer_file)
+        self.template = ChatTemplate(info.chat_template, dict(info.special_tokens)) if info.chat_template else None
+        self.counts: collections.Counter = collections.Counter()
+        self.rng = np.random.default_rng([config.seed, unit_index])
+        self.parts: dict[tuple[str, str], _SourceParts] = {}
+        self.texts: list[str] = []
+        self.text_sources: list[str] = []
+        self.text_chars = 0
+        self.chats: list[Doc] = []
+
+    def part(self, source: str, kind: str) -> _SourceParts:
+        return self.parts.setdefault((source, kind), _SourceParts(kind))
+
+    def add(self, doc: Doc) -> None:
+        """Queues (or, for pre-tokenized records, adds) one document."""
+        self.counts["valid_records"] += 1
+        if doc.kind == "text":
+            self.texts.append(doc.payload)
+            self.text_sources.append(doc.source)
+            self.text_chars += len(doc.payload)
+            if self.text_chars >= TEXT_BATCH_CHARS or len(self.texts) >= TEXT_BATCH_DOCS:
+                self.flush_texts()
+        elif doc.kind == "tokens":
+            self.flush_texts()  # keep the keep-or-drop draws in document order
+            self.add_plain([doc.source], doc.payload, np.array([len(doc.payload)], np.int64))
+        elif self.template is None:
+            self.counts["no_chat_template"] += 1
+        else:
+            self.chats.append(doc)
+            if len(self.chats) >= CHAT_BATCH:
+                self.flush_chats()
+
+    def add_plain(self, sources: list[str], flat: np.ndarray, lengths: np.ndarray) -> None:
+        """Documents `flat` (tokens, `lengths` each) of `sources`, kept or dropped by length."""
+        cfg, info = self.config, self.info
+        keep = keep_documents(lengths, self.rng, cfg.min_doc_tokens, cfg.short_keep_prob)
+        src = np.asarray(sources)
+        for name in dict.fromkeys(sources):
+            is_src = src == name
+            p = self.part(name, "text")
+            p.documents += int(is_src.sum())
+            p.content_tokens += int(lengths[is_src].sum())
+            sel = is_src & keep
+            tokens, new_lengths = with_bos_eos(flat[np.repeat(sel, lengths)], lengths[sel], info.bos_id, info.eos_id)
+            p.tokens.append(tokens)
+            p.lengths.append(new_lengths)
+
+    def flush_texts(self) -> None:
+        if not self.texts:
+            return
+        encoded = encode_texts(self.tok, self.texts)
+        good = [i for i, ids in enumerate(encoded) if ids is not None]
+        self.counts["invalid_utf8"] += len(encoded) - len(good)
+        self.add_plain([self.text_sources[i] for i in good], *flatten_ids([encoded[i] for i in good]))
+        self.texts, self.text_sources, self.text_chars = [], [], 0
+
+    def flush_chats(self) -> None:
+        if not self.chats:
+            return
+        results = encode_chats(self.tok, self.template, [d.payload for d in self.chats], self.info.bos_id)
+        for doc, res in zip(self.chats, results):
+            if res is None:
+                self.counts["malformed_messages"] += 1
+                continue
+            ids, mask = res
+            p = self.part(doc.source, "chat")
+            p.documents += 1
+            p.content_tokens += len(ids)
+            p.tokens.append(ids)
+            p.lengths.append(np.array([len(ids)], np.int64))
+            p.masks.append(mask)
+        self.chats = []
+
+
 class TokenizeUnit(grain.transforms.Map):
     """grain transform: `WorkUnit` -> {"unit", "counts", "sources": {name: kept documents}}.
 
@@ -174,83 +254,10 @@ class TokenizeUnit(grain.transforms.Map):
         self.config = config
 
     def map(self, unit: WorkUnit) -> dict:
-        cfg, info = self.config, self.info
-        tok = get_tokenizer(info.tokenizer_file)
-        counts: collections.Counter = collections.Counter()
-        rng = np.random.default_rng([cfg.seed, unit.index])
-        parts: dict[tuple[str, str], _SourceParts] = {}
-        template = None
-        if info.chat_template is not None:
-            template = ChatTemplate(info.chat_template, dict(info.special_tokens))
-
-        def part(source: str, kind: str) -> _SourceParts:
-            return parts.setdefault((source, kind), _SourceParts(kind))
-
-        def add_plain(sources: list[str], flat: np.ndarray, lengths: np.ndarray) -> None:
-            keep = keep_documents(lengths, rng, cfg.min_doc_tokens, cfg.short_keep_prob)
-            src = np.asarray(sources)
-            for name in dict.fromkeys(sources):
-                is_src = src == name
-                p = part(name, "text")
-                p.documents += int(is_src.sum())
-                p.content_tokens += int(lengths[is_src].sum())
-                sel = is_src & keep
-                tokens, new_lengths = with_bos_eos(flat[np.repeat(sel, lengths)], lengths[sel],
-                                                   info.bos_id, info.eos_id)
-                p.tokens.append(tokens)
-                p.lengths.append(new_lengths)
-
-        texts: list[str] = []
-        text_sources: list[str] = []
-        chats: list[Doc] = []
-        batch_chars = 0
-
-        def flush_texts() -> None:
-            nonlocal batch_chars
-            encoded = encode_texts(tok, texts)
-            good = [i for i, ids in enumerate(encoded) if ids is not None]
-            counts["invalid_utf8"] += len(encoded) - len(good)
-            add_plain([text_sources[i] for i in good], *flatten_ids([encoded[i] for i in good]))
-            texts.clear()
-            text_sources.clear()
-            batch_chars = 0
-
-        def flush_chats() -> None:
-            results = encode_chats(tok, template, [d.payload for d in chats], info.bos_id)
-            for doc, res in zip(chats, results):
-                if res is None:
-                    counts["malformed_messages"] += 1
-                    continue
-                ids, mask = res
-                p = part(doc.source, "chat")
-                p.documents += 1
-                p.content_tokens += len(ids)
-                p.tokens.append(ids)
-                p.lengths.append(np.array([len(ids)], np.int64))
-                p.masks.append(mask)
-            chats.clear()
-
-        for doc in read_unit(unit, cfg, info.vocab_size, counts):
-            counts["valid_records"] += 1
-            if doc.kind == "text":
-                texts.append(doc.payload)
-                text_sources.append(doc.source)
-                batch_chars += len(doc.payload)
-                if batch_chars >= TEXT_BATCH_CHARS or len(texts) >= TEXT_BATCH_DOCS:
-                    flush_texts()
-            elif doc.kind == "tokens":
-                if texts:  # keep the keep-or-drop draws in document order
-                    flush_texts()
-                add_plain([doc.source], doc.payload, np.array([len(doc.payload)], np.int64))
-            elif template is None:
-                counts["no_chat_template"] += 1
-            else:
-                chats.append(doc)
-                if len(chats) >= CHAT_BATCH:
-                    flush_chats()
-        if texts:
-            flush_texts()
-        if chats:
-            flush_chats()
-        return {"unit": unit.index, "counts": dict(counts),
-                "sources": {key: p.result() for key, p in parts.items()}}
+        state = _UnitTokenizer(self.info, self.config, unit.index)
+        for doc in read_unit(unit, self.config, self.info.vocab_size, state.counts):
+            state.add(doc)
+        state.flush_texts()
+        state.flush_chats()
+        return {"unit": unit.index, "counts": dict(state.counts),
+                "sources": {key: p.result() for key, p in state.parts.items()}}
