@@ -43,10 +43,56 @@ def _collectives(hlo: str) -> dict[str, int]:
     return {op: len(re.findall(rf"\b{op}(?:-start)?\(", hlo)) for op in ops}
 
 
-def main(argv=None) -> int:
-    args = _parse(argv)
+def _measure_context(args, context, config, model, single_model, mesh, rng):
+    """(context, prefill s, sharded and single-device decode tokens/s, their median ratio, the
+    sharded decode's collectives) for one prompt length."""
     import jax
     import jax.numpy as jnp
+    import numpy as np
+
+    from lwm_jax import generate as G
+
+    one_device = jax.devices()[0]
+    prompt = rng.integers(2, config.vocab_size, context).astype(np.int32)
+    plan = G.cache_spec(config, context, args.new_tokens, mesh)
+    single_plan = G.cache_spec(config.replace(attention="blockwise"), context, args.new_tokens, None)
+    jax.block_until_ready(G.prefill(model, prompt, plan, mesh))  # compile
+    start = time.perf_counter()
+    logits, cache = jax.block_until_ready(G.prefill(model, prompt, plan, mesh))
+    prefill_s = time.perf_counter() - start
+    # The same cache on one device (padded to the single-device plan's length).
+    pad = single_plan.cache_len - plan.cache_len
+    host = [np.pad(np.asarray(c), ((0, 0), (0, 0), (0, max(pad, 0)), (0, 0), (0, 0)))[:, :, :single_plan.cache_len]
+            for c in cache]
+    single_cache = tuple(jax.device_put(c, one_device) for c in host)
+    single_logits = jax.device_put(np.asarray(logits), one_device)
+    sharded_hlo = G.loop._decode.lower(model, cache, logits, jnp.int32(context), jax.random.key(0),
+                                       jnp.asarray([-1], jnp.int32), jnp.float32(1), jnp.float32(1),
+                                       max_new_tokens=args.new_tokens, greedy=True, mesh=mesh).compile().as_text()
+
+    def run(m, c, lg, p, msh):
+        t0 = time.perf_counter()
+        out, count = G.decode(m, c, lg, p, mesh=msh)
+        jax.block_until_ready(out)
+        assert int(count) == args.new_tokens
+        return args.new_tokens / (time.perf_counter() - t0), np.asarray(out)
+
+    _, ref = run(single_model, single_cache, single_logits, single_plan, None)  # compile both
+    _, got = run(model, cache, logits, plan, mesh)
+    assert (ref == got).all(), "sharded and single-device decode disagree"
+    sharded, single, ratios = [], [], []
+    for _ in range(args.rounds):
+        s = run(model, cache, logits, plan, mesh)[0]
+        o = run(single_model, single_cache, single_logits, single_plan, None)[0]
+        sharded.append(s)
+        single.append(o)
+        ratios.append(s / o)
+    return (context, prefill_s, statistics.median(sharded), statistics.median(single), statistics.median(ratios),
+            _collectives(sharded_hlo))
+
+
+def main(argv=None) -> int:
+    args = _parse(argv)
     import numpy as np
     from flax import nnx
 
@@ -61,56 +107,19 @@ def main(argv=None) -> int:
     mesh = make_mesh(MeshConfig(sp=CPU_DEVICES))
     model = G.place_model(Llama(config, nnx.Rngs(0)), mesh)
     single_model = Llama(config, nnx.Rngs(0))
-    one_device = jax.devices()[0]
     rng = np.random.default_rng(0)
     results: dict[str, dict] = {"prefill_s": {}, "decode_tokens_per_s": {}, "decode_tokens_per_s_single": {},
                                 "decode_sharded_over_single": {}, "decode_collectives": {}}
     rows = []
     for context in (int(c) for c in args.contexts.split(",")):
-        prompt = rng.integers(2, config.vocab_size, context).astype(np.int32)
-        plan = G.cache_spec(config, context, args.new_tokens, mesh)
-        single_plan = G.cache_spec(config.replace(attention="blockwise"), context, args.new_tokens, None)
-        jax.block_until_ready(G.prefill(model, prompt, plan, mesh))  # compile
-        start = time.perf_counter()
-        logits, cache = jax.block_until_ready(G.prefill(model, prompt, plan, mesh))
-        prefill_s = time.perf_counter() - start
-        # The same cache on one device (padded to the single-device plan's length).
-        pad = single_plan.cache_len - plan.cache_len
-        host = [np.asarray(c) for c in cache]
-        host = [np.pad(c, ((0, 0), (0, 0), (0, max(pad, 0)), (0, 0), (0, 0)))[:, :, :single_plan.cache_len]
-                for c in host]
-        single_cache = tuple(jax.device_put(c, one_device) for c in host)
-        single_logits = jax.device_put(np.asarray(logits), one_device)
-        sharded_hlo = G.loop._decode.lower(model, cache, logits, jnp.int32(context), jax.random.key(0),
-                                      jnp.asarray([-1], jnp.int32), jnp.float32(1), jnp.float32(1),
-                                      max_new_tokens=args.new_tokens, greedy=True, mesh=mesh).compile().as_text()
-        counts = _collectives(sharded_hlo)
-
-        def run(m, c, lg, p, msh):
-            t0 = time.perf_counter()
-            out, count = G.decode(m, c, lg, p, mesh=msh)
-            jax.block_until_ready(out)
-            assert int(count) == args.new_tokens
-            return args.new_tokens / (time.perf_counter() - t0), np.asarray(out)
-
-        _, ref = run(single_model, single_cache, single_logits, single_plan, None)  # compile both
-        _, got = run(model, cache, logits, plan, mesh)
-        assert (ref == got).all(), "sharded and single-device decode disagree"
-        sharded, single, ratios = [], [], []
-        for _ in range(args.rounds):
-            s = run(model, cache, logits, plan, mesh)[0]
-            o = run(single_model, single_cache, single_logits, single_plan, None)[0]
-            sharded.append(s)
-            single.append(o)
-            ratios.append(s / o)
+        row = _measure_context(args, context, config, model, single_model, mesh, rng)
         key = str(context)
-        results["prefill_s"][key] = prefill_s
-        results["decode_tokens_per_s"][key] = statistics.median(sharded)
-        results["decode_tokens_per_s_single"][key] = statistics.median(single)
-        results["decode_sharded_over_single"][key] = statistics.median(ratios)
-        results["decode_collectives"][key] = counts
-        rows.append((context, prefill_s, statistics.median(sharded), statistics.median(single),
-                     statistics.median(ratios), counts))
+        results["prefill_s"][key] = row[1]
+        results["decode_tokens_per_s"][key] = row[2]
+        results["decode_tokens_per_s_single"][key] = row[3]
+        results["decode_sharded_over_single"][key] = row[4]
+        results["decode_collectives"][key] = row[5]
+        rows.append(row)
     print(f"model: {config.num_params:,} params, {config.num_layers} layers, kv_heads {config.num_kv_heads}, "
           f"head_dim {config.head_dim}; mesh sp={CPU_DEVICES} on {CPU_DEVICES} simulated CPU devices "
           f"({os.cpu_count()} host cores); {args.new_tokens} new tokens, {args.rounds} interleaved rounds")

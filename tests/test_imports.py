@@ -114,24 +114,26 @@ def import_cycles(graph: dict[str, set[str]]) -> list[tuple[list[str], list[str]
         if v not in index:
             connect(v)
 
-    cycles = []
-    for component in components:  # shortest cycle from the component's first member, by BFS
-        start = min(component)
-        parent: dict[str, str | None] = {start: None}
-        queue = deque([start])
-        while queue:
-            v = queue.popleft()
-            if start in graph.get(v, ()):
-                path = [v]
-                while parent[path[-1]] is not None:
-                    path.append(parent[path[-1]])
-                cycles.append((sorted(component), [*reversed(path), start]))
-                break
-            for w in sorted(graph.get(v, ())):
-                if w in component and w not in parent:
-                    parent[w] = v
-                    queue.append(w)
-    return sorted(cycles)
+    return sorted((sorted(c), _shortest_cycle(graph, c)) for c in components)
+
+
+def _shortest_cycle(graph: dict[str, set[str]], component: set[str]) -> list[str]:
+    """One shortest cycle [a, b, ..., a] through the component's first member, by BFS."""
+    start = min(component)
+    parent: dict[str, str | None] = {start: None}
+    queue = deque([start])
+    while queue:
+        v = queue.popleft()
+        if start in graph.get(v, ()):
+            path = [v]
+            while parent[path[-1]] is not None:
+                path.append(parent[path[-1]])
+            return [*reversed(path), start]
+        for w in sorted(graph.get(v, ())):
+            if w in component and w not in parent:
+                parent[w] = v
+                queue.append(w)
+    return [start, start]
 
 
 def long_modules(lines: dict[str, int], limit: int = MAX_LINES) -> list[str]:

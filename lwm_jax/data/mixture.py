@@ -37,6 +37,27 @@ def keep_documents(lengths: np.ndarray, rng: np.random.Generator, min_tokens: in
     return (np.asarray(lengths) >= min_tokens) | (draws < keep_prob)
 
 
+def _text_weights(text: dict[str, dict], chat: dict[str, dict], weights: dict[str, float] | None) -> dict[str, float]:
+    """The text sources' unnormalised weights: `weights` (checked against the sources), else
+    SlimPajama's mixture when every text source is a SlimPajama set, else their token counts."""
+    if weights is None:
+        if text and all(n in SLIMPAJAMA_MIXTURE for n in text):
+            return {n: SLIMPAJAMA_MIXTURE[n] for n in text}
+        return {n: float(s["kept_tokens"]) for n, s in text.items()}
+    unknown = sorted(set(weights) - set(text))
+    chat_named = [n for n in unknown if n in chat]
+    if chat_named:
+        raise UserError(f"data.weights names chat source(s) {chat_named}; chat data is mixed in with "
+                        "data.chat_ratio instead")
+    if unknown:
+        raise UserError(f"data.weights names unknown source(s) {unknown} (prepared text sources with "
+                        f"data: {sorted(text) or 'none'})")
+    missing = sorted(n for n in text if n not in weights)
+    if missing:
+        log.info("text sources without a weight are not used: %s", missing)
+    return {n: weights.get(n, 0.0) for n in text}
+
+
 def resolve_weights(sources: dict[str, dict], weights: dict[str, float] | None,
                     chat_ratio: float) -> dict[str, float]:
     """Normalised sampling weight per source name (sources with weight 0 left out).
@@ -49,23 +70,7 @@ def resolve_weights(sources: dict[str, dict], weights: dict[str, float] | None,
     usable = {n: s for n, s in sources.items() if s.get("sequences", 0) > 0}
     text = {n: s for n, s in usable.items() if s["kind"] == "text"}
     chat = {n: s for n, s in usable.items() if s["kind"] == "chat"}
-    if weights is not None:
-        unknown = sorted(set(weights) - set(text))
-        chat_named = [n for n in unknown if n in chat]
-        if chat_named:
-            raise UserError(f"data.weights names chat source(s) {chat_named}; chat data is mixed in with "
-                            "data.chat_ratio instead")
-        if unknown:
-            raise UserError(f"data.weights names unknown source(s) {unknown} (prepared text sources with "
-                            f"data: {sorted(text) or 'none'})")
-        text_w = {n: weights.get(n, 0.0) for n in text}
-        missing = sorted(n for n in text if n not in weights)
-        if missing:
-            log.info("text sources without a weight are not used: %s", missing)
-    elif text and all(n in SLIMPAJAMA_MIXTURE for n in text):
-        text_w = {n: SLIMPAJAMA_MIXTURE[n] for n in text}
-    else:
-        text_w = {n: float(s["kept_tokens"]) for n, s in text.items()}
+    text_w = _text_weights(text, chat, weights)
     chat_w = {n: float(s["kept_tokens"]) for n, s in chat.items()}
 
     if chat_ratio > 0 and not chat_w:

@@ -67,6 +67,28 @@ def _token_str(value) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
+def _tokenizer_config(directory: Path) -> dict:
+    """The folder's `tokenizer_config.json` ({} when there is none)."""
+    config_file = directory / "tokenizer_config.json"
+    if not config_file.is_file():
+        return {}
+    try:
+        return json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise UserError(f"{config_file} is not valid JSON: {err}") from None
+
+
+def _chat_template(directory: Path, config: dict):
+    """The chat template: `chat_template.jinja`, else the config's (its "default" when named)."""
+    jinja_file = directory / "chat_template.jinja"
+    if jinja_file.is_file():
+        return jinja_file.read_text(encoding="utf-8")
+    template = config.get("chat_template")
+    if isinstance(template, list):  # named templates: take "default"
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    return template
+
+
 def load_tokenizer_info(path: str | Path) -> TokenizerInfo:
     """Checks a tokenizer folder (or a `tokenizer.json` file) and reads what packing needs.
 
@@ -87,13 +109,7 @@ def load_tokenizer_info(path: str | Path) -> TokenizerInfo:
     except Exception as err:
         raise UserError(f"tokenizer {file} does not load: {str(err).splitlines()[0]}") from None
     directory = file.parent
-    config: dict = {}
-    config_file = directory / "tokenizer_config.json"
-    if config_file.is_file():
-        try:
-            config = json.loads(config_file.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as err:
-            raise UserError(f"{config_file} is not valid JSON: {err}") from None
+    config = _tokenizer_config(directory)
     bos = _token_str(config.get("bos_token")) or (_LLAMA3_BOS if tok.token_to_id(_LLAMA3_BOS) is not None else None)
     eos = _token_str(config.get("eos_token")) or (_LLAMA3_EOS if tok.token_to_id(_LLAMA3_EOS) is not None else None)
     if bos is None or eos is None:
@@ -104,12 +120,7 @@ def load_tokenizer_info(path: str | Path) -> TokenizerInfo:
         ids[role] = tok.token_to_id(token)
         if ids[role] is None:
             raise UserError(f"tokenizer {directory}: {role}_token {token!r} is not in the vocabulary")
-    template = config.get("chat_template")
-    if isinstance(template, list):  # named templates: take "default"
-        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
-    jinja_file = directory / "chat_template.jinja"
-    if jinja_file.is_file():
-        template = jinja_file.read_text(encoding="utf-8")
+    template = _chat_template(directory, config)
     special = {"bos_token": bos, "eos_token": eos}
     for key in ("pad_token", "unk_token"):
         if _token_str(config.get(key)):

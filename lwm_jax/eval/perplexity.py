@@ -8,6 +8,7 @@ to the mesh's data axes); padding has segment id 0, which no real token has, and
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -163,32 +164,25 @@ def nll_by_position(model: Llama, tokens, edges: list[int], mesh=None) -> dict:
     return {"mean_nll": float(nll.sum() / count.sum()), "tokens": int(count.sum()), "buckets": buckets}
 
 
-def load_eval_data(paths: list[str], seq_len: int, num_sequences: int, vocab_size: int,
-                   tokenizer_dir: str | None = None) -> np.ndarray:
-    """`[num_sequences, seq_len]` int32 tokens from .npy files, text / .jsonl[.zst|.gz] files
-    (BOS + document + EOS, needs a tokenizer) or prepared dataset folders, concatenated in order."""
-    need = seq_len * num_sequences
-    chunks: list[np.ndarray] = []
-    have = 0
+def _prepared_chunks(path: Path) -> Iterator[np.ndarray]:
+    """The real tokens of each sequence of a prepared dataset folder, source by source."""
+    for source in load_manifest(path)["sources"].values():
+        records = ShardSource(source["shard_paths"], source["shard_records"])
+        for i in range(len(records)):
+            record = decode_record(records[i])
+            yield np.asarray(record.tokens[:record.n_real], np.int32)
+
+
+def _token_chunks(paths: list[str], vocab_size: int, tokenizer_dir: str | None) -> Iterator[np.ndarray]:
+    """Token chunks of each path in order: prepared folders, .npy token files, text documents (BOS +
+    document + EOS, tokenized with `tokenizer_dir`)."""
     tokenizer = info = None
     for raw in paths:
-        if have >= need:
-            break
         path = Path(raw)
         if path.is_dir():
-            for source in load_manifest(path)["sources"].values():
-                records = ShardSource(source["shard_paths"], source["shard_records"])
-                for i in range(len(records)):
-                    record = decode_record(records[i])
-                    chunks.append(np.asarray(record.tokens[:record.n_real], np.int32))
-                    have += record.n_real
-                    if have >= need:
-                        break
-                if have >= need:
-                    break
+            yield from _prepared_chunks(path)
         elif path.suffix == ".npy":
-            chunks.append(load_tokens(path, vocab_size).reshape(-1))
-            have += chunks[-1].size
+            yield load_tokens(path, vocab_size).reshape(-1)
         else:
             if tokenizer_dir is None:
                 raise UserError(f"--data {path} is text: give --tokenizer DIR to tokenize it")
@@ -197,10 +191,25 @@ def load_eval_data(paths: list[str], seq_len: int, num_sequences: int, vocab_siz
                 tokenizer = get_tokenizer(info.tokenizer_file)
             for text in _documents(path):
                 ids = tokenizer.encode(text, add_special_tokens=False).ids
-                chunks.append(np.asarray([info.bos_id, *ids, info.eos_id], np.int32))
-                have += chunks[-1].size
-                if have >= need:
-                    break
+                yield np.asarray([info.bos_id, *ids, info.eos_id], np.int32)
+
+
+def load_eval_data(paths: list[str], seq_len: int, num_sequences: int, vocab_size: int,
+                   tokenizer_dir: str | None = None) -> np.ndarray:
+    """`[num_sequences, seq_len]` int32 tokens from .npy files, text / .jsonl[.zst|.gz] files
+    (BOS + document + EOS, needs a tokenizer) or prepared dataset folders, concatenated in order."""
+    if num_sequences < 1:
+        raise UserError(f"--num-sequences={num_sequences} must be >= 1")
+    if seq_len < 2:
+        raise UserError(f"the sequence length {seq_len} must be >= 2 (one next-token prediction)")
+    need = seq_len * num_sequences
+    chunks: list[np.ndarray] = []
+    have = 0
+    for chunk in _token_chunks(paths, vocab_size, tokenizer_dir):
+        chunks.append(chunk)
+        have += chunk.size
+        if have >= need:
+            break
     if have < need:
         raise UserError(f"--data holds {have:,} tokens, fewer than {num_sequences} sequences x seq_len {seq_len:,} "
                         f"= {need:,}; give more data, fewer --num-sequences or a shorter --seq-len")
