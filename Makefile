@@ -26,11 +26,11 @@ lint: $(VENV)/.installed-test  # ruff is in the test extra; the check covers a v
 	$(PY) -m ruff --version >/dev/null 2>&1 || $(PIP) install 'ruff>=0.6,<1'
 	$(PY) -m ruff check lwm_jax tests scripts
 
-test: $(VENV)/.installed-test lint
-	$(PY) -m pytest -q --durations=15 -m "not slow"
+test: $(VENV)/.installed-test lint  # two workers: one per core (compiling is mostly single-threaded)
+	$(PY) -m pytest -q --durations=15 -m "not slow" -n 2 --dist loadfile
 
 test-all: $(VENV)/.installed-test
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q --durations=15 -n 2 --dist loadfile
 
 bench: $(VENV)/.installed-test
 	$(PIP) install --no-deps ringattention==0.1.2 einops==0.8.2  # the anchor, not a dependency

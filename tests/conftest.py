@@ -1,18 +1,27 @@
-"""Test session setup: 8 simulated CPU devices (set before JAX starts), a compilation cache shared
-by the session's processes, and tiny HF model factories."""
+"""Test session setup: 8 simulated CPU devices (set before JAX starts), the compiler settings and
+compilation cache shared by the session's processes (pytest-xdist workers and the CLI tests'
+subprocesses), and tiny HF model factories."""
 
 import os
 import shutil
 import tempfile
 
+# Compiling, not running, dominates the suite: its models are tiny, so the LLVM back end's
+# optimisations (at level 0, without the expensive passes) cost more than they save. They change
+# nothing of the IEEE float semantics XLA asks LLVM for.
+_TEST_XLA_FLAGS = ["--xla_force_host_platform_device_count=8", "--xla_backend_optimization_level=0",
+                   "--xla_llvm_disable_expensive_passes=true"]
+_OURS = {f.split("=")[0] for f in _TEST_XLA_FLAGS}
 os.environ["XLA_FLAGS"] = " ".join(
-    [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
-    + ["--xla_force_host_platform_device_count=8"])
+    [f for f in os.environ.get("XLA_FLAGS", "").split() if f.split("=")[0] not in _OURS] + _TEST_XLA_FLAGS)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# Compiling dominates the suite's time, and the CLI tests' subprocesses (a run, its resume, a rerun)
-# compile the same programs again: a persistent cache, fresh per session and inherited by them.
-_XLA_CACHE = tempfile.mkdtemp(prefix="lwm-jax-test-xla-cache-")
-os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE
+# The workers and the CLI tests' subprocesses (a run, its resume, a rerun) compile the same programs
+# again: a persistent cache, made by the first process of the session (the xdist controller, or
+# pytest alone) and inherited by every process it starts, which find it in the environment.
+_OWNER = "LWM_JAX_TEST_XLA_CACHE" not in os.environ
+if _OWNER:
+    os.environ["LWM_JAX_TEST_XLA_CACHE"] = tempfile.mkdtemp(prefix="lwm-jax-test-xla-cache-")
+os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ["LWM_JAX_TEST_XLA_CACHE"]
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.2"
 
 from pathlib import Path  # noqa: E402
@@ -107,4 +116,5 @@ def blind_logits(vocab: int, rows: int = 64):
 
 
 def pytest_sessionfinish(session, exitstatus):
-    shutil.rmtree(_XLA_CACHE, ignore_errors=True)
+    if _OWNER:
+        shutil.rmtree(os.environ["LWM_JAX_TEST_XLA_CACHE"], ignore_errors=True)
