@@ -60,24 +60,47 @@ def eta(done: int, total: int, elapsed: float) -> str:
     return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
 
 
-def _lines(items: Iterable, desc: str, total: int | None) -> Iterator:
-    """`items`, with a line `desc: i/total, ETA` on stderr when `Ticker` is due and at the end."""
-    ticker, start = Ticker(), time.monotonic()
-    for done, item in enumerate(items, 1):
-        yield item
-        if ticker.due() or (total is not None and done == total):
-            of = f"/{total}" if total is not None else ""
-            left = f", ETA {eta(done, total, time.monotonic() - start)}" if total is not None else ""
-            log(f"{desc}: {done}{of}{left}")
+class Counter:
+    """Progress counted by hand (`update`, `close`): a bar on a terminal, a line in a log file when
+    `Ticker` is due and at the end; nothing on processes other than the first."""
+
+    def __init__(self, desc: str, total: int | None = None, done: int = 0):
+        self.desc, self.total, self.done, self.initial = desc, total, done, done
+        self.start, self.ticker, self.note = time.monotonic(), Ticker(), ""
+        self.bar = None
+        if _main_process() and interactive():
+            self.bar = tqdm(desc=desc, total=total, initial=done, file=sys.stderr, leave=False, dynamic_ncols=True)
+        self.quiet = not _main_process()
+
+    def update(self, n: int = 1, note: str = "", line: bool = False) -> None:
+        """Counts `n` more done; `note` (e.g. "loss 2.31") goes beside the count; `line`: write the
+        log-file line now, whatever the clock says."""
+        self.done += n
+        self.note = note or self.note
+        if self.bar is not None:
+            self.bar.update(n)
+            if note:
+                self.bar.set_postfix_str(note, refresh=False)
+        elif not self.quiet and (self.ticker.due() or line or self.done == self.total):
+            of = f"/{self.total}" if self.total is not None else ""
+            left = (f", ETA {eta(self.done - self.initial, self.total - self.initial, time.monotonic() - self.start)}"
+                    if self.total else "")
+            log(f"{self.desc}: {self.done}{of}{left}" + (f"; {self.note}" if self.note else ""))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
-def progress(items: Iterable, desc: str, total: int | None = None, **kwargs) -> Iterable:
-    """`items` with progress on stderr: a bar on a terminal, plain lines in a log file; nothing on
-    processes other than the first."""
+def progress(items: Iterable, desc: str, total: int | None = None) -> Iterator:
+    """`items`, counted by a `Counter` as they are taken."""
     if total is None and hasattr(items, "__len__"):
         total = len(items)
-    if not _main_process():
-        return items
-    if not interactive():
-        return _lines(items, desc, total)
-    return tqdm(items, desc=desc, total=total, file=sys.stderr, leave=False, dynamic_ncols=True, **kwargs)
+    counter = Counter(desc, total)
+    try:
+        for item in items:
+            yield item
+            counter.update()
+    finally:
+        counter.close()

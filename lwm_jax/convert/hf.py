@@ -36,7 +36,7 @@ from lwm_jax.model.store import (
     save_lazy_params,
 )
 from lwm_jax.parallel.mesh import state_shardings
-from lwm_jax.progress import progress
+from lwm_jax.progress import Counter, progress
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 IGNORED_TENSORS = ("rotary_emb.inv_freq",)
@@ -164,7 +164,7 @@ def import_hf_checkpoint(hf_dir: str | Path, ckpt: str | Path, *, mesh=None, for
     `ckpt`, one param leaf in memory at a time; returns `{"checkpoint", "params", "rope_theta"}`."""
     cfg, build = _open_hf(hf_dir)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params_target(cfg, mesh))
-    bar = progress(None, desc="import-hf", total=len(leaves))
+    bar = Counter("import-hf", total=len(leaves))
 
     def make(key: str) -> np.ndarray:
         value = build(key)

@@ -15,7 +15,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from lwm_jax.errors import UserError
-from lwm_jax.progress import Ticker, eta, interactive, log, progress
+from lwm_jax.progress import Counter, log
 from lwm_jax.train.checkpoint import TrainCheckpointer
 from lwm_jax.train.loop import StepInfo
 from lwm_jax.train.metrics import MetricsWriter
@@ -72,32 +72,24 @@ class WriteMetrics:
 
 
 class ReportProgress:
-    """A progress bar on a terminal; in a log file a line per step at a steady cadence (the first
-    and last step, every `every` steps, and whenever `LOG_EVERY_S` passed): step, loss, tokens/s, ETA."""
+    """The stage's steps on a `Counter` (a bar on a terminal; in a log file a line at least every
+    `LOG_EVERY_S`, and on the first, last and every `every`-th step): step, loss, tokens/s, ETA."""
 
     def __init__(self, stage: str, first: int, steps: int):
         self.stage, self.first, self.steps = stage, first, steps
         self.every = max(1, (steps - first) // 10)
-        self.bar = progress(range(first, steps), desc=f"stage {stage}", total=steps - first) if interactive() else None
-        self.ticker, self.elapsed = Ticker(), 0.0
+        self.counter = Counter(f"stage {stage}: step", steps, done=first)
 
     def __call__(self, info: StepInfo) -> None:
         r = info.record
-        self.elapsed += r["step_s"]
-        if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix(loss=f"{r['loss']:.4f}", tok_s=f"{r['tokens_per_s']:,.0f}")
-            if info.last:
-                self.bar.close()
-            return
+        note = f"loss {r['loss']:.4f}, {r['tokens_per_s']:,.0f} tokens/s"
         done = info.step - self.first
-        if self.ticker.due() or info.last or done % self.every == 0:
-            log(f"stage {self.stage} step {info.step}/{self.steps}: loss {r['loss']:.4f}, "
-                f"{r['tokens_per_s']:,.0f} tokens/s, ETA {eta(done, self.steps - self.first, self.elapsed)}")
+        self.counter.update(1, note, line=done == 1 or done % self.every == 0)
+        if info.last:
+            self.close()
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+        self.counter.close()
 
 
 class NonFiniteGuard:
