@@ -37,11 +37,12 @@ def log(message: str) -> None:
 
 
 class Ticker:
-    """`due()` is True on its first call and then once `seconds` have passed since it last was."""
+    """`due()` is True once `seconds` have passed since it was made or last was True (with
+    `first=True`, also on its first call)."""
 
-    def __init__(self, seconds: float = LOG_EVERY_S):
+    def __init__(self, seconds: float = LOG_EVERY_S, first: bool = True):
         self.seconds = seconds
-        self._last: float | None = None
+        self._last: float | None = None if first else time.monotonic()
 
     def due(self) -> bool:
         now = time.monotonic()
@@ -61,12 +62,13 @@ def eta(done: int, total: int, elapsed: float) -> str:
 
 
 class Counter:
-    """Progress counted by hand (`update`, `close`): a bar on a terminal, a line in a log file when
-    `Ticker` is due and at the end; nothing on processes other than the first."""
+    """Progress counted by hand (`update`, `close`): a bar on a terminal; in a log file a line every
+    `LOG_EVERY_S` (and at the end once a line was written, so short work stays quiet); nothing on
+    processes other than the first."""
 
     def __init__(self, desc: str, total: int | None = None, done: int = 0):
         self.desc, self.total, self.done, self.initial = desc, total, done, done
-        self.start, self.ticker, self.note = time.monotonic(), Ticker(), ""
+        self.start, self.ticker, self.note, self.lines = time.monotonic(), Ticker(first=False), "", 0
         self.bar = None
         if _main_process() and interactive():
             self.bar = tqdm(desc=desc, total=total, initial=done, file=sys.stderr, leave=False, dynamic_ncols=True)
@@ -81,11 +83,12 @@ class Counter:
             self.bar.update(n)
             if note:
                 self.bar.set_postfix_str(note, refresh=False)
-        elif not self.quiet and (self.ticker.due() or line or self.done == self.total):
+        elif not self.quiet and (self.ticker.due() or line or (self.lines and self.done == self.total)):
+            self.lines += 1
             of = f"/{self.total}" if self.total is not None else ""
             left = (f", ETA {eta(self.done - self.initial, self.total - self.initial, time.monotonic() - self.start)}"
                     if self.total else "")
-            log(f"{self.desc}: {self.done}{of}{left}" + (f"; {self.note}" if self.note else ""))
+            log(f"{self.desc} {self.done}{of}{left}" + (f"; {self.note}" if self.note else ""))
 
     def close(self) -> None:
         if self.bar is not None:

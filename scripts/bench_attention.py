@@ -63,6 +63,8 @@ def _parse(argv):
     p.add_argument("--meshes", default="sp=8;ulysses=8;ulysses=2,sp=4",
                    help="';'-separated meshes our attention runs on (same device count); the first is 'ours'")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    p.add_argument("--max-gemm", type=int, default=4096, metavar="N",
+                   help="largest square GEMM of the CPU yardstick (default 4096; the tiny device check uses 1024)")
     p.add_argument("--gemm-only", metavar="SHAPES_JSON", help=argparse.SUPPRESS)  # the yardstick subprocess
     return p.parse_args(argv)
 
@@ -137,16 +139,18 @@ def _anchor_attention(mesh, block: int, group: int):
     return attn
 
 
-def gemm_shapes(seq, heads, kv_heads, head_dim, block, sp) -> list[tuple[int, int, int, int]]:
+def gemm_shapes(seq, heads, kv_heads, head_dim, block, sp,
+                max_square: int = 4096) -> list[tuple[int, int, int, int]]:
     """`(batch, m, k, n)` float32 products: the ring's two block products (q.k and p.v, per device
-    at the CPU compute tile, stacked so that one call is long enough to time) and square GEMMs."""
+    at the CPU compute tile, stacked so that one call is long enough to time) and square GEMMs up to
+    `max_square`."""
     from lwm_jax.attention.kernels.xla import compute_tile
     from lwm_jax.attention.ring import ring_block
 
     tile = compute_tile(ring_block(seq, sp, block))
     rows, stack = tile * (heads // kv_heads), 16 * kv_heads
-    return [(stack, rows, head_dim, tile), (stack, rows, tile, head_dim),
-            (1, 1024, 1024, 1024), (1, 2048, 2048, 2048), (1, 4096, 4096, 4096)]
+    squares = [(1, n, n, n) for n in (1024, 2048, 4096) if n <= max_square]
+    return [(stack, rows, head_dim, tile), (stack, rows, tile, head_dim), *squares]
 
 
 def _gemm_rates(shapes, seconds: float = 1.0) -> list[dict]:
@@ -220,7 +224,7 @@ def bench_cpu(args) -> dict:
     nat = [jax.device_put(x, NamedSharding(ring_mesh, P(None, "sp", None, None))) for x in natural]
 
     # The yardstick: the machine's best float32 GEMM, one device on every core, before and after.
-    gshapes = gemm_shapes(seq, h, kv, d, args.block, n_dev)
+    gshapes = gemm_shapes(seq, h, kv, d, args.block, n_dev, args.max_gemm)
     gemm = measure_gemm(gshapes)
 
     attend = lambda q, k, v: ring_attention(q, k, v, block_size=args.block)

@@ -82,7 +82,7 @@ last_json() { [[ $1 == 0 ]] && tail -n 1 "$OUT/$2.log" >"$OUT/$2.json"; }
 if [[ $TINY == 1 ]]; then
   part doctor 120 "$PY" -m lwm_jax.cli --cpu-devices 8 doctor --mesh dp=2,sp=4 --json; last_json $? doctor
   part attention 180 "$PY" "$ROOT/scripts/bench_attention.py" --seq 512 --heads 8 --kv-heads 2 --head-dim 32 \
-    --block 64 --rounds 1 --meshes "sp=8;ulysses=2,sp=4" --no-anchor --no-dense --memory-seqs "" \
+    --block 64 --rounds 1 --meshes "sp=8;ulysses=2,sp=4" --no-anchor --no-dense --memory-seqs "" --max-gemm 1024 \
     --json; last_json $? attention
   part train 180 "$PY" "$ROOT/scripts/device_train_check.py" train --tiny --out "$OUT"
   part generate 120 "$PY" "$ROOT/scripts/device_train_check.py" generate --tiny --out "$OUT"
