@@ -23,7 +23,6 @@ from lwm_jax.attention.layout import (
     padded_length,
     place,
     ring_block,
-    seq_shards,
     to_zigzag,
 )
 from lwm_jax.attention.reference import reference_attention
@@ -32,7 +31,7 @@ from lwm_jax.config import MeshConfig, ModelConfig
 from lwm_jax.errors import UserError
 from lwm_jax.model.llama import Llama
 from lwm_jax.model.store import merge_params
-from lwm_jax.parallel.mesh import make_mesh
+from lwm_jax.parallel.mesh import make_mesh, seq_shards
 from lwm_jax.train.loss import chunked_cross_entropy, vocab_parallel_cross_entropy
 from lwm_jax.train.step import param_shardings
 from tests.conftest import make_hf_llama
