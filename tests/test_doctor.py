@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from lwm_jax.cli import build_parser
 from lwm_jax.config import MeshConfig
 from lwm_jax.doctor import JSON_KEYS, kernel_report, link_report
 from lwm_jax.hardware import HARDWARE
@@ -131,8 +132,6 @@ def test_kernel_choice_on_each_platform():
 
 
 def test_every_json_key_is_documented(capsys):
-    from lwm_jax.cli import build_parser
-
     with pytest.raises(SystemExit):
         build_parser().parse_args(["doctor", "--help"])
     help_text = capsys.readouterr().out

@@ -18,7 +18,10 @@ import pytest
 import yaml
 
 from lwm_jax.cli import main
+from lwm_jax.config import load_recipe
 from lwm_jax.errors import UserError
+from lwm_jax.model.store import read_metadata
+from lwm_jax.train.lock import WorkdirLock
 from tests.conftest import cli_error
 from tests.test_train import prepared, write_recipe  # noqa: F401 - `prepared` is a fixture used here
 
@@ -177,8 +180,6 @@ def test_second_train_on_a_workdir_is_refused_while_the_first_finishes(tmp_path,
 
 
 def test_stale_lock_of_a_dead_process_is_recovered_and_a_held_one_refuses(tmp_path, capsys):
-    from lwm_jax.train.lock import WorkdirLock
-
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     (tmp_path / "train.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid}))
@@ -267,7 +268,6 @@ def test_failed_save_keeps_the_previous_checkpoint_and_says_so(tmp_path, referen
     assert "saving checkpoint step 3" in err and "No space left on device" in err
     assert "the previous checkpoint (step 2) is intact" in err
     monkeypatch.undo()
-    from lwm_jax.model.store import read_metadata
 
     assert read_metadata(work / "stages/base/checkpoints")["step"] == 2  # readable, and the newest
     assert main(["train", str(recipe), "--workdir", str(work)]) == 0
@@ -278,8 +278,6 @@ def test_failed_save_keeps_the_previous_checkpoint_and_says_so(tmp_path, referen
 
 
 def test_duplicate_stage_name_is_reported_as_a_duplicate(tmp_path, prepared):  # noqa: F811
-    from lwm_jax.config import load_recipe
-
     path = write_recipe(tmp_path / "r.yaml", prepared)
     recipe = yaml.safe_load(path.read_text())
     recipe["stages"][1]["name"] = "base"

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from lwm_jax.attention.layout import to_zigzag
 from lwm_jax.config import MeshConfig, ModelConfig, OptimizerConfig
 from lwm_jax.model.llama import Llama
 from lwm_jax.parallel.mesh import make_mesh
@@ -78,8 +79,6 @@ def _max_diff(a, b):
 @pytest.mark.parametrize("mesh,sp", [("dp=2,sp=4", 4), ("dp=2,sp=2,ulysses=2", 2)])
 def test_sharded_step_equals_single_device(mesh, sp):
     """The zigzag ring (alone, and with Ulysses inside it) against one device with dense attention."""
-    from lwm_jax.attention.layout import to_zigzag
-
     batch = _batch(1, 4, 32)
     p1, m1 = _run_step(None, batch)
     zigzag = {k: to_zigzag(v, sp, axis=-1) for k, v in batch.items()}

@@ -17,6 +17,8 @@ import pytest
 from flax import nnx
 
 from lwm_jax.attention import attention
+from lwm_jax.attention import kernels as K
+from lwm_jax.attention.kernels.cudnn import CudnnKernel
 from lwm_jax.attention.layout import (
     from_zigzag,
     layout_length,
@@ -28,7 +30,9 @@ from lwm_jax.attention.layout import (
 from lwm_jax.attention.reference import reference_attention
 from lwm_jax.attention.ring import ring_attention
 from lwm_jax.config import MeshConfig, ModelConfig
+from lwm_jax.convert.hf import import_hf
 from lwm_jax.errors import UserError
+from lwm_jax.generate import generate
 from lwm_jax.model.llama import Llama
 from lwm_jax.model.store import merge_params
 from lwm_jax.parallel.mesh import make_mesh, seq_shards
@@ -111,9 +115,6 @@ def test_ulysses_rejects_heads_it_cannot_split():
 def test_ulysses_without_a_ring_hands_the_whole_call_to_the_fused_kernel(monkeypatch):
     """sp=1, natural positions, no segments: after the exchange nothing is merged, so a kernel's
     whole-call path (cuDNN's own VJP on a GPU; here the same public call with XLA) runs, and agrees."""
-    from lwm_jax.attention import kernels as K
-    from lwm_jax.attention.kernels.cudnn import CudnnKernel
-
     calls = []
 
     class Spy(CudnnKernel):
@@ -171,9 +172,6 @@ def test_model_mean_nll_matches_single_device_reference(mesh_spec):
 
 def test_greedy_generation_on_ulysses2_sp2_equals_one_device(tmp_path):
     """Ring prefill with the Ulysses exchange, then decoding over the cache sharded over (sp, ulysses)."""
-    from lwm_jax.convert.hf import import_hf
-    from lwm_jax.generate import generate
-
     make_hf_llama(tmp_path / "hf", seed=0)  # 4 query heads, 1 KV head: each device gets it
     prompt = np.concatenate([[0], np.random.default_rng(0).integers(2, 256, 36)]).astype(np.int32)
     want = generate(import_hf(tmp_path / "hf"), prompt, max_new_tokens=16)
