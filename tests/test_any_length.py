@@ -30,7 +30,7 @@ from lwm_jax.parallel.mesh import make_mesh, state_shardings
 from lwm_jax.train.schedule import schedule_recipe
 from tests.conftest import ROOT, make_hf_llama, require_llama3_tokenizer
 
-NLL_ATOL = 1e-5  # float32 mean NLL vs transformers: the issue's bound, and float32 sums over ~2K tokens stay below it
+NLL_ATOL = 1e-5  # float32 mean NLL vs transformers: float32 sums over ~2K tokens stay below it
 LOGITS_ATOL = 1e-4  # float32 logits of the ring (sp=4) vs the one-device forward (the project's whole-model bound)
 ODD_LEN = 1025  # 2*sp = 8 does not divide it: the ring pads to 1,032
 ROW_LENGTHS = (1025, 700, 3)  # three rows on dp=2: the batch pads by one empty row, each row to 1,032
@@ -76,7 +76,7 @@ def ring(tiny):
 
 
 def test_eval_ppl_cli_odd_length_ring_matches_transformers(tiny, capsys):
-    """The issue's case: a 1,025-token file on `--attention ring --mesh dp=2,sp=4` (a subprocess)."""
+    """A 1,025-token file (the ring pads it to 1,032) on `--attention ring --mesh dp=2,sp=4` (a subprocess)."""
     proc = _cli("--cpu-devices", "8", "eval", "ppl", tiny["ckpt"], "--tokens", str(tiny["root"] / "one.npy"),
                 "--attention", "ring", "--mesh", "dp=2,sp=4", "--json")
     assert proc.returncode == 0, proc.stderr

@@ -23,7 +23,7 @@ from lwm_jax.errors import UserError
 from tests.conftest import require_llama3_tokenizer
 
 SEQ_LEN = 32
-MIXTURE_TOL = 0.02  # the issue: per-source share within 2% of the configured weight
+MIXTURE_TOL = 0.02  # per-source share of real tokens vs its weight; grain's deterministic mix lands within ~0.2%
 SOURCES = ("RedPajamaBook", "RedPajamaC4", "RedPajamaGithub")
 
 

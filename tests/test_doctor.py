@@ -23,7 +23,7 @@ from lwm_jax.parallel.mesh import make_mesh
 from tests.conftest import ROOT, cli_error
 
 REQUIRED = {"platform", "devices", "processes", "versions", "attention_kernel", "kernels", "matmul_tflops", "links",
-            "memory"}  # the keys the issue names
+            "memory"}  # what every report must hold, whatever else JSON_KEYS adds
 DEMO = str(ROOT / "configs/recipes/demo_cpu.yaml")
 # The planner against XLA's compiled memory of the tiny train step (float32, so XLA:CPU keeps every
 # buffer at its planned width): the agreement the README states for the demo recipe, within 20%.

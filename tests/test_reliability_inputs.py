@@ -1,7 +1,7 @@
-"""Bad input at the edges of data, CLI and evaluation (issue 18, cases 3, 6, 8, 9, 10): damaged
-`.array_record` shards named in one error line, the domains of the theta rules, `--set` values that
-are not YAML, the one rule for inputs past the trained length, the `eval ppl` position buckets,
-`--version`, and the README's evaluation examples on a ring checkpoint without `--mesh`."""
+"""Bad input at the edges of data, CLI and evaluation: damaged `.array_record` shards named in one
+error line, the domains of the theta rules, `--set` values that are not YAML, the one rule for inputs
+past the trained length, the `eval ppl` position buckets, `--version`, and the README's evaluation
+examples on a ring checkpoint without `--mesh`."""
 
 import json
 import math
@@ -80,7 +80,7 @@ def _recipe(path: Path, data_dir: Path) -> Path:
     return path
 
 
-# --- case 3: damaged shards ------------------------------------------------------------------------
+# --- damaged shards --------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("cut", ["to-30000-bytes", "last-100-bytes"])
@@ -123,7 +123,7 @@ def test_corrupted_record_is_named_when_it_is_read(data, ckpt, tmp_path, capsys)
     assert str(shard) in _one_error_line(capsys)
 
 
-# --- case 6: --set values that are not YAML, the theta rules' domains --------------------------------
+# --- --set values that are not YAML, the theta rules' domains ----------------------------------------
 
 
 def test_set_value_that_is_not_yaml(data, tmp_path, capsys):
@@ -158,7 +158,7 @@ def test_theta_rules_at_the_edge_of_their_domain():
     assert ntk_theta(8192, 500_000.0, 4, 8192) == pytest.approx(500_000.0)
 
 
-# --- case 8: inputs past the trained length ----------------------------------------------------------
+# --- inputs past the trained length ------------------------------------------------------------------
 
 
 def test_one_length_rule(capsys):
@@ -207,7 +207,7 @@ def test_probes_refuse_past_max_length_and_warn_with_it(data, ckpt, tmp_path, ca
     assert len(_warnings(err)) == 1
 
 
-# --- case 10: position buckets, --version, the README's examples ---------------------------------------
+# --- position buckets, --version, the README's examples ------------------------------------------------
 
 
 @pytest.mark.parametrize("seq, edges", [

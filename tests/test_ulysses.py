@@ -41,11 +41,11 @@ from lwm_jax.train.step import param_shardings
 from tests.conftest import make_hf_llama
 from tests.test_attention import packed_documents
 
-# The bound for float32 attention (output, dq, dk, dv) with unit-scale inputs: the exchange
-# only moves values, so the error is the ring's own float32 merge order (measured ~3e-6).
+# Float32 attention (output, dq, dk, dv) with unit-scale inputs: the exchange only moves values,
+# so the error is the ring's own float32 merge order (measured ~3e-6).
 F32_ATOL = 1e-5
-# The bound for the model's mean NLL: a mean of O(1) per-token NLLs, which differ from the
-# single-device reference only in the order of float32 sums (measured <= 5e-7).
+# The model's mean NLL: a mean of O(1) per-token NLLs, which differ from the single-device
+# reference only in the order of float32 sums (measured <= 5e-7).
 NLL_ATOL = 1e-5
 
 
