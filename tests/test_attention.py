@@ -10,22 +10,29 @@ if "device_count" not in os.environ.get("XLA_FLAGS", ""):  # conftest.py normall
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
 import collections
+import pathlib
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from jax import lax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from lwm_jax.attention import attention, kernels
 from lwm_jax.attention.blockwise import blockwise_attention
 from lwm_jax.attention.kernels import cudnn as cudnn_kernel
 from lwm_jax.attention.kernels import xla
+from lwm_jax.attention.kernels.splash import SplashKernel
 from lwm_jax.attention.layout import from_zigzag, to_zigzag, zigzag_indices
 from lwm_jax.attention.reference import reference_attention
 from lwm_jax.attention.ring import causal_min_block_pairs, ring_attention, ring_block_pairs
 from lwm_jax.config import MeshConfig, ModelConfig
 from lwm_jax.errors import UserError
+from lwm_jax.model.llama import Llama
 from lwm_jax.parallel.mesh import make_mesh
 
 F32_ATOL = 2e-5  # max abs error, float32, unit-scale inputs (output and dq, dk, dv)
@@ -174,9 +181,6 @@ def test_ring_executes_the_balanced_schedule(monkeypatch):
 
 @pytest.mark.slow
 def test_ring_temp_memory_is_linear_in_sequence():
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
-
     mesh = _mesh(sp=8)
     sharding = NamedSharding(mesh, P(None, "sp", None, None))
     temp = []
@@ -327,9 +331,6 @@ def test_cudnn_kernel_chunk_pairs_are_the_exact_pure_jax_blocks():
 def test_library_imports_no_private_jax():
     """No `jax._src` (nor `jax.lib`, `jax.experimental.shard_map`) in the package: private JAX
     modules move between releases, which is what made `ringattention` 0.1.2 stop importing."""
-    import pathlib
-    import re
-
     root = pathlib.Path(cudnn_kernel.__file__).resolve().parents[2]
     private = re.compile(r"jax\._src|jax\.lib\b|jax\.experimental\.shard_map")
     hits = [f"{p.relative_to(root.parent)}:{i}" for p in sorted(root.rglob("*.py"))
@@ -338,8 +339,6 @@ def test_library_imports_no_private_jax():
 
 
 def test_splash_kernel_in_interpret_mode_matches_xla():
-    from lwm_jax.attention.kernels.splash import SplashKernel
-
     q, k, v, meta, tiling = _chunk_case()
     got = SplashKernel(interpret=True).forward(q, k, v, meta, tiling, causal=True)
     want = xla.chunk_forward(q, k, v, meta, tiling, causal=True)
@@ -351,10 +350,6 @@ def test_splash_kernel_in_interpret_mode_matches_xla():
 
 
 def test_llama_with_ring_on_dp2_sp4_matches_reference():
-    from flax import nnx
-
-    from lwm_jax.model.llama import Llama
-
     sp, batch, seq = 4, 2, 64
     base = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                 num_kv_heads=2, head_dim=16, max_position_embeddings=seq, attention_block_size=4,

@@ -1,9 +1,13 @@
 """Config dataclasses: YAML loading, overrides, HF config.json both ways, and validation messages."""
 
+import jax
+import jax.numpy as jnp
 import pytest
+from flax import nnx
 
-from lwm_jax.config import MeshConfig, ModelConfig, apply_overrides, from_dict, load_model_config, to_dict
+from lwm_jax.config import MeshConfig, ModelConfig, apply_overrides, from_dict, load_model_config, load_recipe, to_dict
 from lwm_jax.errors import UserError
+from lwm_jax.model.llama import Llama
 from tests.conftest import ROOT
 
 
@@ -56,12 +60,6 @@ def test_invalid_model_config(changes, message):
 def test_model_attention_kernel_reaches_the_kernel_choice():
     """The model's `attention_kernel` is what the attention call selects: a GPU-only kernel named
     on CPU is refused by the kernel registry, `xla` runs and equals `auto` (which is xla on CPU)."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from lwm_jax.model.llama import Llama
-
     base = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
                        num_kv_heads=1, head_dim=16, attention="blockwise", attention_block_size=8,
                        bos_token_id=0, eos_token_id=(1,))
@@ -96,8 +94,6 @@ def test_mesh_ulysses_axis_parses_and_defaults_to_one():
 
 
 def test_recipe_overrides_reach_a_model_given_by_path():
-    from lwm_jax.config import load_recipe
-
     recipe = load_recipe(ROOT / "configs/recipes/gradient_1048k.yaml",
                          ["model.remat=none", "stages.65K.steps=3", "mesh.dp=2"])
     assert recipe.model.remat == "none" and recipe.model.num_layers == 32

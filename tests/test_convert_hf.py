@@ -1,13 +1,22 @@
 """HF -> import-hf -> export-hf -> transformers round trips, and clear errors on bad checkpoints."""
 
 import json
+import os
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import safetensors.numpy
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from lwm_jax.cli import main
+from lwm_jax.config import MeshConfig
+from lwm_jax.convert.hf import export_hf_checkpoint, import_hf, import_hf_checkpoint
+from lwm_jax.generate import generate_command
+from lwm_jax.model.opened import open_checkpoint
+from lwm_jax.model.store import read_metadata
+from lwm_jax.parallel.mesh import make_mesh
 from tests.conftest import cli_error, llama3_tokenizer_dir
 
 LOGIT_TOL = 1e-4
@@ -21,8 +30,6 @@ def _tensors(folder):
 
 
 def _logits(folder, tokens, dtype=torch.float32):
-    from transformers import LlamaForCausalLM
-
     model = LlamaForCausalLM.from_pretrained(folder, dtype=dtype).eval()
     with torch.no_grad():
         return model(torch.as_tensor(tokens)).logits.float().numpy(), model
@@ -59,12 +66,6 @@ def test_round_trip_is_bit_identical(tmp_path, hf_llama, tie, shard):
 
 
 def test_import_onto_a_mesh_gives_the_same_logits(hf_llama):
-    import jax.numpy as jnp
-
-    from lwm_jax.config import MeshConfig
-    from lwm_jax.convert.hf import import_hf
-    from lwm_jax.parallel.mesh import make_mesh
-
     hf_dir, _ = hf_llama(num_kv_heads=2)
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, size=(2, 32)))
     mesh = make_mesh(MeshConfig(fsdp=4, tp=2))
@@ -168,8 +169,6 @@ GEN_TOKENS = 12  # greedy continuation compared token for token with transformer
 def _transformers_llama(out, *, dtype=None, vocab_size=256, hidden_size=64, num_heads=4, num_kv_heads=2,
                         intermediate_size=160, seed=0, **config):
     """Saves a random `transformers.LlamaForCausalLM` (any LlamaConfig fields in `config`) to `out`."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     torch.manual_seed(seed)
     base = dict(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
                 num_hidden_layers=2, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
@@ -196,10 +195,6 @@ def _edit_config(folder, **changes):
 
 
 def _logits_match(hf_dir, ckpt, tokens, tol=LOGIT_TOL):
-    import jax.numpy as jnp
-
-    from lwm_jax.model.opened import open_checkpoint
-
     ours = np.asarray(open_checkpoint(ckpt).model()(jnp.asarray(tokens)))
     theirs, _ = _logits(hf_dir, tokens)
     return np.abs(ours - theirs).max() <= tol
@@ -207,10 +202,6 @@ def _logits_match(hf_dir, ckpt, tokens, tol=LOGIT_TOL):
 
 @pytest.mark.parametrize("how", ["null", "absent"])
 def test_null_special_ids_stay_null_and_generation_matches(tmp_path, how):
-    from lwm_jax.convert.hf import export_hf_checkpoint, import_hf_checkpoint
-    from lwm_jax.generate import generate_command
-    from lwm_jax.model.store import read_metadata
-
     hf_dir = tmp_path / "hf"
     model = _transformers_llama(hf_dir, bos_token_id=None, eos_token_id=None, pad_token_id=None)
     if how == "absent":
@@ -239,8 +230,6 @@ def test_null_special_ids_stay_null_and_generation_matches(tmp_path, how):
 @pytest.mark.parametrize("dtype,key,export", [(torch.bfloat16, "dtype", "bfloat16"),
                                               (torch.float16, "torch_dtype", "float16")], ids=["bf16", "fp16"])
 def test_half_precision_weights_import_and_round_trip_bit_exact(tmp_path, dtype, key, export):
-    from lwm_jax.convert.hf import export_hf_checkpoint, import_hf_checkpoint
-
     hf_dir = tmp_path / "hf"
     _transformers_llama(hf_dir, dtype=dtype)
     config = json.loads((hf_dir / "config.json").read_text())
@@ -257,8 +246,6 @@ def test_half_precision_weights_import_and_round_trip_bit_exact(tmp_path, dtype,
 
 
 def test_extra_rotary_inv_freq_tensors_are_ignored(tmp_path):
-    from lwm_jax.convert.hf import import_hf_checkpoint
-
     hf_dir = tmp_path / "hf"
     _transformers_llama(hf_dir)
     tensors = safetensors.numpy.load_file(hf_dir / "model.safetensors")
@@ -294,10 +281,6 @@ def test_truncated_safetensors_is_one_error_line(tmp_path, hf_llama, capsys, cut
 
 
 def test_export_files_are_world_readable(tmp_path, hf_llama):
-    import os
-
-    from lwm_jax.convert.hf import export_hf_checkpoint, import_hf_checkpoint
-
     hf_dir, _ = hf_llama()
     import_hf_checkpoint(hf_dir, tmp_path / "c")
     old = os.umask(0o022)
@@ -328,8 +311,6 @@ FAMILY = {
 
 @pytest.mark.parametrize("version", sorted(FAMILY))
 def test_llama3_family_configs(tmp_path, version):
-    from lwm_jax.convert.hf import export_hf_checkpoint, import_hf_checkpoint
-
     hf_dir = tmp_path / "hf"
     dtype = torch.bfloat16 if version == "3.3" else None
     _transformers_llama(hf_dir, hidden_size=32, intermediate_size=64, dtype=dtype, **LLAMA3_IDS, **FAMILY[version])

@@ -6,8 +6,12 @@ import json
 
 import numpy as np
 import pytest
+import transformers
 
+from lwm_jax.config import DataConfig, PrepareConfig
 from lwm_jax.data.chat import ChatTemplate, encode_chats
+from lwm_jax.data.pipeline import build_iterator
+from lwm_jax.data.prepare import prepare
 from lwm_jax.data.tokenize import get_tokenizer, load_tokenizer_info
 from tests.conftest import llama3_tokenizer_dir, require_llama3_tokenizer
 
@@ -45,7 +49,6 @@ def _weighted_runs(ids, mask):
 
 @pytest.fixture(scope="module")
 def hf_tokenizer(llama3):
-    import transformers  # the test extra; imported here so the other tests load without it
     return transformers.AutoTokenizer.from_pretrained(str(llama3_tokenizer_dir()))
 
 
@@ -79,10 +82,6 @@ def test_loss_weight_exactly_on_assistant_replies(llama3, messages):
 
 
 def test_chat_through_prepare_and_pipeline(llama3, tmp_path):
-    from lwm_jax.config import DataConfig, PrepareConfig
-    from lwm_jax.data.pipeline import build_iterator
-    from lwm_jax.data.prepare import prepare
-
     info, tok, template = llama3
     records = [{"messages": m} for m in CONVERSATIONS * 4]
     (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))

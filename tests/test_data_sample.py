@@ -10,7 +10,12 @@ import pytest
 import zstandard
 
 from lwm_jax.cli import data as commands
-from lwm_jax.data.sample import SPECIAL_TOKENS, build_sample
+from lwm_jax.config import DataConfig
+from lwm_jax.data.chat import ChatTemplate, encode_chats
+from lwm_jax.data.pipeline import build_iterator
+from lwm_jax.data.sample import SPECIAL_TOKENS, build_sample, task_tokenizer
+from lwm_jax.data.synthetic import niah_sample, passkey_sample
+from lwm_jax.data.tokenize import get_tokenizer, load_tokenizer_info
 from lwm_jax.errors import UserError
 
 SMALL = dict(vocab_size=512, max_chars_per_source=120_000)
@@ -50,9 +55,6 @@ def test_sample_corpus_is_slimpajama_format(sample):
 
 
 def test_sample_tokenizer_has_llama3_specials(sample):
-    from lwm_jax.data.chat import ChatTemplate
-    from lwm_jax.data.tokenize import load_tokenizer_info
-
     out, summary = sample
     info = load_tokenizer_info(out / "tokenizer")
     assert info.vocab_size == summary["vocab_size"] == SMALL["vocab_size"]
@@ -66,11 +68,6 @@ def test_sample_tokenizer_has_llama3_specials(sample):
 
 
 def test_sample_prepares_and_trains_end_to_end(sample, tmp_path):
-    from lwm_jax.config import DataConfig
-    from lwm_jax.data.chat import ChatTemplate, encode_chats
-    from lwm_jax.data.pipeline import build_iterator
-    from lwm_jax.data.tokenize import get_tokenizer, load_tokenizer_info
-
     out, _ = sample
     args = _parser().parse_args(["data", "prepare", str(out / "corpus"), str(out / "chat"), "--tokenizer",
                                  str(out / "tokenizer"), "--out", str(tmp_path / "prepared"), "--seq-len", "256",
@@ -121,10 +118,6 @@ def test_help(argv, words, capsys):
 def test_task_tokenizer_reads_the_probes_without_unknowns(tmp_path, capsys):
     """`data sample --tokenizer task`: the vocabulary asked for, Llama-3's specials last, every word of
     the passkey and NIAH templates known, numbers in 2-digit tokens (a 5-digit key is 3 tokens)."""
-    from lwm_jax.data.sample import task_tokenizer
-    from lwm_jax.data.synthetic import niah_sample, passkey_sample
-    from lwm_jax.data.tokenize import get_tokenizer, load_tokenizer_info
-
     out = tmp_path / "task"
     args = _parser().parse_args(["data", "sample", str(out), "--tokenizer", "task", "--vocab-size", "512",
                                  "--max-chars-per-source", "60000", "--json"])

@@ -1,18 +1,28 @@
 """Raw inputs: every format gives the same documents, files split into units cover each line once,
 bad records and files are skipped and counted, and unusable paths or tokenizers fail before any work."""
 
+import argparse
+import builtins
 import collections
+import dataclasses
+import hashlib
 import json
 import os
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import zstandard
+from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 
+import lwm_jax.data.sources as sources
+from lwm_jax.cli import data as commands
 from lwm_jax.config import PrepareConfig
 from lwm_jax.data.manifest import load_manifest
+from lwm_jax.data.packing import decode_record
 from lwm_jax.data.prepare import prepare
-from lwm_jax.data.sources import plan_inputs, read_unit
+from lwm_jax.data.sources import WorkUnit, plan_inputs, read_unit
 from lwm_jax.data.tokenize import get_tokenizer, load_tokenizer_info
 from lwm_jax.errors import UserError
 from tests.conftest import require_llama3_tokenizer
@@ -39,10 +49,6 @@ def _zst(path, data: bytes):
 
 def _source_tokens(out_dir):
     """{source: concatenated real tokens of all its sequences} of a prepared dataset."""
-    from array_record.python.array_record_module import ArrayRecordReader
-
-    from lwm_jax.data.packing import decode_record
-
     result = {}
     for name, src in load_manifest(out_dir)["sources"].items():
         parts = []
@@ -55,10 +61,6 @@ def _source_tokens(out_dir):
 
 
 def test_formats_give_the_same_documents(tokenizer_dir, tmp_path):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    from array_record.python.array_record_module import ArrayRecordWriter
-
     (tmp_path / "a").mkdir()
     _jsonl(tmp_path / "a" / "docs.jsonl", DOCS)
     (tmp_path / "b").mkdir()
@@ -122,8 +124,6 @@ def test_bad_records_are_skipped_and_counted(tokenizer_dir, tmp_path):
 
 
 def test_truncated_zst_keeps_the_lines_before_the_damage(tmp_path):
-    from lwm_jax.data.sources import WorkUnit
-
     rng = np.random.default_rng(0)
     records = [{"text": " ".join(map(str, rng.integers(0, 10**9, 200)))} for _ in range(300)]
     data = "".join(json.dumps(r) + "\n" for r in records).encode()
@@ -141,10 +141,6 @@ def test_truncated_zst_keeps_the_lines_before_the_damage(tmp_path):
 
 
 def test_cli_prints_the_skip_summary(tokenizer_dir, tmp_path, capsys):
-    import argparse
-
-    from lwm_jax.cli import data as commands
-
     _jsonl(tmp_path / "docs.jsonl", DOCS[:5])
     with open(tmp_path / "docs.jsonl", "ab") as f:
         f.write(b"{broken\n")
@@ -201,10 +197,6 @@ def test_unusable_inputs_fail_before_any_work(tokenizer_dir, tmp_path, case):
 
 
 def test_unreadable_file_fails_before_any_work(tokenizer_dir, tmp_path, monkeypatch):
-    import builtins
-
-    import lwm_jax.data.sources as sources
-
     path = _jsonl(tmp_path / "secret.jsonl", DOCS[:2])
     path.chmod(0)
     if os.geteuid() == 0:  # root reads files whatever their mode: let the OS answer as it would anyone else
@@ -243,9 +235,6 @@ def test_long_document_filter_keeps_long_and_a_share_of_short(tokenizer_dir, tmp
 
 
 def test_grain_worker_processes_give_the_same_shards(tokenizer_dir, tmp_path):
-    import dataclasses
-    import hashlib
-
     for i in range(3):
         _jsonl(tmp_path / f"part{i}.jsonl", DOCS[i::3] * 3)
     inputs = [str(tmp_path / "part*.jsonl")]

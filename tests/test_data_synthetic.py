@@ -3,15 +3,15 @@ answer inside the needle, seeded, for the Llama-3 tokenizer and for a small BPE 
 
 import numpy as np
 import pytest
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from lwm_jax.data.synthetic import FILLER, niah_sample, passkey_sample
+from lwm_jax.data.tokenize import get_tokenizer
 from lwm_jax.errors import UserError
 from tests.conftest import require_llama3_tokenizer
 
 
 def _tiny_bpe():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -25,7 +25,6 @@ def _tiny_bpe():
 def tokenizer(request):
     if request.param == "tiny_bpe":
         return _tiny_bpe(), None
-    from lwm_jax.data.tokenize import get_tokenizer
 
     return get_tokenizer(str(require_llama3_tokenizer() / "tokenizer.json")), 128000
 

@@ -11,9 +11,13 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
+import yaml
 
+from lwm_jax.config import ModelConfig, from_dict
+from lwm_jax.model.store import read_metadata, restore_params
 from tests.test_train import prepared, write_recipe  # noqa: F401 - session fixture
 
 # 2x4 vs 1x8 on the same mesh shape, both through gloo (see _one_process_gloo): the same program on
@@ -65,9 +69,6 @@ def _losses(workdir: Path) -> dict:
 
 
 def _final_params(workdir: Path, stage: str = "base"):
-    from lwm_jax.config import ModelConfig, from_dict
-    from lwm_jax.model.store import read_metadata, restore_params
-
     ckpt = workdir / "stages" / stage / "checkpoints"
     config = from_dict(ModelConfig, read_metadata(ckpt)["model"])
     return restore_params(ckpt, config)
@@ -75,7 +76,6 @@ def _final_params(workdir: Path, stage: str = "base"):
 
 def _one_stage(tmp_path, prepared, name, **stage):  # noqa: F811
     recipe = write_recipe(tmp_path / f"{name}.yaml", prepared)
-    import yaml
 
     data = yaml.safe_load(recipe.read_text())
     data["model"]["attention"] = "ring"
@@ -87,8 +87,6 @@ def _one_stage(tmp_path, prepared, name, **stage):  # noqa: F811
 @pytest.mark.parametrize("mesh", [pytest.param("dp=2,sp=4", marks=pytest.mark.slow), "sp=8"],
                          ids=["sp-inside-hosts", "sp-across-hosts"])
 def test_two_processes_equal_one(tmp_path, prepared, mesh):  # noqa: F811
-    import jax
-
     dp, sp = (2, 4) if mesh == "dp=2,sp=4" else (1, 8)
     recipe = _one_stage(tmp_path, prepared, "r", steps=2, mesh={"dp": dp, "sp": sp})
     single = subprocess.run(_one_process_gloo("train", str(recipe), "--workdir", str(tmp_path / "one")),
@@ -134,8 +132,6 @@ def test_two_process_checkpoint_resumes_in_one_process_on_another_mesh(tmp_path,
 
 @pytest.mark.slow
 def test_dead_process_ends_the_run(tmp_path, prepared):  # noqa: F811
-    from lwm_jax.model.store import read_metadata
-
     recipe = _one_stage(tmp_path, prepared, "r", steps=50, checkpoint_every=1, mesh={"dp": 2, "sp": 4})
     work = tmp_path / "w"
     procs = _two_processes("train", str(recipe), "--workdir", str(work), heartbeat=10)

@@ -8,9 +8,22 @@ import re
 import shutil
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
+from flax import nnx
 
+from lwm_jax.cli import main
+from lwm_jax.config import MeshConfig, ModelConfig
+from lwm_jax.data.synthetic import niah_sample
+from lwm_jax.eval.niah import Haystack, niah_eval, write_results
+from lwm_jax.eval.passkey import passkey_eval
+from lwm_jax.eval.probes import build_to_length, chat_wrap_for, probe_from_sample
+from lwm_jax.eval.scoring import ModelLogits, wilson_interval
+from lwm_jax.model.llama import Llama
+from lwm_jax.model.opened import open_checkpoint
+from lwm_jax.model.store import model_metadata, save_model
+from lwm_jax.parallel.mesh import make_mesh
 from tests.conftest import blind_logits, llama3_tokenizer_dir
 
 LENGTH_TOLERANCE = 0.01  # total tokens within 1% of the asked length
@@ -38,9 +51,6 @@ def _oracle(tokenizer, vocab: int):
 
 @pytest.mark.parametrize("chat", [False, True])
 def test_niah_oracle_and_blind(llama3_tokenizer, chat, tmp_path):
-    from lwm_jax.eval.niah import Haystack, niah_eval, write_results
-    from lwm_jax.eval.probes import chat_wrap_for
-
     tok, info = llama3_tokenizer
     stacks = [Haystack("test", HAYSTACK, tok)]
     kwargs = dict(lengths=LENGTHS, depths=DEPTHS, samples=2, haystacks=stacks, chat=chat_wrap_for(tok, info, chat),
@@ -58,8 +68,6 @@ def test_niah_oracle_and_blind(llama3_tokenizer, chat, tmp_path):
 
 
 def test_generated_answer_scoring(llama3_tokenizer, tmp_path):
-    from lwm_jax.eval.niah import Haystack, niah_eval, write_results
-
     tok, info = llama3_tokenizer
     oracle = _oracle(tok, info.vocab_size)
 
@@ -76,10 +84,6 @@ def test_generated_answer_scoring(llama3_tokenizer, tmp_path):
 @pytest.mark.parametrize("chat", [False, True])
 @pytest.mark.parametrize("depth", DEPTHS)
 def test_needle_depth_and_length(llama3_tokenizer, chat, depth):
-    from lwm_jax.data.synthetic import niah_sample
-    from lwm_jax.eval.niah import Haystack
-    from lwm_jax.eval.probes import build_to_length, chat_wrap_for, probe_from_sample
-
     tok, info = llama3_tokenizer
     stack = Haystack("test", HAYSTACK, tok)
     longest_sentence = max(len(tok.encode(" " + s, add_special_tokens=False).ids) for s in stack.sentences)
@@ -103,8 +107,6 @@ def test_needle_depth_and_length(llama3_tokenizer, chat, depth):
 
 
 def test_passkey_oracle(llama3_tokenizer):
-    from lwm_jax.eval.passkey import passkey_eval
-
     tok, info = llama3_tokenizer
 
     def oracle(ids):
@@ -123,12 +125,6 @@ def test_passkey_oracle(llama3_tokenizer):
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
     """A random tiny Llama checkpoint with Llama-3's vocabulary size (so real token ids fit)."""
-    from flax import nnx
-
-    from lwm_jax.config import ModelConfig
-    from lwm_jax.model.llama import Llama
-    from lwm_jax.model.store import model_metadata, save_model
-
     config = ModelConfig(vocab_size=128_256, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2,
                          num_kv_heads=1, head_dim=8, max_position_embeddings=4096, remat="none",
                          tie_word_embeddings=True)
@@ -138,13 +134,6 @@ def tiny_ckpt(tmp_path_factory):
 
 
 def test_model_logits_tail_matches_full_forward_ring(tiny_ckpt):
-    import jax
-
-    from lwm_jax.config import MeshConfig
-    from lwm_jax.eval.scoring import ModelLogits
-    from lwm_jax.model.opened import open_checkpoint
-    from lwm_jax.parallel.mesh import make_mesh
-
     model = open_checkpoint(tiny_ckpt).model()
     ids = np.random.default_rng(0).integers(0, 128_000, size=61).astype(np.int32)  # odd: padded to 64 for the ring
     full = np.asarray(model(ids[None]))[0]
@@ -160,8 +149,6 @@ def test_model_logits_tail_matches_full_forward_ring(tiny_ckpt):
 def test_wilson_interval_solves_the_score_equation(hits, n):
     """Both ends p0 of the Wilson interval solve (p - p0)^2 = z^2 p0 (1 - p0) / n, the interval holds
     p = hits/n, and at 0 hits its top is z^2 / (n + z^2) (the closed form)."""
-    from lwm_jax.eval.scoring import wilson_interval
-
     z = 1.959964
     lo, hi = wilson_interval(hits, n)
     p = hits / n
@@ -173,8 +160,6 @@ def test_wilson_interval_solves_the_score_equation(hits, n):
 
 
 def test_cli_niah_and_bad_input(tiny_ckpt, tmp_path, capsys):
-    from lwm_jax.cli import main
-
     hay = tmp_path / "hay.txt"
     hay.write_text(HAYSTACK)
     tok_dir = str(llama3_tokenizer_dir())
@@ -222,8 +207,6 @@ def test_cli_niah_and_bad_input(tiny_ckpt, tmp_path, capsys):
 def test_cli_log_n_temperature_and_its_bad_input(tiny_ckpt, tmp_path, capsys):
     """--temperature log-n is named in the result and the title (its numbers:
     tests/test_rope_scaling.py); with --generate it is one error line, before any output."""
-    from lwm_jax.cli import main
-
     base = ["eval", "passkey", str(tiny_ckpt), "--tokenizer", str(llama3_tokenizer_dir()), "--depths", "50",
             "--max-length", "2048", "--temperature", "log-n"]
     assert main([*base, "--lengths", "256,2048", "--out", str(tmp_path / "t"), "--json"]) == 0

@@ -8,6 +8,8 @@ import re
 import numpy as np
 import pytest
 
+from lwm_jax.eval.probes import chat_wrap_for
+from lwm_jax.eval.ruler import COMMON_WORDS, TASKS, ruler_eval, ruler_sample
 from tests.conftest import blind_logits
 
 ORACLE_SCORE = 1.0
@@ -45,9 +47,6 @@ def _oracle(tok, vocab):
 
 @pytest.mark.parametrize("chat", [False, True])
 def test_ruler_oracle_and_blind(llama3_tokenizer, chat):
-    from lwm_jax.eval.probes import chat_wrap_for
-    from lwm_jax.eval.ruler import TASKS, ruler_eval
-
     tok, info = llama3_tokenizer
     kwargs = dict(lengths=LENGTHS, samples=2, chat=chat_wrap_for(tok, info, chat), bos_id=info.bos_id)
     result = ruler_eval(_oracle(tok, info.vocab_size), tok, **kwargs)
@@ -61,8 +60,6 @@ def test_ruler_oracle_and_blind(llama3_tokenizer, chat):
 
 
 def test_cwe_common_words_are_well_defined(llama3_tokenizer):
-    from lwm_jax.eval.ruler import COMMON_WORDS, ruler_sample
-
     tok, info = llama3_tokenizer
     sample = ruler_sample(tok, "cwe", 3000, seed=4, bos_id=info.bos_id)
     assert len(sample.ids) == 3000

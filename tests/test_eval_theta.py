@@ -3,11 +3,26 @@ Adam steps on periodic sequences, a task that needs attention at a fixed relativ
 loss depends on the RoPE frequencies); golden-section search on a known function; loss by position
 bucket agrees with the plain mean and shows the copy task getting easier after one period."""
 
+import dataclasses
 import json
 import math
 
+import jax
 import numpy as np
+import optax
 import pytest
+
+from lwm_jax.cli import main
+from lwm_jax.config import DataConfig, MeshConfig, ModelConfig, RecipeConfig, from_dict
+from lwm_jax.eval.perplexity import load_tokens, mean_nll
+from lwm_jax.eval.theta_sweep import golden_section, stage_sweep
+from lwm_jax.model.opened import open_checkpoint
+from lwm_jax.model.store import merge_params, model_metadata, save_model
+from lwm_jax.parallel.mesh import make_mesh
+from lwm_jax.train.runner import TrainServices, sweep_stage_theta
+from lwm_jax.train.schedule import init_source, schedule_recipe
+from lwm_jax.train.step import build_step, init_params
+from lwm_jax.train.workdir import swept_thetas
 
 TRAINED_THETA = 100.0
 PERIOD, SEQ, VOCAB = 16, 64, 300  # data ids lie in [2, 64)
@@ -26,14 +41,6 @@ def _periodic(rng, n: int) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def trained_ckpt(tmp_path_factory):
-    import jax
-    import optax
-
-    from lwm_jax.config import MeshConfig, ModelConfig
-    from lwm_jax.model.store import merge_params, model_metadata, save_model
-    from lwm_jax.parallel.mesh import make_mesh
-    from lwm_jax.train.step import build_step, init_params
-
     config = ModelConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
                          num_kv_heads=1, head_dim=16, rope_theta=TRAINED_THETA, max_position_embeddings=SEQ,
                          remat="none", bos_token_id=0, eos_token_id=(1,))
@@ -58,8 +65,6 @@ def trained_ckpt(tmp_path_factory):
 
 
 def test_sweep_finds_trained_theta(trained_ckpt, tmp_path, capsys):
-    from lwm_jax.cli import main
-
     ckpt, data, final_loss = trained_ckpt
     assert main(["theta-sweep", str(ckpt), "--data", str(data), "--context", str(SEQ), "--num", "5", "--span", "4",
                  "--num-sequences", "4", "--out", str(tmp_path), "--json"]) == 0
@@ -75,14 +80,6 @@ def test_sweep_finds_trained_theta(trained_ckpt, tmp_path, capsys):
 def test_recipe_sweep_stage_finds_trained_theta(trained_ckpt, tmp_path):
     """A recipe stage with `rope_theta: sweep` runs the same search from its starting checkpoint,
     saves it, and the stages after it build their theta rules on the swept value."""
-    import dataclasses
-
-    from lwm_jax.config import DataConfig, RecipeConfig, from_dict
-    from lwm_jax.eval.theta_sweep import stage_sweep
-    from lwm_jax.train.runner import TrainServices, sweep_stage_theta
-    from lwm_jax.train.schedule import init_source, schedule_recipe
-    from lwm_jax.train.workdir import swept_thetas
-
     ckpt, data, _ = trained_ckpt
     recipe = from_dict(RecipeConfig, {
         "name": "sweep", "model": {"vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 64, "num_layers": 1,
@@ -108,8 +105,6 @@ def test_recipe_sweep_stage_finds_trained_theta(trained_ckpt, tmp_path):
 
 
 def test_golden_section_on_known_minimum():
-    from lwm_jax.eval.theta_sweep import golden_section
-
     target = 2.5e6
     points = golden_section(lambda t: (math.log(t) - math.log(target)) ** 2, 1e5, 1e8, iterations=20)
     best = min(points, key=lambda p: p[1])[0]
@@ -117,10 +112,6 @@ def test_golden_section_on_known_minimum():
 
 
 def test_loss_by_position(trained_ckpt, tmp_path, capsys):
-    from lwm_jax.cli import main
-    from lwm_jax.eval.perplexity import load_tokens, mean_nll
-    from lwm_jax.model.opened import open_checkpoint
-
     ckpt, data, _ = trained_ckpt
     assert main(["eval", "ppl", str(ckpt), "--data", str(data), "--seq-len", str(SEQ), "--num-sequences", "4",
                  "--buckets", f"{PERIOD - 1},{2 * PERIOD}", "--out", str(tmp_path), "--json"]) == 0
@@ -135,8 +126,6 @@ def test_loss_by_position(trained_ckpt, tmp_path, capsys):
 
 
 def test_ppl_data_errors(trained_ckpt, tmp_path, capsys):
-    from lwm_jax.cli import main
-
     ckpt, data, _ = trained_ckpt
     assert main(["eval", "ppl", str(ckpt), "--data", str(data), "--seq-len", str(SEQ), "--num-sequences", "99"]) == 2
     assert "fewer than 99 sequences" in capsys.readouterr().err

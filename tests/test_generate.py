@@ -2,21 +2,30 @@
 the cache sharded over sp=4 (through the CLI), the Llama-3 chat template; and the CLI's bad input."""
 
 import json
+import re
 import shutil
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
+import transformers
 
+from lwm_jax import generate as G
+from lwm_jax.cli import main
+from lwm_jax.config import MeshConfig
+from lwm_jax.convert.hf import import_hf
+from lwm_jax.generate import encode_prompt, generate
+from lwm_jax.parallel.mesh import make_mesh
 from tests.conftest import make_hf_llama, require_llama3_tokenizer
 
-NEW_TOKENS = 32  # >= 32, as the issue asks
+NEW_TOKENS = 32  # decode steps compared token for token, each reading the cache the steps before it wrote
 MIN_DISTINCT = 8  # the reference continuation must not be degenerate (one token repeated)
 PROMPT_LEN = 37  # not a multiple of 2*sp: the prefill pads
 
 
 def _hf_greedy(model, prompt, new_tokens):
-    import torch
-
     model.generation_config.eos_token_id = None  # run the full length, as generate(stop_ids=()) does
     with torch.no_grad():
         ids = torch.tensor(np.asarray(prompt)[None])
@@ -28,8 +37,6 @@ def _hf_greedy(model, prompt, new_tokens):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A random tiny HF Llama (vocab 256), its lwm-jax checkpoint, a prompt and HF's greedy tokens."""
-    from lwm_jax.cli import main
-
     root = tmp_path_factory.mktemp("gen")
     hf = make_hf_llama(root / "hf", seed=0)
     prompt = np.concatenate([[0], np.random.default_rng(0).integers(2, 256, PROMPT_LEN - 1)]).astype(np.int32)
@@ -41,9 +48,6 @@ def tiny(tmp_path_factory):
 
 
 def test_greedy_matches_transformers_single_device(tiny):
-    from lwm_jax.convert.hf import import_hf
-    from lwm_jax.generate import generate
-
     model = import_hf(tiny["root"] / "hf")
     assert generate(model, tiny["prompt"], max_new_tokens=NEW_TOKENS) == tiny["expected"]
     # Sampling: a top-p mass below the top token's probability keeps only it, so it is greedy.
@@ -58,8 +62,6 @@ def test_greedy_matches_transformers_single_device(tiny):
 
 def test_greedy_matches_transformers_sp4_ring_cli(tiny, capsys):
     """`--mesh dp=2,sp=4`: ring prefill in zigzag order, decode over the cache sharded over sp=4."""
-    from lwm_jax.cli import main
-
     rc = main(["generate", str(tiny["root"] / "ckpt"), "--tokens", str(tiny["root"] / "prompt.npy"),
                "--mesh", "dp=2,sp=4", "--max-new-tokens", str(NEW_TOKENS), "--greedy", "--json"])
     assert rc == 0
@@ -73,11 +75,6 @@ def test_greedy_matches_transformers_sp4_ring_cli(tiny, capsys):
 
 def test_chat_greedy_matches_transformers(tmp_path):
     """`--chat` renders the Llama-3 template as transformers does, then decodes as transformers."""
-    import transformers
-
-    from lwm_jax.convert.hf import import_hf
-    from lwm_jax.generate import encode_prompt, generate
-
     tok_dir = require_llama3_tokenizer()
     message = "What is the capital of France?"
     hf_tok = transformers.AutoTokenizer.from_pretrained(str(tok_dir))
@@ -104,8 +101,6 @@ def _one_error_line(capsys) -> str:
 
 
 def test_length_beyond_what_the_mesh_holds(tiny, capsys):
-    from lwm_jax.cli import main
-
     rc = main(["generate", str(tiny["root"] / "ckpt"), "--tokens", str(tiny["root"] / "prompt.npy"),
                "--mesh", "dp=2,sp=4", "--max-new-tokens", "100000", "--device-memory", "0.001"])
     assert rc == 2
@@ -114,8 +109,6 @@ def test_length_beyond_what_the_mesh_holds(tiny, capsys):
 
 
 def test_chat_without_template(tiny, tmp_path, capsys):
-    from lwm_jax.cli import main
-
     tok_dir = require_llama3_tokenizer()
     shutil.copy(tok_dir / "tokenizer.json", tmp_path / "tokenizer.json")
     config = json.loads((tok_dir / "tokenizer_config.json").read_text())
@@ -129,16 +122,6 @@ def test_chat_without_template(tiny, tmp_path, capsys):
 def test_sharded_decode_never_moves_the_cache(tiny):
     """sp=4 on 4 of the devices (API): the same tokens, and the compiled decode step holds no
     all-gather and no collective-permute, only all-reduces of softmax partials (flash-decoding)."""
-    import re
-
-    import jax
-    import jax.numpy as jnp
-
-    from lwm_jax import generate as G
-    from lwm_jax.config import MeshConfig
-    from lwm_jax.convert.hf import import_hf
-    from lwm_jax.parallel.mesh import make_mesh
-
     mesh = make_mesh(MeshConfig(sp=4), devices=jax.devices()[:4])
     model = G.place_model(import_hf(tiny["root"] / "hf", attention="ring"), mesh)
     plan = G.cache_spec(model.config, len(tiny["prompt"]), NEW_TOKENS, mesh)

@@ -22,8 +22,8 @@ from lwm_jax.train.optimizer import make_optimizer
 from lwm_jax.train.step import init_params
 
 ROOT = Path(__file__).resolve().parents[1]
-# The bound. Each pair differs only in the order of float32 sums of O(1) values over at
-# most a few hundred terms (tile boundaries, shard-local partial sums), ~1e-7 at these sizes.
+# Each pair differs only in the order of float32 sums of O(1) values over at most a few hundred
+# terms (tile boundaries, shard-local partial sums), ~1e-7 at these sizes.
 TOL = 1e-6
 SEQ, BATCH = 64, 2
 CFG = ModelConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,

@@ -11,6 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from array_record.python.array_record_module import ArrayRecordReader
+
+import lwm_jax.data.manifest
+from lwm_jax.model.rope import theta_for
 
 ROOT = Path(__file__).resolve().parents[1]
 ARMS = ("scaling-law", "ntk", "yarn", "control")
@@ -76,8 +80,6 @@ def _script():
 
 
 def test_copy_documents_repeat_a_run_of_digit_tokens(tmp_path, llama3_tokenizer):
-    from array_record.python.array_record_module import ArrayRecordReader
-
     tokenizer, _ = llama3_tokenizer
     path = tmp_path / "copy.array_record"
     assert _script().copy_documents(tokenizer, 200, path, seed=3) == 200
@@ -98,8 +100,6 @@ def test_copy_documents_repeat_a_run_of_digit_tokens(tmp_path, llama3_tokenizer)
 
 def test_data_weights_split_retrieval_copy_and_corpus(monkeypatch):
     """Corpus sources by token count, retrieval split by `niah`, copy as given."""
-    import lwm_jax.data.manifest
-
     sources = {"code": {"kept_tokens": 300}, "docs": {"kept_tokens": 100}, "passkey": {"kept_tokens": 5},
                "niah": {"kept_tokens": 5}, "copy": {"kept_tokens": 5}}
     monkeypatch.setattr(lwm_jax.data.manifest, "load_manifest", lambda path: {"sources": sources})
@@ -115,8 +115,6 @@ def test_data_weights_split_retrieval_copy_and_corpus(monkeypatch):
 
 
 def test_arm_stages_aim_each_rule_at_its_target_and_train_at_a_quarter():
-    from lwm_jax.model.rope import theta_for
-
     module = _script()
     s = module.PRESETS["default"]
     d = s.model["head_dim"]

@@ -1,18 +1,34 @@
-"""Bad input at the edges of data, CLI and evaluation (issue 18, cases 3, 6, 8, 9, 10): damaged
-`.array_record` shards named in one error line, the domains of the theta rules, `--set` values that
-are not YAML, the one rule for inputs past the trained length, the `eval ppl` position buckets,
-`--version`, and the README's evaluation examples on a ring checkpoint without `--mesh`."""
+"""Bad input at the edges of data, CLI and evaluation: damaged `.array_record` shards named in one
+error line, the domains of the theta rules, `--set` values that are not YAML, the one rule for inputs
+past the trained length, the `eval ppl` position buckets, `--version`, and the README's evaluation
+examples on a ring checkpoint without `--mesh`."""
 
 import json
+import math
 import re
+import shlex
 import shutil
 import tomllib
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 import yaml
+from flax import nnx
 
+from lwm_jax.cli import build_parser, main
+from lwm_jax.config import DataConfig, ModelConfig, PrepareConfig
+from lwm_jax.data.manifest import load_manifest
+from lwm_jax.data.pipeline import build_iterator
+from lwm_jax.data.prepare import prepare
+from lwm_jax.data.sample import build_sample
+from lwm_jax.errors import UserError
+from lwm_jax.eval.perplexity import default_buckets
+from lwm_jax.model.context import MAX_POSITIONS, check_context
+from lwm_jax.model.llama import Llama
+from lwm_jax.model.rope import ntk_theta, scaling_law_theta
+from lwm_jax.model.store import model_metadata, save_model
 from tests.conftest import ROOT
 
 SEQ = 64  # prepared length
@@ -26,10 +42,6 @@ NLL_ATOL = 1e-5
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """A small sample corpus, its tokenizer (vocab 512) and shards prepared at SEQ."""
-    from lwm_jax.config import PrepareConfig
-    from lwm_jax.data.prepare import prepare
-    from lwm_jax.data.sample import build_sample
-
     root = tmp_path_factory.mktemp("data")
     build_sample(root / "sample", vocab_size=VOCAB, max_chars_per_source=40_000)
     corpus = sorted(str(p) for p in (root / "sample" / "corpus").glob("*.jsonl.zst"))
@@ -40,12 +52,6 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     """A random tiny Llama checkpoint made for ring attention (as the demo's are), trained length TRAINED."""
-    from flax import nnx
-
-    from lwm_jax.config import ModelConfig
-    from lwm_jax.model.llama import Llama
-    from lwm_jax.model.store import model_metadata, save_model
-
     config = ModelConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2,
                          num_kv_heads=1, head_dim=8, max_position_embeddings=TRAINED, remat="none", attention="ring",
                          attention_block_size=4, bos_token_id=VOCAB - 5, eos_token_id=(VOCAB - 4,))
@@ -74,15 +80,11 @@ def _recipe(path: Path, data_dir: Path) -> Path:
     return path
 
 
-# --- case 3: damaged shards ------------------------------------------------------------------------
+# --- damaged shards --------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("cut", ["to-30000-bytes", "last-100-bytes"])
 def test_truncated_shard_is_one_line_naming_the_file(data, ckpt, tmp_path, capsys, cut):
-    from lwm_jax.cli import main
-    from lwm_jax.data.manifest import load_manifest
-    from lwm_jax.errors import UserError
-
     damaged = tmp_path / "prep"
     shutil.copytree(data / f"prep-{SEQ}", damaged)
     shard = _largest_shard(damaged)
@@ -102,12 +104,6 @@ def test_truncated_shard_is_one_line_naming_the_file(data, ckpt, tmp_path, capsy
 
 
 def test_corrupted_record_is_named_when_it_is_read(data, ckpt, tmp_path, capsys):
-    from lwm_jax.cli import main
-    from lwm_jax.config import DataConfig
-    from lwm_jax.data.manifest import load_manifest
-    from lwm_jax.data.pipeline import build_iterator
-    from lwm_jax.errors import UserError
-
     damaged = tmp_path / "prep"
     shutil.copytree(data / f"prep-{SEQ}", damaged)
     source, first = next(iter(load_manifest(damaged)["sources"].items()))  # what `eval ppl --data` reads first
@@ -127,12 +123,10 @@ def test_corrupted_record_is_named_when_it_is_read(data, ckpt, tmp_path, capsys)
     assert str(shard) in _one_error_line(capsys)
 
 
-# --- case 6: --set values that are not YAML, the theta rules' domains --------------------------------
+# --- --set values that are not YAML, the theta rules' domains ----------------------------------------
 
 
 def test_set_value_that_is_not_yaml(data, tmp_path, capsys):
-    from lwm_jax.cli import main
-
     recipe = _recipe(tmp_path / "r.yaml", data / f"prep-{SEQ}")
     assert main(["train", str(recipe), "--workdir", str(tmp_path / "w"), "--set", "data.paths=[/x-{seq_len}]"]) == 2
     line = _one_error_line(capsys)
@@ -148,8 +142,6 @@ def test_set_value_that_is_not_yaml(data, tmp_path, capsys):
     (["--method", "ntk", "--context", "8", "--orig-context", "1000000000000"], "not > 1"),
 ])
 def test_theta_outside_its_domain_is_one_line(capsys, args, problem):
-    from lwm_jax.cli import main
-
     context = [] if "--context" in args else ["--context", "1048576"]
     assert main(["theta", *context, *args]) == 2
     line = _one_error_line(capsys)
@@ -157,11 +149,6 @@ def test_theta_outside_its_domain_is_one_line(capsys, args, problem):
 
 
 def test_theta_rules_at_the_edge_of_their_domain():
-    import math
-
-    from lwm_jax.errors import UserError
-    from lwm_jax.model.rope import ntk_theta, scaling_law_theta
-
     # L0 = 7 is in the domain: defined while ln(b)·ln(L/2π)/ln(L0/2π) <= ln(float64 max) = 709.78.
     edge = 2 * math.pi * math.exp(709.0 * math.log(7 / (2 * math.pi)) / math.log(500_000.0))
     assert 1 < scaling_law_theta(int(edge), 500_000.0, 7) < math.inf
@@ -171,13 +158,10 @@ def test_theta_rules_at_the_edge_of_their_domain():
     assert ntk_theta(8192, 500_000.0, 4, 8192) == pytest.approx(500_000.0)
 
 
-# --- case 8: inputs past the trained length ----------------------------------------------------------
+# --- inputs past the trained length ------------------------------------------------------------------
 
 
 def test_one_length_rule(capsys):
-    from lwm_jax.errors import UserError
-    from lwm_jax.model.context import MAX_POSITIONS, check_context
-
     assert check_context(SEQ, SEQ, what="length") is False
     assert capsys.readouterr().err == ""
     assert check_context(SEQ + 1, SEQ, what="length") is True
@@ -194,8 +178,6 @@ def _warnings(err: str) -> list[str]:
 
 
 def test_generate_and_ppl_warn_past_the_trained_length(ckpt, tmp_path, capsys):
-    from lwm_jax.cli import main
-
     rng = np.random.default_rng(0)
     prompt = tmp_path / "prompt.npy"
     np.save(prompt, rng.integers(0, VOCAB - 5, TRAINED - 8).astype(np.int32))
@@ -214,8 +196,6 @@ def test_generate_and_ppl_warn_past_the_trained_length(ckpt, tmp_path, capsys):
 
 
 def test_probes_refuse_past_max_length_and_warn_with_it(data, ckpt, tmp_path, capsys):
-    from lwm_jax.cli import main
-
     length = 2 * TRAINED
     base = ["eval", "passkey", str(ckpt), "--tokenizer", str(data / "sample" / "tokenizer"), "--depths", "50",
             "--lengths", str(length)]
@@ -227,7 +207,7 @@ def test_probes_refuse_past_max_length_and_warn_with_it(data, ckpt, tmp_path, ca
     assert len(_warnings(err)) == 1
 
 
-# --- case 10: position buckets, --version, the README's examples ---------------------------------------
+# --- position buckets, --version, the README's examples ------------------------------------------------
 
 
 @pytest.mark.parametrize("seq, edges", [
@@ -235,14 +215,10 @@ def test_probes_refuse_past_max_length_and_warn_with_it(data, ckpt, tmp_path, ca
     (65_536, [0, 1024, 4096, 16_384, 65_536]),
 ])
 def test_default_buckets_are_1k_then_x4(seq, edges):
-    from lwm_jax.eval.perplexity import default_buckets
-
     assert default_buckets(seq) == edges
 
 
 def test_buckets_help_and_readme_say_the_same():
-    from lwm_jax.cli import build_parser
-
     readme = (ROOT / "README.md").read_text()
     assert "0–1K, 1K–4K, 4K–16K, … ×4" in readme
     sub = build_parser()._subparsers._group_actions[0].choices["eval"]._subparsers._group_actions[0].choices
@@ -250,10 +226,6 @@ def test_buckets_help_and_readme_say_the_same():
 
 
 def test_version(capsys):
-    import jax
-
-    from lwm_jax.cli import main
-
     with pytest.raises(SystemExit) as exit_info:
         main(["--version"])
     assert exit_info.value.code == 0
@@ -277,10 +249,6 @@ def test_readme_prepares_what_the_cpu_recipe_reads():
 
 
 def test_readme_eval_examples_parse_and_run_on_a_ring_checkpoint_without_mesh(data, ckpt, tmp_path, capsys):
-    import shlex
-
-    from lwm_jax.cli import build_parser, main
-
     lines = [ln for ln in _readme_block("## Generation and evaluation").splitlines() if ln.startswith("lwm-jax ")]
     assert {"generate", "niah", "passkey", "ruler", "ppl", "theta-sweep"} <= {w for ln in lines for w in ln.split()}
     for line in lines:  # every example is a valid command line

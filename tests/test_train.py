@@ -13,6 +13,12 @@ import pytest
 import yaml
 
 from lwm_jax.cli import main
+from lwm_jax.config import MeshConfig, ModelConfig, PrepareConfig, from_dict, load_recipe
+from lwm_jax.data.prepare import prepare
+from lwm_jax.data.sample import build_sample
+from lwm_jax.model.store import read_metadata, restore_params
+from lwm_jax.parallel.mesh import make_mesh
+from lwm_jax.train.workdir import recipe_fingerprint
 from tests.conftest import cli_error
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,10 +27,6 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def prepared(tmp_path_factory):
     """A small demo corpus, its tokenizer (vocab 512) and prepared shards at seq_len 32 and 128."""
-    from lwm_jax.config import PrepareConfig
-    from lwm_jax.data.prepare import prepare
-    from lwm_jax.data.sample import build_sample
-
     root = tmp_path_factory.mktemp("data")
     build_sample(root / "sample", vocab_size=512, max_chars_per_source=60_000)
     corpus = sorted(str(p) for p in (root / "sample" / "corpus").glob("*.jsonl.zst"))
@@ -70,10 +72,6 @@ def _losses(workdir: Path) -> dict:
 
 
 def test_two_stages_chain_export_and_rerun(tmp_path, prepared):
-    from lwm_jax.config import MeshConfig, ModelConfig, from_dict
-    from lwm_jax.model.store import read_metadata, restore_params
-    from lwm_jax.parallel.mesh import make_mesh
-
     recipe = write_recipe(tmp_path / "r.yaml", prepared)
     full = _cli("train", str(recipe), "--workdir", str(tmp_path / "full"), "--json")
     assert full.returncode == 0, full.stderr
@@ -147,9 +145,6 @@ def test_workdir_of_another_recipe_is_not_overwritten(tmp_path, prepared, capsys
 def test_fingerprint_ignores_how_it_runs_but_not_what_it_computes():
     """A run may resume on another mesh, remat policy or kernel, and after a release adds a config
     field with a default; changing steps, theta or the model is a different recipe."""
-    from lwm_jax.config import load_recipe
-    from lwm_jax.train.workdir import recipe_fingerprint
-
     demo = ROOT / "configs/recipes/demo_cpu.yaml"
     base = recipe_fingerprint(load_recipe(demo))
     same = [["mesh.dp=1", "mesh.sp=8"], ["model.remat=dots", "stages.x4.remat=none"],

@@ -1,5 +1,6 @@
 """`lwm-jax train` when things go wrong: a damaged newest checkpoint, two runs on one workdir,
-Ctrl-C, a start-up failure, a save that fails midway; and the recipe/plan checks of issue 18."""
+Ctrl-C, a start-up failure, a save that fails midway; and the recipe and plan checks (a repeated
+stage name, `plan --stage` checking only that stage's mesh)."""
 
 import errno
 import json
@@ -18,11 +19,14 @@ import pytest
 import yaml
 
 from lwm_jax.cli import main
+from lwm_jax.config import load_recipe
 from lwm_jax.errors import UserError
+from lwm_jax.model.store import read_metadata
+from lwm_jax.train.lock import WorkdirLock
 from tests.conftest import cli_error
 from tests.test_train import prepared, write_recipe  # noqa: F401 - `prepared` is a fixture used here
 
-RESUME_TOL = 1e-6  # per-step loss, resumed vs uninterrupted: the same programs on the same data (issue)
+RESUME_TOL = 1e-6  # per-step loss, resumed vs uninterrupted: the same programs on the same data
 STEPS = 10  # enough steps that a run is still going when the tests kill, signal or race it
 WAIT_S = 300  # bound on every wait for a subprocess to reach a state
 
@@ -74,7 +78,8 @@ def _assert_same_losses(got: dict, reference: dict):
 
 
 def damage(step_dir: Path, part: str) -> Path:
-    """Damages one part of a checkpoint step as the issue's cases do; returns the damaged file."""
+    """Damages one part of a checkpoint step (its largest params file or its metadata cut in half, its
+    data-pipeline state overwritten with bytes that are not JSON); returns the damaged file."""
     if part == "params":  # the largest params data file, cut in half
         target = max((p for p in (step_dir / "params").rglob("*") if p.is_file() and p.parent.name == "d"),
                      key=lambda p: p.stat().st_size)
@@ -106,7 +111,7 @@ def test_training_writes_a_loss_curve(reference):
     assert not (workdir / "train.lock").exists()  # released at the end
 
 
-# Case 1: a damaged newest checkpoint ------------------------------------------------------------------
+# A damaged newest checkpoint --------------------------------------------------------------------------
 
 
 def test_killed_run_with_corrupted_newest_checkpoint_resumes_from_the_last_good(tmp_path, reference):
@@ -129,7 +134,8 @@ def test_killed_run_with_corrupted_newest_checkpoint_resumes_from_the_last_good(
 
 @pytest.mark.parametrize("part", ["metadata", "data"])
 def test_damaged_newest_step_is_skipped_in_process(tmp_path, reference, capsys, part):
-    """The other damages of the issue, on a copy of the finished run with its end undone."""
+    """Damaged metadata or data-pipeline state in the newest step, on a copy of the finished run with
+    its end undone."""
     recipe, done, expected = reference
     work = tmp_path / "w"
     shutil.copytree(done, work)
@@ -155,7 +161,7 @@ def test_commands_on_a_damaged_checkpoint_print_one_error_line(tmp_path, referen
         assert f"{ckpt / str(STEPS) / part}" in err and "damaged" in err and "Event loop" not in err, err
 
 
-# Case 2: two runs on one workdir --------------------------------------------------------------------
+# Two runs on one workdir ----------------------------------------------------------------------------
 
 
 def test_second_train_on_a_workdir_is_refused_while_the_first_finishes(tmp_path, reference):
@@ -177,8 +183,6 @@ def test_second_train_on_a_workdir_is_refused_while_the_first_finishes(tmp_path,
 
 
 def test_stale_lock_of_a_dead_process_is_recovered_and_a_held_one_refuses(tmp_path, capsys):
-    from lwm_jax.train.lock import WorkdirLock
-
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     (tmp_path / "train.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid}))
@@ -191,7 +195,7 @@ def test_stale_lock_of_a_dead_process_is_recovered_and_a_held_one_refuses(tmp_pa
     assert not (tmp_path / "train.lock").exists()
 
 
-# Case 5: Ctrl-C ----------------------------------------------------------------------------------
+# Ctrl-C ------------------------------------------------------------------------------------------
 
 
 def test_sigint_saves_and_exits_130_then_resumes_exactly(tmp_path, reference):
@@ -214,7 +218,7 @@ def test_sigint_saves_and_exits_130_then_resumes_exactly(tmp_path, reference):
     _assert_same_losses(_losses(work), expected)
 
 
-# Case 7: start-up failures and failed saves ----------------------------------------------------------
+# Start-up failures and failed saves ------------------------------------------------------------------
 
 
 def test_failed_start_up_leaves_the_workdir_unclaimed(tmp_path, reference, capsys):
@@ -267,19 +271,16 @@ def test_failed_save_keeps_the_previous_checkpoint_and_says_so(tmp_path, referen
     assert "saving checkpoint step 3" in err and "No space left on device" in err
     assert "the previous checkpoint (step 2) is intact" in err
     monkeypatch.undo()
-    from lwm_jax.model.store import read_metadata
 
     assert read_metadata(work / "stages/base/checkpoints")["step"] == 2  # readable, and the newest
     assert main(["train", str(recipe), "--workdir", str(work)]) == 0
     _assert_same_losses(_losses(work), expected)
 
 
-# Case 10: recipe and plan checks ----------------------------------------------------------------------
+# Recipe and plan checks -------------------------------------------------------------------------------
 
 
 def test_duplicate_stage_name_is_reported_as_a_duplicate(tmp_path, prepared):  # noqa: F811
-    from lwm_jax.config import load_recipe
-
     path = write_recipe(tmp_path / "r.yaml", prepared)
     recipe = yaml.safe_load(path.read_text())
     recipe["stages"][1]["name"] = "base"

@@ -17,32 +17,35 @@ import pytest
 from flax import nnx
 
 from lwm_jax.attention import attention
+from lwm_jax.attention import kernels as K
+from lwm_jax.attention.kernels.cudnn import CudnnKernel
 from lwm_jax.attention.layout import (
     from_zigzag,
     layout_length,
     padded_length,
     place,
     ring_block,
-    seq_shards,
     to_zigzag,
 )
 from lwm_jax.attention.reference import reference_attention
 from lwm_jax.attention.ring import ring_attention
 from lwm_jax.config import MeshConfig, ModelConfig
+from lwm_jax.convert.hf import import_hf
 from lwm_jax.errors import UserError
+from lwm_jax.generate import generate
 from lwm_jax.model.llama import Llama
 from lwm_jax.model.store import merge_params
-from lwm_jax.parallel.mesh import make_mesh
+from lwm_jax.parallel.mesh import make_mesh, seq_shards
 from lwm_jax.train.loss import chunked_cross_entropy, vocab_parallel_cross_entropy
 from lwm_jax.train.step import param_shardings
 from tests.conftest import make_hf_llama
 from tests.test_attention import packed_documents
 
-# The issue's bound for float32 attention (output, dq, dk, dv) with unit-scale inputs: the exchange
-# only moves values, so the error is the ring's own float32 merge order (measured ~3e-6).
+# Float32 attention (output, dq, dk, dv) with unit-scale inputs: the exchange only moves values,
+# so the error is the ring's own float32 merge order (measured ~3e-6).
 F32_ATOL = 1e-5
-# The issue's bound for the model's mean NLL: a mean of O(1) per-token NLLs, which differ from the
-# single-device reference only in the order of float32 sums (measured <= 5e-7).
+# The model's mean NLL: a mean of O(1) per-token NLLs, which differ from the single-device
+# reference only in the order of float32 sums (measured <= 5e-7).
 NLL_ATOL = 1e-5
 
 
@@ -112,9 +115,6 @@ def test_ulysses_rejects_heads_it_cannot_split():
 def test_ulysses_without_a_ring_hands_the_whole_call_to_the_fused_kernel(monkeypatch):
     """sp=1, natural positions, no segments: after the exchange nothing is merged, so a kernel's
     whole-call path (cuDNN's own VJP on a GPU; here the same public call with XLA) runs, and agrees."""
-    from lwm_jax.attention import kernels as K
-    from lwm_jax.attention.kernels.cudnn import CudnnKernel
-
     calls = []
 
     class Spy(CudnnKernel):
@@ -172,9 +172,6 @@ def test_model_mean_nll_matches_single_device_reference(mesh_spec):
 
 def test_greedy_generation_on_ulysses2_sp2_equals_one_device(tmp_path):
     """Ring prefill with the Ulysses exchange, then decoding over the cache sharded over (sp, ulysses)."""
-    from lwm_jax.convert.hf import import_hf
-    from lwm_jax.generate import generate
-
     make_hf_llama(tmp_path / "hf", seed=0)  # 4 query heads, 1 KV head: each device gets it
     prompt = np.concatenate([[0], np.random.default_rng(0).integers(2, 256, 36)]).astype(np.int32)
     want = generate(import_hf(tmp_path / "hf"), prompt, max_new_tokens=16)
