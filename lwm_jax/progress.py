@@ -85,7 +85,7 @@ class Counter:
             of = f"/{self.total}" if self.total is not None else ""
             left = (f", ETA {eta(self.done - self.initial, self.total - self.initial, time.monotonic() - self.start)}"
                     if self.total else "")
-            log(f"{self.desc}: {self.done}{of}{left}" + (f"; {self.note}" if self.note else ""))
+            log(f"{self.desc} {self.done}{of}{left}" + (f"; {self.note}" if self.note else ""))
 
     def close(self) -> None:
         if self.bar is not None:
