@@ -78,12 +78,18 @@ def _assert_same_losses(got: dict, reference: dict):
 
 
 def damage(step_dir: Path, part: str) -> Path:
-    """Damages one part of a checkpoint step (its largest params file or its metadata cut in half, its
-    data-pipeline state overwritten with bytes that are not JSON); returns the damaged file."""
-    if part == "params":  # the largest params data file, cut in half
+    """Damages one part of a checkpoint step (its largest params file cut in half or with 64 random
+    bytes written into it, its metadata cut in half, its data-pipeline state overwritten with bytes
+    that are not JSON); returns the damaged file."""
+    if part.startswith("params"):
         target = max((p for p in (step_dir / "params").rglob("*") if p.is_file() and p.parent.name == "d"),
                      key=lambda p: p.stat().st_size)
-        os.truncate(target, target.stat().st_size // 2)
+        if part == "params":  # the largest params data file, cut in half
+            os.truncate(target, target.stat().st_size // 2)
+        else:  # 64 random bytes written into its middle: the file still reads, the values are wrong
+            with target.open("r+b") as f:
+                f.seek(target.stat().st_size // 2)
+                f.write(np.random.default_rng(0).integers(0, 256, 64, dtype=np.uint8).tobytes())
     elif part == "metadata":
         target = step_dir / "metadata" / "metadata"
         os.truncate(target, target.stat().st_size // 2)
@@ -100,6 +106,7 @@ def reference(tmp_path_factory, prepared):  # noqa: F811 - the imported fixture
     recipe = one_stage_recipe(root / "r.yaml", prepared)
     run = _cli("train", str(recipe), "--workdir", str(root / "w"))
     assert run.returncode == 0, run.stderr
+    (root / "train.log").write_text(run.stderr)  # stderr was a pipe, as a cluster's log file is
     losses = _losses(root / "w")
     assert len(losses) == STEPS and all(np.isfinite(v) for v in losses.values())
     return recipe, root / "w", losses
@@ -109,6 +116,18 @@ def test_training_writes_a_loss_curve(reference):
     _, workdir, _ = reference
     assert (workdir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (workdir / "train.lock").exists()  # released at the end
+
+
+def test_a_log_file_gets_plain_step_lines(reference):
+    """Off a terminal: a plain line on the first step, every tenth of the stage and the last (and at
+    least every 30 s), with loss, tokens/s and ETA; no carriage-return bars, no library noise."""
+    _, workdir, losses = reference
+    log = (workdir.parent / "train.log").read_text()
+    steps = [line for line in log.splitlines() if line.startswith("stage base: step ")]
+    assert [line.split()[3].rstrip(",") for line in steps] == [f"{n}/{STEPS}" for n in range(1, STEPS + 1)]
+    assert all("ETA" in line and "tokens/s" in line and "loss" in line for line in steps)
+    assert f"loss {losses[('base', STEPS)]:.4f}" in steps[-1]
+    assert "\r" not in log and "WARNING" not in log and "Traceback" not in log
 
 
 # A damaged newest checkpoint --------------------------------------------------------------------------
@@ -132,7 +151,7 @@ def test_killed_run_with_corrupted_newest_checkpoint_resumes_from_the_last_good(
     _assert_same_losses(_losses(work), expected)
 
 
-@pytest.mark.parametrize("part", ["metadata", "data"])
+@pytest.mark.parametrize("part", ["metadata", "data", "params-bytes"])
 def test_damaged_newest_step_is_skipped_in_process(tmp_path, reference, capsys, part):
     """Damaged metadata or data-pipeline state in the newest step, on a copy of the finished run with
     its end undone."""
@@ -148,7 +167,7 @@ def test_damaged_newest_step_is_skipped_in_process(tmp_path, reference, capsys, 
     _assert_same_losses(_losses(work), expected)
 
 
-@pytest.mark.parametrize("part", ["params", "metadata"])
+@pytest.mark.parametrize("part", ["params", "metadata", "params-bytes"])
 def test_commands_on_a_damaged_checkpoint_print_one_error_line(tmp_path, reference, capsys, part):
     _, done, _ = reference
     ckpt = tmp_path / "ckpt"
@@ -158,7 +177,7 @@ def test_commands_on_a_damaged_checkpoint_print_one_error_line(tmp_path, referen
     for argv in (["generate", str(ckpt), "--tokens", str(tmp_path / "prompt.npy"), "--max-new-tokens", "2"],
                  ["export-hf", str(ckpt), str(tmp_path / "hf")]):
         err = cli_error(capsys, argv)
-        assert f"{ckpt / str(STEPS) / part}" in err and "damaged" in err and "Event loop" not in err, err
+        assert f"{ckpt / str(STEPS) / part.split('-')[0]}" in err and "damaged" in err and "Event loop" not in err, err
 
 
 # Two runs on one workdir ----------------------------------------------------------------------------

@@ -25,10 +25,12 @@ from jax.sharding import Mesh
 
 from lwm_jax.config import ModelConfig, to_dict
 from lwm_jax.errors import UserError
+from lwm_jax.model.digest import check_digests, host_digest, tree_digests
 from lwm_jax.model.llama import Llama
 from lwm_jax.parallel.mesh import state_shardings
 
 FORMAT = "lwm-jax/1"
+PENDING = "pending"  # the digests of a lazily written checkpoint, until its last leaf is on disk
 
 
 def model_metadata(config: ModelConfig, **extra: Any) -> dict[str, Any]:
@@ -44,6 +46,7 @@ def save_model(path: str | Path, model: Llama, metadata: dict[str, Any], step: i
     if path.exists() and any(path.iterdir()) and not overwrite:
         raise UserError(f"{path} already exists and is not empty; choose a new path or pass --force")
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    metadata = {**metadata, "digests": {"params": tree_digests(params)}}
     with ocp.CheckpointManager(path) as manager:
         manager.save(step, args=ocp.args.Composite(
             params=ocp.args.StandardSave(params), metadata=ocp.args.JsonSave(metadata)), force=True)
@@ -92,9 +95,13 @@ def read_metadata(path: str | Path, step: int | None = None) -> dict[str, Any]:
     with manager, reading_checkpoint(Path(path).absolute() / str(step) / "metadata"):
         restored = manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))
         metadata = restored["metadata"]
+        where = Path(path).absolute() / str(step)
         if not isinstance(metadata, dict) or "model" not in metadata:
-            raise UserError(f"checkpoint {Path(path).absolute() / str(step) / 'metadata'} holds no model "
-                            "config (not written by lwm-jax, or damaged)")
+            raise UserError(f"checkpoint {where / 'metadata'} holds no model config (not written by lwm-jax, "
+                            "or damaged)")
+        if metadata.get("digests") == PENDING:
+            raise UserError(f"checkpoint {where} was never finished (its content digests were not written); "
+                            "write it again")
         return dict(metadata)
 
 
@@ -109,13 +116,23 @@ def params_target(config: ModelConfig, mesh: Mesh | None) -> dict:
     return treedef.unflatten([jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s) for x, s in zip(leaves, shardings)])
 
 
+def params_digests(metadata: dict[str, Any]) -> dict[str, list[int]] | None:
+    """The params' content digests a checkpoint's metadata carries (None: written without them)."""
+    digests = metadata.get("digests")
+    return digests.get("params") if isinstance(digests, dict) else None
+
+
 def restore_params(path: str | Path, config: ModelConfig, mesh: Mesh | None = None,
                    step: int | None = None) -> dict:
-    """Params (pure dict) of a checkpoint step, sharded for `mesh`."""
+    """Params (pure dict) of a checkpoint step, sharded for `mesh`, checked against the digests
+    written with them (a UserError naming the damaged array)."""
+    metadata = read_metadata(path, step)
     manager, step = _manager_and_step(path, step)
-    with manager, reading_checkpoint(Path(path).absolute() / str(step) / "params"):
+    where = Path(path).absolute() / str(step) / "params"
+    with manager, reading_checkpoint(where):
         restored = manager.restore(step, args=ocp.args.Composite(
             params=ocp.args.StandardRestore(params_target(config, mesh))))
+    check_digests(tree_digests(restored["params"]), params_digests(metadata), where)
     return restored["params"]
 
 
@@ -145,12 +162,14 @@ def read_hf_config(hf_dir: str | Path, **runtime) -> ModelConfig:
 
 
 class LazyLeaf:
-    """A param leaf made (`make() -> numpy array`) only when the checkpoint writer reaches it."""
+    """A param leaf made (`make() -> numpy array`) only when the checkpoint writer reaches it; `key`
+    (its key path, set by `save_lazy_params`) names its digest."""
 
     def __init__(self, make: Callable[[], np.ndarray], shape: tuple[int, ...], dtype, sharding):
         self.make, self.shape, self.dtype, self.sharding = make, tuple(shape), np.dtype(dtype), sharding
         self.size = int(np.prod(self.shape))
         self.nbytes = self.size * self.dtype.itemsize
+        self.key = ""
 
 
 class _LeafByLeafHandler(ocp.type_handlers.TypeHandler):
@@ -159,6 +178,7 @@ class _LeafByLeafHandler(ocp.type_handlers.TypeHandler):
 
     def __init__(self):
         self._array = ocp.type_handlers.get_type_handler(jax.Array)
+        self.digests: dict[str, list[int]] = {}
 
     def typestr(self) -> str:
         return self._array.typestr()
@@ -172,7 +192,10 @@ class _LeafByLeafHandler(ocp.type_handlers.TypeHandler):
     async def serialize(self, values, infos, args=None):
         args = args or [ocp.SaveArgs()] * len(values)
         for value, info, arg in zip(values, infos, args):
-            array = jax.device_put(value.make(), value.sharding)
+            host = value.make()
+            self.digests[value.key] = host_digest(host)
+            array = jax.device_put(host, value.sharding)
+            del host
             for commit in await self._array.serialize([array], [info], [arg]):
                 await asyncio.to_thread(commit.result)  # on disk before the next leaf is made
             del array
@@ -186,24 +209,40 @@ def save_lazy_params(path: str | Path, params: dict, metadata: dict[str, Any], s
     path = Path(path).absolute()
     if path.exists() and any(path.iterdir()) and not overwrite:
         raise UserError(f"{path} already exists and is not empty; choose a new path or pass --force")
+    for key_path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        leaf.key = jax.tree_util.keystr(key_path)
     array = ocp.type_handlers.get_type_handler(jax.Array)  # listed too: orbax then records array metadata
-    registry = ocp.type_handlers.create_type_handler_registry((jax.Array, array), (LazyLeaf, _LeafByLeafHandler()))
+    lazy = _LeafByLeafHandler()
+    registry = ocp.type_handlers.create_type_handler_registry((jax.Array, array), (LazyLeaf, lazy))
     # Uncompressed: tensorstore buffers a leaf's compressed chunks beside the leaf until it commits,
     # close to one more copy of it; restore reads either (the codec is in each array's metadata).
     handlers = {"params": ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_compression=False),
                 "metadata": ocp.JsonCheckpointHandler()}
     with ocp.CheckpointManager(path, item_handlers=handlers) as manager:
         manager.save(step, args=ocp.args.Composite(
-            params=ocp.args.PyTreeSave(params), metadata=ocp.args.JsonSave(metadata)), force=True)
+            params=ocp.args.PyTreeSave(params), metadata=ocp.args.JsonSave({**metadata, "digests": PENDING})),
+            force=True)
         manager.wait_until_finished()
+    # The digests are known once every leaf was made: written into the committed metadata last, so a
+    # checkpoint still marked PENDING never finished.
+    _rewrite_json(path / str(step) / "metadata" / "metadata", {**metadata, "digests": {"params": lazy.digests}})
     return path
+
+
+def _rewrite_json(path: Path, data: dict) -> None:
+    """Replaces the JSON file `path` with `data` (written beside it, then renamed over it)."""
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(data))
+    temporary.replace(path)
 
 
 def iter_params(path: str | Path, config: ModelConfig, step: int | None = None) -> Iterator[tuple[str, np.ndarray]]:
     """Yields `(dotted param path, host array)` for every param leaf of a checkpoint step, restoring
     one leaf at a time (the others are orbax placeholders, never read)."""
     flat, treedef = jax.tree_util.tree_flatten_with_path(params_target(config, None))
+    digests = params_digests(read_metadata(path, step))
     manager, step = _manager_and_step(path, step)
+    where = Path(path).absolute() / str(step) / "params"
     with manager:
         for i, (key_path, leaf) in enumerate(flat):
             def only(value, i=i):
@@ -213,5 +252,8 @@ def iter_params(path: str | Path, config: ModelConfig, step: int | None = None) 
                     only(leaf), restore_args=only(ocp.RestoreArgs(restore_type=np.ndarray)))))["params"]
             value = treedef.flatten_up_to(restored)[i]  # read by tensorstore straight into numpy
             del restored
+            key = jax.tree_util.keystr(key_path)
+            if digests is not None:
+                check_digests({key: host_digest(value)}, {key: digests[key]}, where)
             yield ".".join(str(k.key) for k in key_path), value
             del value

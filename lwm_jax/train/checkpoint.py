@@ -2,8 +2,9 @@
 of one stage, saved asynchronously by orbax in the model store's layout (`model.store`), so any
 training checkpoint also loads as a model.
 
-A checkpoint is trusted only once it reads back whole: resuming restores the newest step that does
-and moves damaged newer ones aside with a warning. A save that fails (disk full) stops the run with
+A checkpoint is trusted only once it reads back whole and every array matches the content digest
+written with it (`model.digest`): resuming restores the newest step that does and moves damaged
+newer ones aside with a warning. A save that fails (disk full) stops the run with
 one message while the previous step, never touched by orbax's temporary-folder commit, stays readable.
 """
 
@@ -20,6 +21,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from lwm_jax.errors import UserError
+from lwm_jax.model.digest import check_digests, tree_digests
 from lwm_jax.model.store import reading_checkpoint
 from lwm_jax.progress import log
 
@@ -51,6 +53,7 @@ class TrainCheckpointer:
     def save(self, step: int, params, opt_state, data_iterator, metadata: dict[str, Any]) -> None:
         """Starts saving `step` (after the previous save finished); a failed write is a `UserError`."""
         self._finish()
+        metadata = {**metadata, "digests": {"params": tree_digests(params), "opt_state": tree_digests(opt_state)}}
         try:
             self.manager.save(step, args=ocp.args.Composite(
                 params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
@@ -79,6 +82,9 @@ class TrainCheckpointer:
         with reading_checkpoint(where / "opt_state"):
             opt_state = self.manager.restore(step, args=ocp.args.Composite(
                 opt_state=ocp.args.StandardRestore(opt_target)))["opt_state"]
+        expected = metadata.get("digests") or {}
+        check_digests(tree_digests(params), expected.get("params"), where / "params")
+        check_digests(tree_digests(opt_state), expected.get("opt_state"), where / "opt_state")
         data_dir = where / "data"
         own = data_dir / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
         saved = sorted(data_dir.glob("process_*-of-*.json"))
