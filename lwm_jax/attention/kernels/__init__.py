@@ -9,6 +9,7 @@ import jax
 
 from lwm_jax.attention.kernels.base import XLA, Kernel, XlaKernel
 from lwm_jax.attention.kernels.cudnn import CUDNN
+from lwm_jax.attention.kernels.pallas import PALLAS
 from lwm_jax.attention.kernels.rows import (
     LSE_EMPTY,
     Meta,
@@ -26,7 +27,7 @@ from lwm_jax.errors import UserError
 __all__ = ["LSE_EMPTY", "XLA", "Kernel", "Meta", "XlaKernel", "Tiling", "get_kernel", "ids_to_kv", "ids_to_rows",
            "kernel_names", "kv_to_rows", "q_to_rows", "register", "rows_to_kv", "rows_to_q", "select_kernel"]
 
-_KERNELS: dict[str, Kernel] = {k.name: k for k in (XLA, CUDNN, SPLASH)}
+_KERNELS: dict[str, Kernel] = {k.name: k for k in (XLA, CUDNN, SPLASH, PALLAS)}
 # Tried in this order by `kernel="auto"` on each platform; `xla` is always the last resort.
 _AUTO: dict[str, tuple[str, ...]] = {"gpu": ("cudnn",), "tpu": ()}
 
