@@ -156,7 +156,8 @@ class _Triton:
 
 class _Mosaic:
     """The loop over the other operand is the last grid axis; its carry lives in VMEM scratch.
-    Query-side vectors are `[rows, 128]` (lanes), key-side ids `[8, keys]` (sublanes)."""
+    Query-side vectors are `[rows, 128]` (lanes), key-side ids `[8, keys]` (sublanes): 512 and
+    32 bytes of HBM per row or key and vector, the price splash and the TPU flash kernel pay."""
 
     name = "mosaic"
     ok_q = staticmethod(lambda n: n % _SUBLANES == 0)  # second-minor block dim: a multiple of 8
