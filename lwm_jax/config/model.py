@@ -15,7 +15,7 @@ from lwm_jax.config.schema import apply_overrides, check, from_dict, load_yaml
 from lwm_jax.errors import UserError
 
 ATTENTION_IMPLS = ("reference", "blockwise", "ring")
-ATTENTION_KERNELS = ("auto", "xla", "cudnn", "splash")  # per-block kernels of blockwise and ring
+ATTENTION_KERNELS = ("auto", "xla", "cudnn", "splash", "pallas")  # per-block kernels of blockwise and ring
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "offload")
 EMBED_LOOKUPS = ("sharded", "gathered")
 DTYPES = ("float32", "bfloat16", "float16")

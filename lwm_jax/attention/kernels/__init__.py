@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from lwm_jax.attention.kernels.base import XLA, Kernel, XlaKernel
 from lwm_jax.attention.kernels.cudnn import CUDNN
+from lwm_jax.attention.kernels.pallas import PALLAS
 from lwm_jax.attention.kernels.rows import (
     LSE_EMPTY,
     Meta,
@@ -27,7 +28,7 @@ from lwm_jax.parallel.mesh import mesh_platform
 __all__ = ["LSE_EMPTY", "XLA", "Kernel", "Meta", "XlaKernel", "Tiling", "get_kernel", "ids_to_kv", "ids_to_rows",
            "kernel_names", "kv_to_rows", "q_to_rows", "rows_to_kv", "rows_to_q", "select_kernel"]
 
-_KERNELS: dict[str, Kernel] = {k.name: k for k in (XLA, CUDNN, SPLASH)}
+_KERNELS: dict[str, Kernel] = {k.name: k for k in (XLA, CUDNN, SPLASH, PALLAS)}
 assert ("auto", *_KERNELS) == ATTENTION_KERNELS, "config.ATTENTION_KERNELS must name exactly these kernels"
 # Tried in this order by `kernel="auto"` on each platform; `xla` is always the last resort.
 _AUTO: dict[str, tuple[str, ...]] = {"gpu": ("cudnn",), "tpu": ()}
