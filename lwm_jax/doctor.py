@@ -44,7 +44,8 @@ JSON_KEYS = {
                 "absent) and of the CUDA/TPU plugins that are installed",
     "hardware": "{name, source}: the planner's hardware table entry compared against (name null, "
                 "with the reason, where the device kind has none and --hardware names none)",
-    "attention_kernel": "{name, reason, call: {dtype, head_dim, segments}}: what kernel='auto' picks here",
+    "attention_kernel": "{name, whole_call, reason, call: {dtype, head_dim, segments}}: what kernel='auto' picks "
+                        "here for ring and Ulysses steps (name) and for calls that merge nothing (whole_call)",
     "kernels": "{name: {can_run, reason, platforms}} for every kernel in the registry",
     "matmul_tflops": "{measured, peak, fraction, peak_source, dtype, n}: dense matmul rate on one local "
                      "device (bf16 on accelerators, float32 on CPU) against the hardware table's dense bf16 "
@@ -95,18 +96,22 @@ def kernel_report(platform: str, dtype, head_dim: int, segments: bool = False) -
             reason = kernel.supports(dtype=dtype, head_dim=head_dim, segments=segments)
         kernels[name] = {"can_run": reason is None, "reason": reason,
                          "platforms": list(kernel.platforms) or "all"}
-    chosen = select_kernel("auto", dtype=dtype, head_dim=head_dim, segments=segments, platform=platform).name
-    others = [f"{n}: {k['reason']}" for n, k in kernels.items() if n != chosen and not k["can_run"]]
-    unused = [n for n, k in kernels.items() if n not in (chosen, "xla") and k["can_run"]]
+    pick = lambda whole: select_kernel("auto", dtype=dtype, head_dim=head_dim, segments=segments, whole=whole,
+                                       platform=platform).name
+    chosen, whole = pick(False), pick(True)
+    others = [f"{n}: {k['reason']}" for n, k in kernels.items() if n not in (chosen, whole) and not k["can_run"]]
+    unused = [n for n, k in kernels.items() if n not in (chosen, whole, "xla") and k["can_run"]]
     if chosen != "xla":
-        reason = f"the fused {platform} kernel supports this call (xla stays the fallback)"
+        reason = f"ring and Ulysses steps: the fused {chosen} kernel supports this call on {platform}"
     else:
-        reason = "the portable pure-JAX kernel: no fused kernel runs this call here" + (
+        reason = "ring and Ulysses steps: the portable pure-JAX kernel, no fused kernel runs this call here" + (
             f" ({'; '.join(others)})" if others else "")
+    reason += (f"; whole calls (one sequence shard, no packed documents): {whole}" if whole != chosen else
+               "; whole calls the same")
     if unused:
         reason += f"; {', '.join(unused)} can run, but auto does not pick it on {platform} (name it to use it)"
     call = {"dtype": jnp.dtype(dtype).name, "head_dim": head_dim, "segments": segments}
-    return {"name": chosen, "reason": reason, "call": call}, kernels
+    return {"name": chosen, "whole_call": whole, "reason": reason, "call": call}, kernels
 
 
 def _best_seconds(fn, *args, repeats: int = REPEATS) -> float:

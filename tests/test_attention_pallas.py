@@ -6,12 +6,8 @@ blockwise and ring attention on sp, ulysses x sp and dp x sp meshes, and its low
 
 from __future__ import annotations
 
-import os
-
-if "device_count" not in os.environ.get("XLA_FLAGS", ""):  # conftest.py normally does this
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
-
 import functools
+import json
 import re
 
 import jax
@@ -26,8 +22,13 @@ from lwm_jax.attention.kernels.pallas import PALLAS, Blocks, PallasKernel
 from lwm_jax.attention.layout import from_zigzag, place
 from lwm_jax.attention.reference import reference_attention
 from lwm_jax.attention.ring import ring_attention
-from lwm_jax.config import MeshConfig, ModelConfig
+from lwm_jax.cli import main
+from lwm_jax.config import MeshConfig, ModelConfig, OptimizerConfig
 from lwm_jax.parallel.mesh import make_mesh
+from lwm_jax.train.optimizer import make_optimizer
+from lwm_jax.train.step import build_step, init_params
+from tests.conftest import make_hf_llama
+from tests.test_any_length import NLL_ATOL, _hf_nll
 from tests.test_attention import packed_documents
 
 # Float32, unit-scale inputs: the kernel and its oracles differ only in the order of float32 sums
@@ -307,3 +308,61 @@ def test_ring_forward_and_backward_lower_to_the_compiled_kernel(platform):
     for name, count in LAUNCHES.items():  # each launch names its kernel once in its config
         assert len(re.findall(rf'name = "{name}"', text)) == count, name
     assert text.count("stablehlo.while") == RING_LOOPS
+
+
+# The model with the Pallas kernel ------------------------------------------------------------------
+
+# Two train steps of a float32 model, Pallas against the pure-JAX blocks: the same attention in a
+# different order of float32 sums (<= F32_ATOL per op), through a layer and one AdamW update
+# whose eps keeps it Lipschitz in the gradient; the losses are O(5) means.
+STEP_LOSS_RTOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def hf_ckpt(tmp_path_factory):
+    """A random transformers Llama (GQA 4/1, head_dim 16), its checkpoint and a 1,025-token file."""
+    root = tmp_path_factory.mktemp("pallas_model")
+    hf = make_hf_llama(root / "hf", seed=3)
+    assert main(["import-hf", str(root / "hf"), str(root / "ckpt")]) == 0
+    tokens = np.random.default_rng(3).integers(0, 256, 1025).astype(np.int32)
+    np.save(root / "tokens.npy", tokens)
+    return hf, root, tokens
+
+
+def test_eval_ppl_with_the_pallas_kernel_matches_transformers(hf_ckpt, capsys):
+    """`eval ppl --attention ring --attention-kernel pallas` on dp x Ulysses x ring, at a length the
+    layout pads (1,025 tokens), against transformers' mean NLL."""
+    mesh = "dp=2,ulysses=2,sp=2"
+    hf, root, tokens = hf_ckpt
+    capsys.readouterr()
+    assert main(["eval", "ppl", str(root / "ckpt"), "--tokens", str(root / "tokens.npy"), "--attention", "ring",
+                 "--attention-kernel", "pallas", "--mesh", mesh, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.splitlines()[-1])
+    sums, counts = _hf_nll(hf, [tokens])
+    assert result["tokens"] == counts[0] and abs(result["mean_nll"] - sums[0] / counts[0]) <= NLL_ATOL
+
+
+def test_two_train_steps_with_the_pallas_kernel_equal_the_xla_kernel():
+    config = ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=1, num_heads=4,
+                         num_kv_heads=2, head_dim=16, bos_token_id=1, eos_token_id=(2,), attention="ring",
+                         attention_block_size=16, remat="none")
+    mesh = make_mesh(MeshConfig(dp=2, sp=4))
+    seg, pos = packed_documents(2, 128, seed=5)
+    rng = np.random.default_rng(5)
+    tokens = rng.integers(0, 256, (1, 2, 129)).astype(np.int32)
+    batch = {"inputs": tokens[..., :-1], "targets": tokens[..., 1:], "positions": np.asarray(pos)[None],
+             "segment_ids": np.asarray(seg)[None], "loss_weights": np.ones((1, 2, 128), np.float32)}
+    losses = {}
+    for kernel in ("xla", "pallas"):
+        tx = make_optimizer(OptimizerConfig(lr=1e-2, eps=1e-3), total_steps=2)
+        with jax.set_mesh(mesh):
+            fns = build_step(config.replace(attention_kernel=kernel), tx, mesh, document_mask=True)
+            params = init_params(config, 0, mesh)
+            opt_state = fns.init_opt_state(params)
+            arrays = {k: jax.device_put(place({"x": v}, "ring", None, axis=2)["x"], fns.batch_sharding)
+                      for k, v in batch.items()}
+            for _ in range(2):
+                params, opt_state, metrics = fns.train_step(params, opt_state, arrays)
+                losses.setdefault(kernel, []).append(float(metrics["loss"]))
+    assert np.allclose(losses["pallas"], losses["xla"], rtol=STEP_LOSS_RTOL, atol=0), losses
+    assert losses["xla"][1] < losses["xla"][0]  # the steps train

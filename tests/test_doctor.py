@@ -118,17 +118,26 @@ def test_links_follow_the_node_rule():
 
 
 def test_kernel_choice_on_each_platform():
+    """auto: on GPU cuDNN for calls that merge nothing and the Pallas kernel (Triton) for ring and
+    Ulysses steps; on TPU the Pallas kernel (Mosaic) for both, splash only when named; on CPU the
+    pure-JAX kernel (the Pallas kernel runs interpreted there, when named)."""
     gpu_auto, gpu = kernel_report("gpu", jnp.bfloat16, 128)
-    assert gpu_auto["name"] == ("cudnn" if gpu["cudnn"]["can_run"] else "xla")
+    assert (gpu_auto["name"], gpu_auto["whole_call"]) == ("pallas", "cudnn") and gpu["cudnn"]["can_run"]
+    assert "ring and Ulysses steps: the fused pallas kernel" in gpu_auto["reason"]
     f32_auto, f32 = kernel_report("gpu", jnp.float32, 128)
-    assert f32_auto["name"] == "xla" and "float32" in f32["cudnn"]["reason"] and "float32" in f32_auto["reason"]
+    assert (f32_auto["name"], f32_auto["whole_call"]) == ("pallas", "pallas") and "float32" in f32["cudnn"]["reason"]
+    seg_auto, _ = kernel_report("gpu", jnp.bfloat16, 128, segments=True)
+    assert seg_auto["whole_call"] == "pallas"  # cuDNN's public call takes no segment ids
     tpu_auto, tpu = kernel_report("tpu", jnp.bfloat16, 128)
-    assert tpu_auto["name"] == "xla" and tpu["splash"]["can_run"] and "splash" in tpu_auto["reason"]
-    assert "can run, but auto does not pick it" in tpu_auto["reason"]
-    _, odd = kernel_report("tpu", jnp.bfloat16, 96)
+    assert (tpu_auto["name"], tpu_auto["whole_call"]) == ("pallas", "pallas") and tpu["splash"]["can_run"]
+    assert "splash can run, but auto does not pick it on tpu" in tpu_auto["reason"]
+    odd_auto, odd = kernel_report("tpu", jnp.bfloat16, 96)
     assert not odd["splash"]["can_run"] and "head_dim=96" in odd["splash"]["reason"]
+    assert odd_auto["name"] == "xla" and not odd["pallas"]["can_run"]  # 96 is not a power of two
     cpu_auto, cpu = kernel_report("cpu", jnp.float32, 128)
-    assert cpu_auto["name"] == "xla" and [k for k in ("xla", "cudnn", "splash") if cpu[k]["can_run"]] == ["xla"]
+    assert (cpu_auto["name"], cpu_auto["whole_call"]) == ("xla", "xla")
+    assert [k for k in ("xla", "cudnn", "splash", "pallas") if cpu[k]["can_run"]] == ["xla", "pallas"]
+    assert "pallas can run, but auto does not pick it on cpu" in cpu_auto["reason"]
 
 
 def test_every_json_key_is_documented(capsys):

@@ -61,7 +61,8 @@ def blockwise_attention(q, k, v, *, segment_ids=None, positions=None, causal: bo
     if block < 1 or seq % block:
         raise UserError(f"seq_len={seq} must be divisible by block={block} "
                         f"(block = min(block_size={block_size}, seq_len))")
-    chosen = K.select_kernel(kernel, dtype=q.dtype, head_dim=head_dim, segments=segment_ids is not None)
+    chosen = K.select_kernel(kernel, dtype=q.dtype, head_dim=head_dim, segments=segment_ids is not None,
+                             whole=segment_ids is None)
     if segment_ids is None:
         whole = chosen.attention(q, k, v, causal=causal)  # a fused kernel's own VJP: nothing to merge
         if whole is not None:

@@ -130,8 +130,9 @@ def ring_attention(q, k, v, *, segment_ids=None, positions=None, causal: bool = 
     check_heads(q_heads, kv_heads, tp, ulysses)
     slots = U.kv_slots(kv_heads // tp, ulysses)
     kv_per_device = 1 if slots is not None else kv_heads // tp // ulysses
-    chosen = K.select_kernel(kernel, dtype=q.dtype, head_dim=head_dim, segments=segment_ids is not None)
     whole = sp == 1 and positions is None and segment_ids is None
+    chosen = K.select_kernel(kernel, dtype=q.dtype, head_dim=head_dim, segments=segment_ids is not None,
+                             whole=whole)
     if positions is None:
         natural = jnp.asarray(zigzag_indices(seq, sp), jnp.int32)
         positions = jnp.broadcast_to(natural, (batch, seq))

@@ -30,8 +30,11 @@ __all__ = ["LSE_EMPTY", "XLA", "Kernel", "Meta", "XlaKernel", "Tiling", "get_ker
 
 _KERNELS: dict[str, Kernel] = {k.name: k for k in (XLA, CUDNN, SPLASH, PALLAS)}
 assert ("auto", *_KERNELS) == ATTENTION_KERNELS, "config.ATTENTION_KERNELS must name exactly these kernels"
-# Tried in this order by `kernel="auto"` on each platform; `xla` is always the last resort.
-_AUTO: dict[str, tuple[str, ...]] = {"gpu": ("cudnn",), "tpu": ()}
+# Tried in this order by `kernel="auto"` on each platform, each with whether it serves only calls that
+# merge nothing (its whole-call path): cuDNN whole calls on GPU, the Pallas kernel for every ring and
+# Ulysses step on GPU (Triton) and TPU (Mosaic); `xla` is always the last resort.
+_AUTO: dict[str, tuple[tuple[str, bool], ...]] = {"gpu": (("cudnn", True), ("pallas", False)),
+                                                  "tpu": (("pallas", False),)}
 
 
 def kernel_names() -> tuple[str, ...]:
@@ -44,15 +47,18 @@ def get_kernel(name: str) -> Kernel:
     return _KERNELS[name]
 
 
-def select_kernel(name: str | Kernel, *, dtype, head_dim: int, segments: bool,
+def select_kernel(name: str | Kernel, *, dtype, head_dim: int, segments: bool, whole: bool = False,
                   platform: str | None = None) -> Kernel:
     """The kernel for a call: `auto` picks the platform's fused kernel when it supports the call
-    (else `xla`); a named kernel (or a `Kernel` given as such) that cannot run the call is an error."""
+    (else `xla`), a whole-call kernel only for a call that merges nothing (`whole`); a named kernel
+    (or a `Kernel` given as such) that cannot run the call is an error. `platform`: the devices' the
+    program is lowered for (default: the mesh's, `parallel.mesh.mesh_platform`)."""
     platform = platform or mesh_platform()
     if name == "auto":
-        for candidate in _AUTO.get(platform, ()):
-            kernel = _KERNELS.get(candidate)
-            if kernel is not None and platform in kernel.platforms and kernel.supports(
+        for candidate, whole_only in _AUTO.get(platform, ()):
+            kernel = _KERNELS[candidate]
+            runs_here = not kernel.platforms or platform in kernel.platforms
+            if (whole or not whole_only) and runs_here and kernel.supports(
                     dtype=dtype, head_dim=head_dim, segments=segments) is None:
                 return kernel
         return _KERNELS["xla"]
