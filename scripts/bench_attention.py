@@ -9,9 +9,11 @@ as a check less disturbed by other processes, from process CPU time. The yardsti
 subprocess with one CPU device using every core (the attention's own block-product shapes and
 larger square ones, before and after the attention rounds; the highest wins). It also prints the
 bytes each scheme moves per device per layer, the ring's per-device block pairs and XLA's
-per-device temp memory at longer sequences. On a GPU (`--gpu`, default when one is present) it
-times our local kernel against cuDNN attention at Llama-3-8B head shapes instead. Human table
-first; with `--json` the last line is one JSON object.
+per-device temp memory at longer sequences, and checks the Pallas kernel (interpreted) against the
+pure-JAX blocks. On a GPU (`--gpu`, default when one is present) it times, at Llama-3-8B heads in
+bf16 and 65,536 and 131,072 tokens, a whole causal call (cuDNN, the Pallas kernel, the pure-JAX
+blocks) and a ring step's chunk pair (Pallas, pure-JAX), forward and forward + backward, instead.
+Human table first; with `--json` the last line is one JSON object.
 
 `ringattention` is a bench-only dependency: `pip install --no-deps ringattention==0.1.2 einops`.
 """
@@ -19,6 +21,7 @@ first; with `--json` the last line is one JSON object.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -36,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 CPU_DEVICES = 8
 SPEEDUP_TARGET = 1.5  # ours against ringattention 0.1.2
 MATMUL_FRACTION_TARGET = 0.5  # useful causal FLOP/s against the machine's best float32 GEMM rate
-GPU_TARGET = 0.9  # our local kernel against cuDNN attention, fwd + bwd
+PALLAS_CPU_ATOL = 1e-5  # float32, unit-scale inputs: the interpreted kernel and the blocks differ in sum order
 # The chunk length LWM's own configs give ringattention for the LWM models (scan_query_chunk_size =
 # scan_key_chunk_size = 1024). It gives the ~35% of the matmul rate that the issue measured; at
 # 512 (our block) ringattention reaches 54-63% here, and --anchor-block 512 reports that ratio.
@@ -59,7 +62,7 @@ def _parse(argv):
     p.add_argument("--no-anchor", action="store_true", help="skip ringattention (not installed)")
     p.add_argument("--no-dense", action="store_true", help="skip the dense reference")
     p.add_argument("--gpu", action="store_true", help="GPU mode (default when a GPU is present)")
-    p.add_argument("--gpu-seq", type=int, default=65536)
+    p.add_argument("--gpu-seqs", default="65536,131072", help="GPU mode: the lengths timed (default %(default)s)")
     p.add_argument("--meshes", default="sp=8;ulysses=8;ulysses=2,sp=4",
                    help="';'-separated meshes our attention runs on (same device count); the first is 'ours'")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
@@ -322,52 +325,152 @@ def _growth(temp: dict[int, int]) -> list[float]:
     return [temp[b] / temp[a] for a, b in zip(seqs, seqs[1:])]
 
 
-def bench_gpu(args) -> dict:
-    """bf16, one device: our local kernels against `jax.nn.dot_product_attention(cudnn)`."""
+def _chunk_pair(tokens: int, heads: int, kv_heads: int, head_dim: int, dtype, seed: int = 0):
+    """One ring chunk pair in the rows layout (batch 1, natural positions, one document) and its
+    cotangent: `(q, k, v, dout, meta, group)`."""
     import jax
     import jax.numpy as jnp
 
-    from lwm_jax.attention.blockwise import blockwise_attention
-    from lwm_jax.attention.ring import ring_attention
-    from lwm_jax.config import MeshConfig
-    from lwm_jax.parallel.mesh import make_mesh
+    from lwm_jax.attention import kernels as K
 
-    seq, h, kv, d = args.gpu_seq, 32, 8, 128
+    group = heads // kv_heads
+    keys = jax.random.split(jax.random.PRNGKey(seed), 4)
+    rows = (kv_heads, tokens * group, head_dim)
+    q, dout = (jax.random.normal(key, rows, jnp.float32).astype(dtype) for key in keys[:2])
+    k, v = (jax.random.normal(key, (kv_heads, tokens, head_dim), jnp.float32).astype(dtype) for key in keys[2:])
+    pos = jnp.arange(tokens, dtype=jnp.int32)[None]
+    meta = K.Meta(K.ids_to_rows(pos, kv_heads, group), None, K.ids_to_kv(pos, kv_heads), None)
+    return q, k, v, dout, meta, group
+
+
+def _pair_programs(kernel, tiling, causal: bool):
+    """Jitted `forward` and `forward + backward` (fed the forward's own out and lse) of a kernel on a
+    chunk pair (`causal`: the diagonal pair)."""
+    import jax
+
+    def fwd(q, k, v, dout, meta):
+        return kernel.forward(q, k, v, meta, tiling, causal=causal)
+
+    def fwd_bwd(q, k, v, dout, meta):
+        out, lse = kernel.forward(q, k, v, meta, tiling, causal=causal)
+        return kernel.backward(q, k, v, out, dout, lse, meta, tiling, causal=causal)
+
+    return jax.jit(fwd), jax.jit(fwd_bwd)
+
+
+def _whole_programs(attn):
+    """Jitted forward and forward + backward of `attn(q, k, v)` on `[batch, seq, heads, dim]`."""
+    import jax
+
+    return jax.jit(lambda q, k, v, dout: attn(q, k, v)), _grad_fn(attn)
+
+
+def _max_diff(a, b) -> float:
+    import jax
+    import jax.numpy as jnp
+
+    return float(max(jnp.max(jnp.abs(x.astype(jnp.float32) - y.astype(jnp.float32)))
+                     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))))
+
+
+def _gpu_programs(args, seq: int) -> tuple[dict, dict]:
+    """`{name: (jitted fn, inputs)}` and `{name: useful FLOPs}` at one length: whole causal calls
+    (cuDNN, the Pallas kernel through blockwise, the pure-JAX blocks) and one ring chunk pair of
+    `seq` tokens (Pallas, pure-JAX; the diagonal pair and an off-diagonal one), fwd and fwd+bwd."""
+    import jax
+    import jax.numpy as jnp
+
+    from lwm_jax.attention import kernels as K
+    from lwm_jax.attention.blockwise import blockwise_attention
+
+    h, kv, d = 32, 8, 128  # Llama-3-8B
     keys = jax.random.split(jax.random.PRNGKey(0), 4)
     shapes = [(1, seq, h, d), (1, seq, kv, d), (1, seq, kv, d), (1, seq, h, d)]
-    inputs = [jax.random.normal(key, shape, jnp.bfloat16) for key, shape in zip(keys, shapes)]
-    mesh = make_mesh(MeshConfig(sp=1), devices=jax.devices()[:1])
-    fns = {
-        "cudnn": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn"),
-        # blockwise, kernel=auto: a no-merge call goes to cuDNN with cuDNN's own backward.
-        "ours_blockwise_auto": lambda q, k, v: blockwise_attention(q, k, v, block_size=args.block),
-        # What each ring step runs with kernel=cudnn: the pure-JAX chunk blocks (no public cuDNN
-        # path gives a float32 lse or takes merged statistics; see kernels/cudnn.py).
-        "ours_ring_local_cudnn": lambda q, k, v: ring_attention(q, k, v, block_size=args.block, kernel="cudnn"),
-        # The portable path, pure JAX.
-        "ours_xla": lambda q, k, v: blockwise_attention(q, k, v, block_size=args.block, kernel="xla"),
-    }
-    timed = {}
-    with jax.set_mesh(mesh):
-        for name, attn in fns.items():
-            fn = _grad_fn(attn)
-            try:
-                jax.block_until_ready(fn(*inputs))
-            except Exception as err:  # report, keep the others
-                timed[name] = f"failed: {type(err).__name__}: {str(err).splitlines()[0][:200]}"
-                continue
-            timed[name] = fn
-        runnable = {n: (f, inputs) for n, f in timed.items() if callable(f)}
-        times, _ = _interleaved(runnable, args.rounds)
-    flops = causal_flops(1, seq, h, d)
+    whole_inputs = [jax.random.normal(key, shape, jnp.bfloat16) for key, shape in zip(keys, shapes)]
+    whole = {"cudnn": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn"),
+             "pallas": lambda q, k, v: blockwise_attention(q, k, v, block_size=args.block, kernel="pallas"),
+             "xla": lambda q, k, v: blockwise_attention(q, k, v, block_size=args.block, kernel="xla")}
+    fwd_flops = 2 * 2 * h * d * seq * (seq + 1) / 2  # two products per visible pair and head
+    programs, flops = {}, {}
+    for name, attn in whole.items():
+        fwd, fwd_bwd = _whole_programs(attn)
+        programs[f"whole/{name}/fwd"], flops[f"whole/{name}/fwd"] = (fwd, whole_inputs), fwd_flops
+        programs[f"whole/{name}/fwd_bwd"], flops[f"whole/{name}/fwd_bwd"] = (fwd_bwd, whole_inputs), 3.5 * fwd_flops
+    q, k, v, dout, meta, group = _chunk_pair(seq, h, kv, d, jnp.bfloat16)
+    tiling = K.Tiling(group, args.block, 1.0 / np.sqrt(d))
+    pair_inputs = (q, k, v, dout, meta)
+    for pair, causal in (("diagonal", True), ("off_diagonal", False)):
+        visible = 0.5 if causal else 1.0
+        for name in ("pallas", "xla"):
+            fwd, fwd_bwd = _pair_programs(K.get_kernel(name), tiling, causal)
+            base = 2 * 2 * h * d * seq * seq * visible
+            programs[f"pair_{pair}/{name}/fwd"], flops[f"pair_{pair}/{name}/fwd"] = (fwd, pair_inputs), base
+            programs[f"pair_{pair}/{name}/fwd_bwd"], flops[f"pair_{pair}/{name}/fwd_bwd"] = (
+                (fwd_bwd, pair_inputs), 3.5 * base)
+    return programs, flops
+
+
+def _speedup(times: dict, a: str, b: str) -> float | None:
+    """How many times faster `a` ran than `b`: the median of per-round ratios (None if either failed)."""
+    if a not in times or b not in times:
+        return None
+    return statistics.median(x / y for x, y in zip(times[b], times[a]))
+
+
+def bench_gpu(args) -> dict:
+    """bf16 on one GPU at Llama-3-8B heads, for each of `--gpu-seqs`: a whole causal call (cuDNN, the
+    Pallas kernel, the pure-JAX blocks) and a ring step's chunk pair (Pallas, pure-JAX), forward and
+    forward + backward, in TFLOP/s of useful FLOPs (the backward counted as 2.5 forwards, the
+    FlashAttention convention), with ratios from interleaved rounds; a program that fails is
+    reported and the others go on."""
+    import jax
+
     result = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
-              "shape": {"batch": 1, "seq": seq, "heads": h, "kv_heads": kv, "head_dim": d, "dtype": "bfloat16"},
-              "tflops_per_s_median": {n: flops / statistics.median(t) / 1e12 for n, t in times.items()},
-              "failed": {n: v for n, v in timed.items() if not callable(v)}}
-    if "cudnn" in times:
-        result["ratio_vs_cudnn"] = {n: statistics.median(c / t for c, t in zip(times["cudnn"], times[n]))
-                                    for n in times if n != "cudnn"}
+              "shape": {"batch": 1, "heads": 32, "kv_heads": 8, "head_dim": 128, "dtype": "bfloat16",
+                        "xla_block": args.block}, "seqs": {}}
+    for seq in (int(n) for n in args.gpu_seqs.split(",")):
+        programs, flops = _gpu_programs(args, seq)
+        ready, failed, outputs = {}, {}, {}
+        for name, (fn, inputs) in programs.items():
+            try:
+                outputs[name] = jax.block_until_ready(fn(*inputs))  # compile and warm up
+                ready[name] = (fn, inputs)
+            except Exception as err:  # report, keep the others
+                failed[name] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+        times, _ = _interleaved(ready, args.rounds)
+        median = {n: statistics.median(t) for n, t in times.items()}
+        ratio = functools.partial(_speedup, times)
+        entry = {"tflops_per_s": {n: flops[n] / t / 1e12 for n, t in median.items()}, "failed": failed,
+                 "pallas_over_xla": {}, "pallas_over_cudnn": {}, "pallas_max_abs_diff_vs_xla": {}}
+        for part in ("fwd", "fwd_bwd"):
+            for group in ("whole", "pair_diagonal", "pair_off_diagonal"):
+                entry["pallas_over_xla"][f"{group}/{part}"] = ratio(f"{group}/pallas/{part}", f"{group}/xla/{part}")
+                if f"{group}/pallas/{part}" in outputs and f"{group}/xla/{part}" in outputs:
+                    entry["pallas_max_abs_diff_vs_xla"][f"{group}/{part}"] = _max_diff(
+                        outputs[f"{group}/pallas/{part}"], outputs[f"{group}/xla/{part}"])
+            entry["pallas_over_cudnn"][f"whole/{part}"] = ratio(f"whole/pallas/{part}", f"whole/cudnn/{part}")
+            entry["pallas_pair_over_cudnn_whole"] = ratio("pair_diagonal/pallas/fwd_bwd", "whole/cudnn/fwd_bwd")
+        result["seqs"][str(seq)] = entry
     return result
+
+
+def check_pallas_cpu() -> dict:
+    """The Pallas kernel interpreted on a small float32 chunk pair against the pure-JAX blocks (forward
+    and backward, diagonal and off-diagonal): what the benchmark can say about it without a GPU."""
+    import jax.numpy as jnp
+
+    from lwm_jax.attention import kernels as K
+
+    q, k, v, dout, meta, group = _chunk_pair(64, 8, 2, 64, jnp.float32)
+    tiling = K.Tiling(group, 16, 1.0 / np.sqrt(64))
+    errors = {}
+    for pair, causal in (("diagonal", True), ("off_diagonal", False)):
+        got = [_pair_programs(K.get_kernel(name), tiling, causal) for name in ("pallas", "xla")]
+        errors[pair] = {part: _max_diff(got[0][i](q, k, v, dout, meta), got[1][i](q, k, v, dout, meta))
+                        for i, part in enumerate(("fwd", "fwd_bwd"))}
+    worst = max(e for pair in errors.values() for e in pair.values())
+    return {"mode": "interpreted, float32, 64 tokens, 8/2 heads of 64", "max_abs_diff_vs_xla": errors,
+            "bound": PALLAS_CPU_ATOL, "ok": worst <= PALLAS_CPU_ATOL}
 
 
 def _print_cpu(r):
@@ -407,12 +510,16 @@ def _print_cpu(r):
 
 
 def _print_gpu(r):
-    print(f"causal attention fwd+bwd on {r['device']} (jax {r['jax']}), shape {r['shape']}")
-    for name, tf in r["tflops_per_s_median"].items():
-        ratio = r.get("ratio_vs_cudnn", {}).get(name)
-        print(f"{name:<24}{tf:>8.1f} TFLOP/s" + (f"   {ratio:.2f}x cuDNN" if ratio else ""))
-    for name, why in r["failed"].items():
-        print(f"{name:<24}{why}")
+    print(f"causal attention on {r['device']} (jax {r['jax']}), bf16, 32/8 heads of 128; TFLOP/s of useful FLOPs")
+    for seq, e in r["seqs"].items():
+        print(f"{int(seq):,} tokens")
+        for name, tf in e["tflops_per_s"].items():
+            print(f"  {name:<34}{tf:>8.1f}")
+        for name, x in {**e["pallas_over_xla"], **e["pallas_over_cudnn"]}.items():
+            if x is not None:
+                print(f"  pallas / {'cudnn' if name in e['pallas_over_cudnn'] else 'xla'} {name:<24}{x:>8.2f}x")
+        for name, why in e["failed"].items():
+            print(f"  {name:<34}failed: {why}")
 
 
 def main(argv=None) -> int:
@@ -422,12 +529,17 @@ def main(argv=None) -> int:
         return 0
     import jax
 
-    gpu = args.gpu or jax.default_backend() == "gpu"
-    result = bench_gpu(args) if gpu else bench_cpu(args)
+    gpu = args.gpu or jax.devices()[0].platform == "gpu"
+    result = bench_gpu(args) if gpu else {**bench_cpu(args), "pallas_check": check_pallas_cpu()}
     (_print_gpu if gpu else _print_cpu)(result)
+    if not gpu:
+        check = result["pallas_check"]
+        print(f"pallas kernel ({check['mode']}): max abs difference against the pure-JAX blocks "
+              f"{json.dumps(check['max_abs_diff_vs_xla'])}, bound {check['bound']:g}: "
+              f"{'ok' if check['ok'] else 'MISS'}")
     if args.json:
         print(json.dumps(result))
-    return 0
+    return 0 if gpu or result["pallas_check"]["ok"] else 1
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
-"""cuDNN's fused attention kernel against the dense reference, on one GPU (bfloat16, forward and
-gradients): the whole call with GQA (8 query heads on 2 KV heads, causal and not), and blockwise /
-ring attention that dispatch to it. Only the fused kernel needs a GPU, so this is a device check
+"""The fused attention kernels against the dense reference, on one GPU (bfloat16, forward and
+gradients): cuDNN's whole call with GQA (8 query heads on 2 KV heads, causal and not), blockwise /
+ring attention that dispatch to it, and the Pallas kernel (Triton) through blockwise and the ring
+(with packed documents). Only the fused kernel needs a GPU, so this is a device check
 (`scripts/device_check.sh` runs it), not a test: the same public call's XLA implementation and
 the cuDNN kernel's chunk pairs (the pure-JAX blocks) are tested on CPU in tests/test_attention.py.
 
@@ -50,11 +51,19 @@ def checks() -> dict[str, float]:
         want = out_and_grads(functools.partial(reference_attention, causal=causal), q, k, v, dout)
         errors[f"whole call, GQA, causal={causal}"] = max(_rel(g, w) for g, w in zip(got, want))
     want = out_and_grads(reference_attention, q, k, v, dout)
+    seg = jnp.asarray((np.arange(SHAPES[0][1]) >= SHAPES[0][1] // 3).astype(np.int32))[None].repeat(SHAPES[0][0], 0)
     dispatching = {"blockwise (kernel auto)": lambda q, k, v: blockwise_attention(q, k, v, block_size=256),
-                   "ring (kernel cudnn)": lambda q, k, v: ring_attention(q, k, v, block_size=256, kernel="cudnn")}
+                   "ring (kernel cudnn)": lambda q, k, v: ring_attention(q, k, v, block_size=256, kernel="cudnn"),
+                   # The Pallas kernel compiled by Triton: a whole call and ring chunk pairs with packed documents.
+                   "blockwise (kernel pallas)": lambda q, k, v: blockwise_attention(q, k, v, block_size=256,
+                                                                                    kernel="pallas"),
+                   "ring (kernel pallas, 2 documents)": lambda q, k, v: ring_attention(
+                       q, k, v, segment_ids=seg, block_size=256, kernel="pallas")}
+    want_seg = out_and_grads(lambda q, k, v: reference_attention(q, k, v, segment_ids=seg), q, k, v, dout)
     with jax.set_mesh(make_mesh(MeshConfig(sp=1), devices=jax.devices()[:1])):
         for name, fn in dispatching.items():
-            errors[name] = max(_rel(g, w) for g, w in zip(out_and_grads(fn, q, k, v, dout), want))
+            oracle = want_seg if "documents" in name else want
+            errors[name] = max(_rel(g, w) for g, w in zip(out_and_grads(fn, q, k, v, dout), oracle))
     return errors
 
 

@@ -89,11 +89,11 @@ if [[ $TINY == 1 ]]; then
 else
   part doctor 60 "$PY" -m lwm_jax.cli doctor --json; last_json $? doctor
   export CUDA_VISIBLE_DEVICES="${CUDA_VISIBLE_DEVICES:-0}"  # the rest runs on one GPU
-  part attention 120 "$PY" "$ROOT/scripts/bench_attention.py" --gpu --gpu-seq 65536 --rounds 5 --json
+  part attention 180 "$PY" "$ROOT/scripts/bench_attention.py" --gpu --gpu-seqs 65536,131072 --rounds 3 --json
   last_json $? attention
   part cudnn_check 60 "$PY" "$ROOT/scripts/check_cudnn_attention.py"  # correctness; exit 1 on a miss
-  part train 210 "$PY" "$ROOT/scripts/device_train_check.py" train --out "$OUT"
-  part generate 90 "$PY" "$ROOT/scripts/device_train_check.py" generate --out "$OUT"
+  part train 180 "$PY" "$ROOT/scripts/device_train_check.py" train --out "$OUT"
+  part generate 60 "$PY" "$ROOT/scripts/device_train_check.py" generate --out "$OUT"
 fi
 "$PY" "$ROOT/scripts/device_train_check.py" report --out "$OUT"
 echo "== wrote $OUT/device_check.json and $OUT/device_check.md"

@@ -184,20 +184,7 @@ def _rows(d: dict, a: dict, t: dict, g: dict) -> list[tuple[str, str]]:
                      + (f" ({mm['fraction']:.0%} of the table's {mm['peak']:g})" if mm["peak"] else "")))
     else:
         rows += [("device, JAX", missing), ("dense matmul, one device", missing)]
-    shape = a.get("shape") or {}
-    label = (f"attention fwd+bwd, {shape['seq']:,} tokens, {shape['dtype']}, {shape['heads']}/{shape['kv_heads']} "
-             f"heads x {shape['head_dim']}: ring local kernel / cuDNN" if shape else "attention / cuDNN")
-    ratios = a.get("ratio_vs_cudnn") or {}
-    if "ours_ring_local_cudnn" in ratios:
-        rows.append((label, f"{ratios['ours_ring_local_cudnn']:.2f}x (blockwise auto "
-                            f"{ratios.get('ours_blockwise_auto', float('nan')):.2f}x, pure JAX "
-                            f"{ratios.get('ours_xla', float('nan')):.2f}x)"))
-    elif a:
-        failed = f"; failed: {a['failed']}" if a.get("failed") else ""
-        rows.append((label, f"no cuDNN on {a.get('device')}{failed}; ours at "
-                            f"{a.get('fraction_of_matmul_rate', float('nan')):.0%} of the matmul rate"))
-    else:
-        rows.append((label, missing))
+    rows += _attention_rows(a, missing)
     if t:
         model = f"train, {t['model']} ({t['params'] / 1e6:,.0f}M params)"
         measured = (f"{t['measured_peak_bytes'] / GIB:.2f} GiB ({t['measured_over_planned'] - 1:+.0%})"
@@ -214,6 +201,31 @@ def _rows(d: dict, a: dict, t: dict, g: dict) -> list[tuple[str, str]]:
                  (f"generate: decode tokens/s ({g['new_tokens']} new)", f"{g['decode_tokens_per_s']:,.1f}")]
     else:
         rows += [("generate: prefill tokens/s", missing), ("generate: decode tokens/s", missing)]
+    return rows
+
+
+def _attention_rows(a: dict, missing: str) -> list[tuple[str, str]]:
+    """The attention rows: per length, the Pallas kernel's fwd+bwd TFLOP/s on a ring chunk pair
+    against the pure-JAX blocks and a whole cuDNN call, and on a whole call against cuDNN; on CPU the
+    interpreted kernel's check."""
+    if not a:
+        return [("attention fwd+bwd, bf16, 32/8 heads x 128", missing)]
+    if "pallas_check" in a:  # CPU: correctness only
+        check = a["pallas_check"]
+        return [("attention: Pallas kernel interpreted vs pure-JAX blocks", f"{'ok' if check['ok'] else 'MISS'} "
+                 f"(bound {check['bound']:g})")]
+    rows = []
+    for seq, e in a["seqs"].items():
+        tf = e["tflops_per_s"]
+        pair = tf.get("pair_diagonal/pallas/fwd_bwd")
+        x = lambda v: f"{v:.2f}x" if v is not None else "n/a"
+        rows.append((f"attention fwd+bwd, {int(seq):,}-token ring chunk pair (diagonal), bf16, 32/8 heads x 128: "
+                     "Pallas TFLOP/s, vs pure-JAX blocks, vs a whole cuDNN call",
+                     (f"{pair:.0f}" if pair else "failed") + f", {x(e['pallas_over_xla'].get('pair_diagonal/fwd_bwd'))}"
+                     f", {x(e.get('pallas_pair_over_cudnn_whole'))}"))
+        rows.append((f"attention fwd+bwd, {int(seq):,}-token whole causal call: Pallas / cuDNN / pure-JAX TFLOP/s",
+                     " / ".join(f"{tf[k]:.0f}" if k in tf else "failed"
+                                for k in ("whole/pallas/fwd_bwd", "whole/cudnn/fwd_bwd", "whole/xla/fwd_bwd"))))
     return rows
 
 
