@@ -39,6 +39,7 @@ from jax.sharding import PartitionSpec as P
 from lwm_jax.attention import kernels as K
 from lwm_jax.attention import ulysses as U
 from lwm_jax.attention.blockwise import check_inputs
+from lwm_jax.attention.kernels.xla import backward_lse
 from lwm_jax.attention.layout import check_heads, check_mesh, ring_block, zigzag_indices
 from lwm_jax.errors import UserError
 from lwm_jax.parallel.mesh import BATCH_AXES, HEADS_AXIS, SEQ_AXES, SP, ULYSSES, axis_sizes
@@ -204,8 +205,14 @@ def _ring_loop(sp: int, kv, carry, step):
     return lax.fori_loop(1, sp, body, (_shift(kv), carry))[1]
 
 
-def _local_setup(q, k, v, ids, cfg: _Ring):
-    """Rows layout of the local shard, the travelling KV bundle and the per-step pair stacker."""
+def _rows(x, start, size):
+    return lax.dynamic_slice_in_dim(x, start, size, 1)
+
+
+def _local_forward(q, k, v, ids, *, cfg: _Ring):
+    """The ring's forward. Each chunk pair runs as its own kernel call reading its query rows and
+    keys in place, merged into the float32 accumulators (`Kernel.forward_into`)."""
+    batch, _, q_heads, _ = q.shape
     positions, segment_ids = ids
     kv_heads, group = k.shape[2], cfg.tiling.group
     chunk = q.shape[1] // 2
@@ -214,42 +221,15 @@ def _local_setup(q, k, v, ids, cfg: _Ring):
     kv = (K.kv_to_rows(k), K.kv_to_rows(v), positions, segment_ids)
     rank = lax.axis_index(SP) if cfg.sp > 1 else 0
 
-    def pairs(t, kv_t, row_arrays):
-        """The chunk pairs of step t on KV bundle `kv_t`, stacked along the batch axis so that
-        one kernel call computes them all: `(diagonal, q_starts, k_starts, stacked, meta)` with
-        `stacked` the row slices of each of `row_arrays` and of the keys and values."""
-        k_t, v_t, k_pos, k_seg = kv_t
-        meta = K.Meta(*q_ids, K.ids_to_kv(k_pos, kv_heads), K.ids_to_kv(k_seg, kv_heads))
-        plan = _pairs(0 if isinstance(t, int) and t == 0 else None, (rank - t) % cfg.sp, rank, cfg.causal)
-        assert len({(p.span, p.diagonal) for p in plan}) == 1
-        n_rows, n_keys = plan[0].span * chunk * group, plan[0].span * chunk
-        q_starts = [p.q_slot * chunk * group for p in plan]
-        k_starts = [p.kv_slot * chunk for p in plan]
-        stack = lambda xs: xs[0] if len(xs) == 1 else jnp.concatenate(xs, axis=0)
-        rows = [stack([_rows(x, q0, n_rows) for q0 in q_starts]) for x in row_arrays]
-        keys = [stack([_rows(x, k0, n_keys) for k0 in k_starts]) for x in (k_t, v_t)]
-        metas = [meta.slice(q0, n_rows, k0, n_keys) for q0, k0 in zip(q_starts, k_starts)]
-        meta = K.Meta(*(None if f[0] is None else stack(f) for f in zip(*metas)))
-        return plan[0].diagonal, q_starts, k_starts, rows + keys, meta
-
-    return q_rows, kv, pairs
-
-
-def _rows(x, start, size):
-    return lax.dynamic_slice_in_dim(x, start, size, 1)
-
-
-def _local_forward(q, k, v, ids, *, cfg: _Ring):
-    batch, _, q_heads, _ = q.shape
-    q_rows, kv, pairs = _local_setup(q, k, v, ids, cfg)
-    bk = q_rows.shape[0]
-
     def step(t, kv_t, carry):
         out, lse = carry
-        diagonal, q_starts, _, (q_p, k_p, v_p), meta = pairs(t, kv_t, [q_rows])
-        o_p, lse_p = cfg.kernel.forward(q_p, k_p, v_p, meta, cfg.tiling, causal=diagonal)
-        for i, q0 in enumerate(q_starts):
-            out, lse = _merge(out, lse, o_p[i * bk:(i + 1) * bk], lse_p[i * bk:(i + 1) * bk], q0)
+        k_t, v_t, k_pos, k_seg = kv_t
+        meta = K.Meta(*q_ids, K.ids_to_kv(k_pos, kv_heads), K.ids_to_kv(k_seg, kv_heads))
+        for pair in _pairs(0 if isinstance(t, int) and t == 0 else None, (rank - t) % cfg.sp, rank, cfg.causal):
+            out, lse = cfg.kernel.forward_into(
+                q_rows, k_t, v_t, meta, cfg.tiling, out, lse, causal=pair.diagonal,
+                q_start=pair.q_slot * chunk * group, k_start=pair.kv_slot * chunk,
+                n_rows=pair.span * chunk * group, n_keys=pair.span * chunk)
         return out, lse
 
     carry = (jnp.zeros(q_rows.shape, jnp.float32), jnp.full(q_rows.shape[:2], K.LSE_EMPTY, jnp.float32))
@@ -258,39 +238,39 @@ def _local_forward(q, k, v, ids, *, cfg: _Ring):
     return K.rows_to_q(out.astype(q.dtype), batch, q_heads), lse
 
 
-def _merge(out, lse, o_new, lse_new, start):
-    """Log-sum-exp merge (float32) of a chunk pair's result into rows `[start, +rows)`."""
-    n = o_new.shape[1]
-    o_old, lse_old = _rows(out, start, n), _rows(lse, start, n)
-    top = jnp.maximum(lse_old, lse_new)
-    w_old, w_new = jnp.exp(lse_old - top), jnp.exp(lse_new - top)
-    total = w_old + w_new
-    merged = (o_old * w_old[..., None] + o_new.astype(jnp.float32) * w_new[..., None]) / total[..., None]
-    out = lax.dynamic_update_slice_in_dim(out, merged, start, 1)
-    return out, lax.dynamic_update_slice_in_dim(lse, top + jnp.log(total), start, 1)
-
-
 def _add(acc, x, start):
     return lax.dynamic_update_slice_in_dim(acc, _rows(acc, start, x.shape[1]) + x, start, 1)
 
 
 def _local_backward(q, k, v, ids, out, lse, dout, *, cfg: _Ring):
+    """The ring's backward. Each chunk pair runs as its own kernel call that reads its query rows
+    and keys in place from the whole local arrays and adds its dQ into the float32 accumulator: no
+    pair's rows are sliced, stacked or copied, and no pair-sized dQ exists beside the accumulator.
+    `delta = sum(dout * out)` and the backward log-sum-exp are per query row, formed once."""
     batch, _, q_heads, _ = q.shape
-    q_rows, kv, pairs = _local_setup(q, k, v, ids, cfg)
-    kv_heads, bk = k.shape[2], q_rows.shape[0]
-    do_rows, out_rows = K.q_to_rows(dout, kv_heads), K.q_to_rows(out, kv_heads)
+    positions, segment_ids = ids
+    kv_heads, group = k.shape[2], cfg.tiling.group
+    chunk = q.shape[1] // 2
+    q_rows, do_rows = K.q_to_rows(q, kv_heads), K.q_to_rows(dout, kv_heads)
+    delta = jnp.sum(do_rows.astype(jnp.float32) * K.q_to_rows(out, kv_heads).astype(jnp.float32), axis=-1)
+    lse_b = backward_lse(lse)
+    q_ids = (K.ids_to_rows(positions, kv_heads, group), K.ids_to_rows(segment_ids, kv_heads, group))
+    kv = (K.kv_to_rows(k), K.kv_to_rows(v), positions, segment_ids)
+    rank = lax.axis_index(SP) if cfg.sp > 1 else 0
 
     def step(t, kv_t, carry):
         dq, dk, dv = carry
         if not (isinstance(t, int) and t == 0):
             dk, dv = _shift((dk, dv))  # the accumulators of kv_t arrive with it
-        diagonal, q_starts, k_starts, (q_p, o_p, do_p, lse_p, k_p, v_p), meta = pairs(
-            t, kv_t, [q_rows, out_rows, do_rows, lse])
-        dq_p, dk_p, dv_p = cfg.kernel.backward(q_p, k_p, v_p, o_p, do_p, lse_p, meta, cfg.tiling,
-                                               causal=diagonal)
-        for i, (q0, k0) in enumerate(zip(q_starts, k_starts)):
-            part = slice(i * bk, (i + 1) * bk)
-            dq, dk, dv = _add(dq, dq_p[part], q0), _add(dk, dk_p[part], k0), _add(dv, dv_p[part], k0)
+        k_t, v_t, k_pos, k_seg = kv_t
+        meta = K.Meta(*q_ids, K.ids_to_kv(k_pos, kv_heads), K.ids_to_kv(k_seg, kv_heads))
+        for pair in _pairs(0 if isinstance(t, int) and t == 0 else None, (rank - t) % cfg.sp, rank, cfg.causal):
+            q0, k0 = pair.q_slot * chunk * group, pair.kv_slot * chunk
+            n_rows, n_keys = pair.span * chunk * group, pair.span * chunk
+            dq, dk_p, dv_p = cfg.kernel.backward_into(
+                q_rows, k_t, v_t, do_rows, lse_b, delta, meta, cfg.tiling, dq, causal=pair.diagonal,
+                q_start=q0, k_start=k0, n_rows=n_rows, n_keys=n_keys)
+            dk, dv = _add(dk, dk_p, k0), _add(dv, dv_p, k0)
         return dq, dk, dv
 
     zeros_kv = jnp.zeros(kv[0].shape, jnp.float32)

@@ -77,6 +77,46 @@ def map_tiles(fn, arrays: tuple, tile: int, remat: bool):
     return jax.tree.map(merge, out)
 
 
+@jax.custom_vjp
+def accumulate_into(params, acc, index):
+    """`(params, acc)` unchanged (one layer's weights; the stacked float32 accumulator, a carry of the
+    layer scan). Backward: the weights' cotangent is added into slice `index` of the accumulator's
+    cotangent, `acc_ct[index] + ct` in place (the weights get none). Through the scan the
+    accumulator's cotangent then collects every layer's gradient, in the backward scan's carry."""
+    return params, acc
+
+
+def _accumulate_fwd(params, acc, index):
+    return (params, acc), index
+
+
+def _accumulate_bwd(index, cts):
+    ct_params, ct_acc = cts
+    ct_acc = jax.tree.map(lambda a, g: a.at[index].add(g.astype(a.dtype)), ct_acc, ct_params)
+    return None, ct_acc, None
+
+
+accumulate_into.defvjp(_accumulate_fwd, _accumulate_bwd)
+
+
+@jax.custom_vjp
+def seed_cotangent(acc_out, acc_in):
+    """0.0, whose backward gives `acc_out` the cotangent `acc_in` (whatever the incoming scalar's):
+    added to the loss, it starts the accumulator's backward carry at the running sum."""
+    return jnp.zeros((), jnp.float32)
+
+
+def _seed_fwd(acc_out, acc_in):
+    return jnp.zeros((), jnp.float32), acc_in
+
+
+def _seed_bwd(acc_in, ct):
+    return acc_in, None
+
+
+seed_cotangent.defvjp(_seed_fwd, _seed_bwd)
+
+
 def _param(rngs: nnx.Rngs, shape, axes, stddev: float) -> nnx.Param:
     return nnx.Param(stddev * jax.random.normal(rngs.params(), shape, jnp.float32), logical_axes=axes)
 
@@ -223,7 +263,7 @@ class Llama(nnx.Module):
         return constrain(jnp.take(table, tokens, axis=0).astype(dtype), ("batch", "length", "act_embed"))
 
     def forward(self, tokens, positions=None, segment_ids=None, *, cache: KVCache | None = None,
-                return_kv: bool = False):
+                return_kv: bool = False, layer_grad_acc=None):
         """`(hidden, kv)`: final-norm hidden states `[batch, seq, embed]` in the compute dtype, and
 
         - training and scoring (no cache, `return_kv=False`): `kv` is None;
@@ -231,6 +271,13 @@ class Llama(nnx.Module):
           head_dim]` each, in the token order of the input;
         - decoding (`cache`): `tokens: [batch, 1]` at position `cache.pos`; `kv` is the cache with
           the new keys and values written.
+
+        `layer_grad_acc` (training, gradient accumulation): a float32 pure dict shaped like the
+        stacked layer params, carried through the layer scan unchanged; it then comes back as a
+        third value (`(hidden, None, acc_out)`). Differentiate with respect to it, with
+        `seed_cotangent(acc_out, layer_grad_acc)` added to the loss, and its gradient is
+        `layer_grad_acc + the layers' gradient`, each layer's added into its slice in place in the
+        backward scan's carry (`accumulate_into`): no stacked layer gradient beside the accumulator.
         """
         cfg = self.config
         if positions is None:
@@ -238,18 +285,22 @@ class Llama(nnx.Module):
         graphdef, state = nnx.split(self.layers)
 
         def layer_step(carry, inputs):
-            h, c = carry
+            h, c, acc = carry
             h = checkpoint_name(h, LAYER_INPUT)  # the remat policy `offload` keeps it in host memory
             layer_state, index = inputs
+            if acc is not None:
+                pure, acc = accumulate_into(nnx.to_pure_dict(layer_state), acc, index)
+                nnx.replace_by_pure_dict(layer_state, pure)
             h, kv = nnx.merge(graphdef, layer_state)(h, positions, segment_ids, c, index)
             if c is not None:
-                return (h, kv), None
-            return (h, None), kv if return_kv else None
+                return (h, kv, acc), None
+            return (h, None, acc), kv if return_kv else None
 
         if cfg.remat != "none" and cache is None and not return_kv:
             layer_step = jax.checkpoint(layer_step, policy=CHECKPOINT_POLICIES[cfg.remat],
                                         prevent_cse=not cfg.scan_layers)
-        carry, inputs = (self.embed(tokens), cache), (state, jnp.arange(cfg.num_layers, dtype=jnp.int32))
+        carry = (self.embed(tokens), cache, layer_grad_acc)
+        inputs = (state, jnp.arange(cfg.num_layers, dtype=jnp.int32))
         if cfg.scan_layers:
             carry, kv = jax.lax.scan(layer_step, carry, inputs)
         else:
@@ -258,7 +309,9 @@ class Llama(nnx.Module):
                 carry, out = layer_step(carry, jax.tree.map(lambda a, i=i: a[i], inputs))
                 outs.append(out)
             kv = jax.tree.map(lambda *xs: jnp.stack(xs), *outs) if return_kv and cache is None else None
-        x, cache = carry
+        x, cache, acc = carry
+        if layer_grad_acc is not None:
+            return self.norm(x), None, acc
         return self.norm(x), cache if cache is not None else kv
 
     def hidden(self, tokens, positions=None, segment_ids=None) -> jax.Array:

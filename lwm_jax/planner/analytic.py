@@ -102,6 +102,11 @@ def memory_per_device(model: ModelConfig, mesh: MeshConfig, seq_len: int, batch_
     ring_dkv = ring_tokens * hkv_ring * hd * 4 * 4
     ring_q = ring_tokens * hq_ring * (hd + 1) * 4
     exchange = ring_tokens * (2 * hq_ring + 2 * hkv_ring) * hd * dt if mesh.ulysses > 1 else 0
+    # The pure-JAX kernel's float32 score blocks `[heads, tile, tile]` (scores and probabilities, or
+    # their cotangents), two alive at once; the tile is the ring's block on an accelerator (XLA:TPU
+    # compiles of the 8B recipe: +0.9 GiB at 65K and +1.9 GiB at 1048K going from tile 256 to 2048).
+    tile = min(model.attention_block_size, max(seq_len // (2 * mesh.sp), 1))
+    scores = 2 * b * hq_ring * tile * tile * 4
     # Loss: the output projection split by vocabulary over the weight shards (fsdp, sp, ulysses, tp),
     # float32 [embed, vocab/N] and its gradient; each chunk's float32 logits for the group's tokens.
     # Without such a split the projection is gathered whole (and its gradient with it).
@@ -114,18 +119,23 @@ def memory_per_device(model: ModelConfig, mesh: MeshConfig, seq_len: int, batch_
     else:
         head = 2 * d * v * 4 if ways > 1 else 0
         loss = 2 * b * max(chunk // seq_shards, 1) * v * 4
-    # FSDP: the layer being computed has its weights all-gathered (float32, cast after the gather).
-    # The embedding is looked up on its own shards (`model.embed`): the group's tokens at 1/G of the
-    # columns, the size of one local activation.
+    # The stacked layer weights in the compute dtype: XLA moves the cast of each layer's weights
+    # (narrowing, so moved above the scan's dynamic slice) out of the layer and micro-batch scans, one
+    # cast of every layer's weights alive for the whole step. (Measured with XLA:TPU: an optimization
+    # barrier does not stop it, TPU strips barriers first.) With a float32 model there is no cast.
     shards = mesh.fsdp * seq_shards
-    gathered = 4 * layer_param_count(model) // mesh.tp if shards > 1 else 0
-    embed = tokens * d * dt if model.embed_lookup == "sharded" else (v // mesh.tp * d * 4 if shards > 1 else 0)
+    cast = dt if dt < 4 and np.dtype(model.dtype).itemsize < 4 else 0
+    weights_cast = L * layer_param_count(model) * cast // (shards * mesh.tp)
+    # One float32 gradient buffer: the accumulator, into which the backward layer scan adds each
+    # layer's gradient in place (`train.step`); without accumulation, the gradient. The layer being
+    # computed has its weights all-gathered, and the embedding is looked up on its own shards; at the
+    # peak (the layer backward, XLA:TPU) neither is alive, so neither is counted.
     out = {"params": params, "optimizer": 2 * params * moment_bytes // 4,
-           "gradients": params * (2 if grad_accum > 1 else 1),
+           "gradients": params, "weights_cast": weights_cast,
            "activations": 2 * tokens * d * dt if offload else saved,  # offload: two layers' inputs in flight
            "layer_recompute": attention_work + tile_work,
            "ring_kv": ring_kv, "ring_dkv": ring_dkv, "ring_q": ring_q, "ulysses_exchange": exchange,
-           "loss_chunk": loss, "output_head": head, "gathered_weights": gathered, "embedding": embed,
+           "attention_scores": scores, "loss_chunk": loss, "output_head": head,
            "batch": 5 * grad_accum * tokens * 4}
     out["total"] = sum(out.values())
     return out

@@ -20,7 +20,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from lwm_jax.config import ModelConfig
-from lwm_jax.model.llama import Llama
+from lwm_jax.model.llama import Llama, seed_cotangent
 from lwm_jax.parallel.mesh import logical_to_spec, state_shardings
 from lwm_jax.train.loss import vocab_parallel_cross_entropy
 
@@ -84,14 +84,16 @@ def build_step(config: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh
     b_sharding = batch_sharding(mesh)
     replicated = NamedSharding(mesh, P())
 
-    def nll_sum(params, micro):
+    def nll_sum(params, micro, layer_grad_acc=None):
+        """(nll sum, weight sum), and with `layer_grad_acc` the accumulator carried out of the layers."""
         state = jax.tree.map(lambda x: x, abstract)
         nnx.replace_by_pure_dict(state, params)
         model = nnx.merge(graphdef, state)
         segment_ids = micro["segment_ids"] if document_mask else None
-        hidden = model.hidden(micro["inputs"], micro["positions"], segment_ids)
-        return vocab_parallel_cross_entropy(hidden, model.output_weights(), micro["targets"],
-                                     micro["loss_weights"], loss_chunk)
+        out = model.forward(micro["inputs"], micro["positions"], segment_ids, layer_grad_acc=layer_grad_acc)
+        nll = vocab_parallel_cross_entropy(out[0], model.output_weights(), micro["targets"],
+                                           micro["loss_weights"], loss_chunk)
+        return nll if layer_grad_acc is None else (*nll, out[2])
 
     def train_step(params, opt_state, batch):
         # The loss is normalised by the step's total weight up front (known from the batch), so the
@@ -102,12 +104,26 @@ def build_step(config: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh
         def micro_loss(params, micro):
             return nll_sum(params, micro)[0] / denom
 
+        def micro_loss_into(others, layer_acc, layers, micro):
+            """The loss with the layers' gradient accumulated in the backward pass: its gradient
+            with respect to `layer_acc` is `layer_acc + the layers' gradient` (`accumulate_into`);
+            `seed_cotangent` adds exactly 0.0 to the loss."""
+            nll, _, acc_out = nll_sum({**others, "layers": layers}, micro, layer_acc)
+            return nll / denom + seed_cotangent(acc_out, layer_acc)
+
         grad_fn = jax.value_and_grad(micro_loss)
+        grad_into = jax.value_and_grad(micro_loss_into, argnums=(0, 1))
         loss, grads = grad_fn(params, jax.tree.map(lambda x: x[0], batch))
         if batch["inputs"].shape[0] > 1:  # gradient accumulation: the other micro-batches, one at a time
             def micro_step(carry, micro):
-                micro_loss_value, micro_grads = grad_fn(params, micro)
-                return jax.tree.map(jnp.add, carry, (micro_loss_value, micro_grads)), None
+                # The layers' gradients are added into the accumulator inside the backward layer
+                # scan, one layer at a time (`micro_loss_into`); the rest here. The same sums as
+                # `acc + grads`, without the micro-batch's stacked layer gradients beside `acc`.
+                total, acc = carry
+                others = {k: v for k, v in params.items() if k != "layers"}
+                value, (g_others, layers) = grad_into(others, acc["layers"], params["layers"], micro)
+                acc = {k: layers if k == "layers" else jax.tree.map(jnp.add, acc[k], g_others[k]) for k in acc}
+                return (total + value, acc), None
 
             (loss, grads), _ = jax.lax.scan(micro_step, (loss, grads), jax.tree.map(lambda x: x[1:], batch))
         grad_norm = optax.tree.norm(grads)

@@ -4,10 +4,18 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from lwm_jax.attention.kernels.rows import Meta, Tiling
-from lwm_jax.attention.kernels.xla import backward_lse, chunk_backward, chunk_forward
+from lwm_jax.attention.kernels.xla import (
+    backward_lse,
+    chunk_backward,
+    chunk_backward_into,
+    chunk_forward,
+    chunk_forward_into,
+    merge_rows,
+)
 
 
 class Kernel:
@@ -36,6 +44,28 @@ class Kernel:
         delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
         return chunk_backward(q, k, v, dout, backward_lse(lse), delta, meta, tiling, causal=causal)
 
+    def forward_into(self, q, k, v, meta: Meta, tiling: Tiling, out, lse, *, causal: bool, q_start, k_start,
+                     n_rows: int, n_keys: int):
+        """The ring's forward of one chunk pair: query rows `[q_start, +n_rows)` of `q` against keys
+        `[k_start, +n_keys)` of `k, v`, log-sum-exp merged (float32) into those rows of the
+        accumulators `out [bk, R, d]`, `lse [bk, R]`; returns them. Default: `forward` on the
+        sliced pair, then the merge."""
+        rows = lambda x, s, n: None if x is None else jax.lax.dynamic_slice_in_dim(x, s, n, 1)
+        pair_meta = meta.slice(q_start, n_rows, k_start, n_keys)
+        o_p, lse_p = self.forward(rows(q, q_start, n_rows), rows(k, k_start, n_keys), rows(v, k_start, n_keys),
+                                  pair_meta, tiling, causal=causal)
+        return merge_rows(out, lse, o_p, lse_p, q_start)
+
+    def backward_into(self, q, k, v, dout, lse, delta, meta: Meta, tiling: Tiling, dq_acc, *, causal: bool,
+                      q_start, k_start, n_rows: int, n_keys: int):
+        """The ring's backward of one chunk pair, read in place from the whole local arrays: query
+        rows `[q_start, +n_rows)` of `q, dout` and of the *global* `lse` (from `backward_lse`) and
+        `delta` against keys `[k_start, +n_keys)` of `k, v`; returns `(dq_acc, dk, dv)`, the pair's
+        dQ added into those rows of the float32 accumulator `dq_acc`, its dK, dV `[bk, n_keys, d]`
+        float32. Default: the pure-JAX blocks."""
+        return chunk_backward_into(q, k, v, dout, lse, delta, meta, tiling, dq_acc, causal=causal,
+                                   q_start=q_start, k_start=k_start, n_rows=n_rows, n_keys=n_keys)
+
     def attention(self, q, k, v, *, causal: bool):
         """Whole single-device attention `[batch, seq, heads, dim]` with the kernel's own VJP,
         for calls that merge nothing (no segments); None when the kernel has no such path."""
@@ -53,6 +83,10 @@ class XlaKernel(Kernel):
 
     def forward(self, q, k, v, meta, tiling, *, causal):
         return chunk_forward(q, k, v, meta, tiling, causal=causal)
+
+    def forward_into(self, q, k, v, meta, tiling, out, lse, *, causal, q_start, k_start, n_rows, n_keys):
+        return chunk_forward_into(q, k, v, meta, tiling, out, lse, causal=causal, q_start=q_start,
+                                  k_start=k_start, n_rows=n_rows, n_keys=n_keys)
 
 
 XLA = XlaKernel()

@@ -219,6 +219,19 @@ class PallasKernel(Kernel):
         return self._switch(functools.partial(_backward, tiling=tiling, causal=causal),
                             q, k, v, dout, backward_lse(lse), delta, meta)
 
+    def backward_into(self, q, k, v, dout, lse, delta, meta: Meta, tiling: Tiling, dq_acc, *, causal: bool,
+                      q_start, k_start, n_rows: int, n_keys: int):
+        """The ring's backward of one chunk pair (see `Kernel.backward_into`): the pair's rows and keys
+        sliced out for the fused kernels, its dQ added into the accumulator's rows."""
+        rows = lambda x, s, n: None if x is None else lax.dynamic_slice_in_dim(x, s, n, 1)
+        q_p, k_p = rows(q, q_start, n_rows), rows(k, k_start, n_keys)
+        _check(q_p, k_p, tiling, causal)
+        dq, dk, dv = self._switch(functools.partial(_backward, tiling=tiling, causal=causal), q_p, k_p,
+                                  rows(v, k_start, n_keys), rows(dout, q_start, n_rows), rows(lse, q_start, n_rows),
+                                  rows(delta, q_start, n_rows), meta.slice(q_start, n_rows, k_start, n_keys))
+        dq_acc = lax.dynamic_update_slice_in_dim(dq_acc, rows(dq_acc, q_start, n_rows) + dq, q_start, 1)
+        return dq_acc, dk, dv
+
 
 def _check(q, k, tiling: Tiling, causal: bool) -> None:
     if causal and q.shape[1] != k.shape[1] * tiling.group:
