@@ -224,11 +224,13 @@ def test_ring_rejects_bad_input_before_tracing():
 def test_kernel_selection_by_platform():
     pick = lambda name="auto", **kw: kernels.select_kernel(name, **{
         "dtype": jnp.bfloat16, "head_dim": 128, "segments": False, **kw})
-    assert pick(platform="cpu").name == "xla"
-    assert pick(platform="tpu").name == "xla"  # splash is opt-in until it has run on a TPU
-    assert pick(platform="gpu").name == "cudnn"
-    assert pick(platform="gpu", segments=True).name == "xla"
-    assert pick(platform="gpu", dtype=jnp.float32).name == "xla"
+    assert pick(platform="cpu").name == "xla"  # the Pallas kernel runs interpreted there: only when named
+    assert pick(platform="tpu").name == pick(platform="tpu", whole=True).name == "pallas"  # splash: when named
+    assert pick(platform="gpu").name == "pallas"  # ring and Ulysses steps merge: cuDNN cannot serve them
+    assert pick(platform="gpu", whole=True).name == "cudnn"  # a call that merges nothing
+    assert pick(platform="gpu", whole=True, segments=True).name == "pallas"
+    assert pick(platform="gpu", whole=True, dtype=jnp.float32).name == "pallas"
+    assert pick(platform="gpu", head_dim=96).name == "xla"  # neither fused kernel takes head_dim 96
     with pytest.raises(UserError, match="runs on gpu, not on cpu"):
         pick("cudnn", platform="cpu")
     with pytest.raises(UserError, match="cannot run this call: segment_ids"):

@@ -278,10 +278,11 @@ def test_ring_with_the_pallas_kernel_matches_reference(case):
 
 # Lowering for CUDA and TPU from this CPU host ----------------------------------------------------
 
-# What the lowered ring holds per platform: its custom call, and how many kernel launches (two
-# forward pairs: step 0 and the ring step; two backward pairs of a dQ and a dK/dV kernel each).
+# What the lowered ring holds per platform: its custom call, and how many kernel launches. Each
+# chunk pair is its own call: step 0's diagonal pair and a later step's two pairs (the step loop's
+# body appears once), forward; the same three pairs backward, a dQ and a dK/dV kernel each.
 TARGETS = {"cuda": "__gpu$xla.gpu.triton", "tpu": "tpu_custom_call"}
-LAUNCHES = {"lwm_flash_forward": 2, "lwm_flash_dq": 2, "lwm_flash_dkv": 2}
+LAUNCHES = {"lwm_flash_forward": 3, "lwm_flash_dq": 3, "lwm_flash_dkv": 3}
 RING_LOOPS = 2  # the ring's forward and backward step loops; an interpreted kernel adds a grid loop
 
 
