@@ -17,6 +17,7 @@ from lwm_jax.eval.plots import line_plot
 from lwm_jax.eval.theta_sweep import stage_sweep
 from lwm_jax.model.rope import theta_for
 from lwm_jax.planner import aot_worker, plan_report
+from lwm_jax.planner.targets import TARGETS
 from lwm_jax.train.runner import TrainServices, train
 
 
@@ -98,22 +99,35 @@ def cmd_train(args) -> int:
 
 
 def _plan_lines(result: dict, aot: bool) -> list[str]:
-    hw = result["hardware"]
+    hw, target = result["hardware"], result.get("target")
     # --aot compiles for XLA:CPU, which holds bf16 as float32: its figure is set beside the analytic
-    # one at 4-byte activations ("paper@cpu"), not beside the accelerator's.
+    # one at 4-byte activations ("paper@cpu"), not beside the accelerator's. A --target compile is
+    # XLA:TPU's own figure for the chip, set beside the planner's for that chip.
+    cpu_aot = aot and target is None
+    longest = "max_seq_len" in result["stages"][0]
     lines = [f"{hw['name']}: {hw['memory_gib']:g} GiB, {hw['peak_tflops']:g} TFLOP/s at {hw['efficiency']:.0%} "
-             "efficiency",
+             "efficiency" + (f"; compiled for {target['name']} ({target['topology']}) by XLA:TPU" if target else ""),
              f"{'stage':>7} {'seq_len':>10} {'devices':>7} {'GiB/device':>10} {'host GiB':>8} {'fits':>5} "
-             f"{'step s':>8} {'minutes':>8}" + (f" {'paper@cpu':>9} {'aot GiB':>8}" if aot else "")
-             + (f" {'max seq_len':>12}" if "max_seq_len" in result["stages"][0] else "")]
+             f"{'step s':>8} {'minutes':>8}" + (f" {'paper@cpu':>9} {'aot GiB':>8}" if cpu_aot else "")
+             + (f" {'xla GiB':>8} {'xla host':>8} {'ratio':>6} {'xla fits':>8} {'compile s':>9}" if target else "")
+             + (f" {'max seq_len':>12}" if longest else "")]
     for s in result["stages"]:
         extra = (f" {s['memory_bytes_per_device_xla_cpu'] / GIB:>9.2f} {s['aot_memory_bytes_per_device'] / GIB:>8.2f}"
-                 if aot else "")
-        longest = f" {s['max_seq_len']:>12,}" if "max_seq_len" in s else ""
+                 if cpu_aot else "")
+        if target and s["aot_fits"]:
+            ratio = s["memory_bytes_per_device"] / s["aot_memory_bytes_per_device"]
+            extra += (f" {s['aot_memory_bytes_per_device'] / GIB:>8.2f} {s['aot_host_bytes_per_device'] / GIB:>8.2f}"
+                      f" {ratio:>6.3f} {'yes':>8} {s['aot_compile_s']:>9.0f}")
+        elif target:
+            extra += f" {'-':>8} {'-':>8} {'-':>6} {'NO':>8} {s['aot_compile_s']:>9.0f}"
         lines.append(f"{s['name']:>7} {s['seq_len']:>10,} {s['devices']:>7} "
                      f"{s['memory_bytes_per_device'] / GIB:>10.2f} {s['host_bytes_per_device'] / GIB:>8.2f} "
                      f"{'yes' if s['fits'] else 'NO':>5} {s['step_s']:>8.1f} {s['estimated_minutes']:>8.1f}"
-                     f"{extra}{longest}")
+                     f"{extra}" + (f" {s['max_seq_len']:>12,}" if longest else ""))
+    lines += [f"{s['name']}: XLA:TPU refused it: {s['aot_refusal']}" for s in result["stages"]
+              if target and not s["aot_fits"]]
+    if longest:
+        lines.append(f"max seq_len: the planner's, {result['max_seq_len_checked_against']}")
     return lines
 
 
@@ -121,13 +135,18 @@ def cmd_plan(args) -> int:
     """Per stage and device: params, optimizer state, gradients, activations kept by the remat
     policy, ring buffers, the loss chunk, the total and whether it fits; estimated step time from
     FLOPs and link bandwidths. --aot compiles the real train step for each stage's mesh on simulated
-    CPU devices (nothing runs) and reports XLA's per-device memory next to the analytic figure."""
+    CPU devices (nothing runs) and reports XLA's per-device memory next to the analytic figure.
+    --target SLICE compiles it for a TPU slice with XLA:TPU, here, without a TPU (libtpu, from the
+    `tpu` extra): XLA's peak and host memory per chip beside the planner's for that chip, the ratio,
+    whether the compiler accepts it (a refusal for memory is a "does not fit" row with XLA's
+    message) and the compile time. Slices count chips: v4-1, v4-8, v5e-1, v5e-8, v5p-1, v5p-4, v5p-8,
+    v5p-64, v6e-1, v6e-8 (v5p-8 = 8 chips, `v5:2x2x2`; Google's v5p names count TensorCores)."""
     if args.aot_worker:  # one stage, in a process started with --cpu-devices = its device count
         print(json.dumps(aot_worker(args.recipe, args.set or [], args.stage, args.devices)))
         return 0
     result = plan_report(args.recipe, args.set or [], stage=args.stage, devices=args.devices,
                          hardware=args.hardware, memory_gib=args.device_memory, peak_tflops=args.peak_tflops,
-                         efficiency=args.efficiency, aot=args.aot, max_seq_len=args.max_seq_len)
+                         efficiency=args.efficiency, aot=args.aot, max_seq_len=args.max_seq_len, target=args.target)
     print_result(args, result, _plan_lines(result, args.aot))
     return 0
 
@@ -159,13 +178,17 @@ def _add_plan(sub) -> None:
     p.add_argument("--stage", metavar="NAME", help="plan only this stage")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe key")
     p.add_argument("--devices", type=int, metavar="N", help="device count for every stage (default: each stage's mesh)")
-    p.add_argument("--hardware", default="L40S", help="device kind: L40S (default), H100, A100, 'TPU v5p'")
+    p.add_argument("--hardware", help="device kind from the hardware table: L40S (default), H100, H200, B200, A100, "
+                   "'TPU v4', 'TPU v5e', 'TPU v5p', 'TPU v6e' (default with --target: the target's chips)")
     p.add_argument("--device-memory", type=float, metavar="GIB", help="override the device memory")
     p.add_argument("--peak-tflops", type=float, metavar="F", help="override the dense bf16 peak per device")
     p.add_argument("--efficiency", type=float, metavar="X", help="fraction of peak reached (default 0.4)")
     p.add_argument("--max-seq-len", action="store_true",
                    help="also search the longest seq_len each stage fits on its devices (JSON: max_seq_len)")
     p.add_argument("--aot", action="store_true", help="also compile each stage with XLA (slow for large meshes)")
+    p.add_argument("--target", metavar="SLICE", choices=tuple(TARGETS),
+                   help="compile each stage for this TPU slice with XLA:TPU, on this host (needs the tpu extra): "
+                        + ", ".join(TARGETS) + " (chips)")
     p.add_argument("--aot-worker", action="store_true", help=argparse.SUPPRESS)
 
 

@@ -35,6 +35,9 @@ from lwm_jax.train.metrics import flops_per_token
 from lwm_jax.train.schedule import schedule_recipe
 
 GIB = 2**30
+# What the planner's figures are held to: the compiler run whose peaks it was fitted against.
+CHECKED_AGAINST = ("checked against XLA:TPU (v5p-8 compiles of configs/recipes/gradient_1048k_one_node.yaml, "
+                   "within 5% of the compiled peak at every stage; docs/memory.md)")
 
 
 def param_bytes_per_device(model: ModelConfig, mesh: MeshConfig) -> int:

@@ -1,14 +1,16 @@
-"""XLA's own per-device memory of a stage's real train step, compiled for its mesh on simulated
-CPU devices and never run; one subprocess per stage, since the simulated device count is fixed when
-JAX starts.
+"""XLA's own per-device memory of a stage's real train step, compiled and never run: on simulated CPU
+devices (one subprocess per stage, since the simulated device count is fixed when JAX starts), or
+for a TPU slice on this host (`targets`: XLA:TPU through libtpu, every stage in one process).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 
 import jax
@@ -18,9 +20,33 @@ from lwm_jax.config import RecipeConfig, load_recipe
 from lwm_jax.errors import UserError
 from lwm_jax.model.store import params_target
 from lwm_jax.parallel.mesh import make_mesh
+from lwm_jax.planner.targets import Target, target_mesh
+from lwm_jax.progress import log
 from lwm_jax.train.optimizer import make_optimizer
 from lwm_jax.train.schedule import schedule_recipe
 from lwm_jax.train.step import BATCH_KEYS, build_step
+
+
+def _lowered_step(recipe: RecipeConfig, plan, mesh):
+    """The stage's real train step lowered for `mesh` from abstract params, optimizer state and batch.
+    The step is built outside the mesh (building it evaluates on the running backend, which a mesh of
+    compile-only devices cannot), lowered inside it."""
+    stage = plan.stage
+    tx = make_optimizer(stage.optimizer_config, stage.steps)
+    fns = build_step(plan.model, tx, mesh, recipe.loss_chunk, document_mask=recipe.data.document_mask)
+    p_abs = params_target(plan.model, mesh)
+    o_abs = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                         jax.eval_shape(tx.init, p_abs), fns.opt_shardings)
+    shape = (stage.grad_accum, stage.batch_size, stage.seq_len)
+    b_abs = {k: jax.ShapeDtypeStruct(shape, np.float32 if k == "loss_weights" else np.int32,
+                                     sharding=fns.batch_sharding) for k in BATCH_KEYS}
+    with jax.set_mesh(mesh):
+        return fns.train_step.lower(p_abs, o_abs, b_abs)
+
+
+def _stage_plan(recipe: RecipeConfig, stage_name: str, devices: int | None):
+    return next(p for p in schedule_recipe(recipe, devices, check_sources=False, only_stage=stage_name)
+                if p.name == stage_name)
 
 
 def aot_memory(recipe: RecipeConfig, stage_name: str, devices: int | None = None) -> dict[str, int]:
@@ -29,25 +55,39 @@ def aot_memory(recipe: RecipeConfig, stage_name: str, devices: int | None = None
     Needs as many (simulated) devices as the stage's mesh has; the CLI starts a process per stage
     with `--cpu-devices` set accordingly.
     """
-    plan = next(p for p in schedule_recipe(recipe, devices, check_sources=False, only_stage=stage_name)
-                if p.name == stage_name)
-    stage = plan.stage
+    plan = _stage_plan(recipe, stage_name, devices)
     mesh = make_mesh(plan.mesh, devices=jax.devices()[: math.prod(plan.mesh.shape)])
-    tx = make_optimizer(stage.optimizer_config, stage.steps)
-    with jax.set_mesh(mesh):
-        fns = build_step(plan.model, tx, mesh, recipe.loss_chunk, document_mask=recipe.data.document_mask)
-        p_abs = params_target(plan.model, mesh)
-        o_abs = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                             jax.eval_shape(tx.init, p_abs), fns.opt_shardings)
-        shape = (stage.grad_accum, stage.batch_size, stage.seq_len)
-        b_abs = {k: jax.ShapeDtypeStruct(shape, np.float32 if k == "loss_weights" else np.int32,
-                                         sharding=fns.batch_sharding) for k in BATCH_KEYS}
-        compiled = fns.train_step.lower(p_abs, o_abs, b_abs).compile()
-    mem = compiled.memory_analysis()
+    mem = _lowered_step(recipe, plan, mesh).compile().memory_analysis()
     total = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
              - mem.alias_size_in_bytes)
     return {"total": int(total), "arguments": int(mem.argument_size_in_bytes), "outputs": int(mem.output_size_in_bytes),
             "temp": int(mem.temp_size_in_bytes), "alias": int(mem.alias_size_in_bytes)}
+
+
+# XLA:TPU's refusal of a program over the chip's memory names the sizes, e.g. "HLO temporaries
+# (37.53G) exceed available HBM (31.25G)" or "Ran out of memory in memory space hbm".
+_REFUSAL = re.compile(r"RESOURCE_EXHAUSTED|exceeds? (the )?available|Ran out of memory", re.I)
+
+
+def target_memory(recipe: RecipeConfig, stage_name: str, target: Target) -> dict:
+    """XLA:TPU's memory per chip for the stage's real train step on `target`, compiled on this host
+    and never run: `{peak, host_temp, arguments, fits, compile_s}` (`peak_memory_in_bytes`,
+    `host_temp_size_in_bytes`); a compile the compiler refuses for memory is `fits: False` with its
+    own message and the sizes it names."""
+    plan = _stage_plan(recipe, stage_name, target.chips)
+    start = time.perf_counter()
+    try:
+        compiled = _lowered_step(recipe, plan, target_mesh(target, plan.mesh)).compile()
+    except Exception as err:  # XLA's errors are bare exceptions (XlaRuntimeError); only memory is expected
+        if not _REFUSAL.search(str(err)):
+            raise
+        line = next((x for x in str(err).splitlines() if _REFUSAL.search(x)), str(err).splitlines()[0])
+        return {"peak": None, "host_temp": None, "arguments": None, "fits": False, "refusal": line.strip()[:300],
+                "compile_s": time.perf_counter() - start}
+    mem = compiled.memory_analysis()
+    return {"peak": int(mem.peak_memory_in_bytes), "host_temp": int(mem.host_temp_size_in_bytes),
+            "arguments": int(mem.argument_size_in_bytes), "fits": True, "refusal": None,
+            "compile_s": time.perf_counter() - start}
 
 
 def aot_worker(recipe_path: str, overrides: Sequence[str], stage: str, devices: int | None = None) -> dict:
@@ -70,4 +110,18 @@ def aot_compare(recipe_path: str, overrides: Sequence[str], stages: list[dict],
         aot = json.loads(proc.stdout.strip().splitlines()[-1])
         stage["aot_memory_bytes_per_device"] = aot["total"]
         stage["aot_memory"] = aot
+    return stages
+
+
+def target_compare(recipe_path: str, overrides: Sequence[str], stages: list[dict], target: Target) -> list[dict]:
+    """Adds XLA:TPU's figures for `target` to each planned stage (compiled here, one stage after the
+    other): `aot_memory_bytes_per_device` (the peak), `aot_host_bytes_per_device`, `aot_fits`,
+    `aot_compile_s` and, where the compiler refused, `aot_refusal`; returns `stages`."""
+    recipe = load_recipe(recipe_path, list(overrides))
+    for stage in stages:
+        log(f"plan: compiling stage {stage['name']} for {target.name} (XLA:TPU, minutes for an 8B model)")
+        mem = target_memory(recipe, stage["name"], target)
+        stage.update(aot_memory_bytes_per_device=mem["peak"], aot_host_bytes_per_device=mem["host_temp"],
+                     aot_arguments_bytes_per_device=mem["arguments"], aot_fits=mem["fits"],
+                     aot_compile_s=mem["compile_s"], aot_refusal=mem["refusal"], aot_target=target.name)
     return stages

@@ -10,8 +10,9 @@ from collections.abc import Sequence
 from lwm_jax.config import load_recipe
 from lwm_jax.errors import UserError
 from lwm_jax.hardware import Hardware, get_hardware
-from lwm_jax.planner.analytic import plan_recipe
-from lwm_jax.planner.aot import aot_compare
+from lwm_jax.planner.analytic import CHECKED_AGAINST, plan_recipe
+from lwm_jax.planner.aot import aot_compare, target_compare
+from lwm_jax.planner.targets import deviceless_backend, get_target, require_libtpu
 
 
 def resolve_hardware(name: str, memory_gib: float | None = None, peak_tflops: float | None = None,
@@ -28,14 +29,29 @@ def resolve_hardware(name: str, memory_gib: float | None = None, peak_tflops: fl
 
 
 def plan_report(recipe_path: str, overrides: Sequence[str] = (), *, stage: str | None = None,
-                devices: int | None = None, hardware: str = "L40S", memory_gib: float | None = None,
+                devices: int | None = None, hardware: str | None = None, memory_gib: float | None = None,
                 peak_tflops: float | None = None, efficiency: float | None = None, aot: bool = False,
-                max_seq_len: bool = False) -> dict:
-    """`{"hardware": ..., "stages": [...]}`: the recipe's plan on `hardware` (with overrides), with
-    `max_seq_len` the longest sequence each stage fits, and with `aot` XLA's memory beside it."""
+                max_seq_len: bool = False, target: str | None = None) -> dict:
+    """`{"hardware": ..., "target": ..., "stages": [...]}`: the recipe's plan on `hardware` (default
+    L40S, or the target's chips) with overrides; with `max_seq_len` the longest sequence each stage
+    fits; with `aot` XLA's memory beside it, compiled on simulated CPU devices, or with `target` (a
+    TPU slice, `planner.targets`) by XLA:TPU for that slice's chips."""
     recipe = load_recipe(recipe_path, list(overrides))
-    hw = resolve_hardware(hardware, memory_gib, peak_tflops, efficiency)
+    slice_ = get_target(target) if target is not None else None
+    if slice_ is not None:
+        require_libtpu()  # before the planning, so a missing compiler is the first thing said
+        if devices is not None and devices != slice_.chips:
+            raise UserError(f"--devices {devices} disagrees with --target {slice_.name} ({slice_.chips} chips)")
+        devices = slice_.chips
+    hw = resolve_hardware(hardware or (slice_.hardware if slice_ else "L40S"), memory_gib, peak_tflops, efficiency)
     stages = plan_recipe(recipe, hw, devices, stage, max_seq_len=max_seq_len)
-    if aot:
+    if slice_ is not None:
+        deviceless_backend()
+        target_compare(recipe_path, overrides, stages, slice_)
+    elif aot:
         aot_compare(recipe_path, overrides, stages, devices)
-    return {"hardware": dataclasses.asdict(hw), "stages": stages}
+    out = {"hardware": dataclasses.asdict(hw), "target": None if slice_ is None else dataclasses.asdict(slice_),
+           "stages": stages}
+    if max_seq_len:
+        out["max_seq_len_checked_against"] = CHECKED_AGAINST
+    return out
