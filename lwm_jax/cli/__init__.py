@@ -6,6 +6,7 @@ of parsing and printing over one library function per command.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 
@@ -93,3 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"lwm-jax: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        # What a failed command left in reference cycles (a half-read checkpoint's orbax manager) is
+        # finalized now, while JAX runs: at interpreter exit its close would start JAX's backends
+        # again after their atexit shutdown, and a thread started then never runs (a hang).
+        gc.collect()
