@@ -27,6 +27,7 @@ from lwm_jax.config import ModelConfig, to_dict
 from lwm_jax.errors import UserError
 from lwm_jax.model.digest import check_digests, host_digest, tree_digests
 from lwm_jax.model.llama import Llama
+from lwm_jax.outputs import check_output_dir, staged_folder
 from lwm_jax.parallel.mesh import state_shardings
 
 FORMAT = "lwm-jax/1"
@@ -42,16 +43,23 @@ def model_metadata(config: ModelConfig, **extra: Any) -> dict[str, Any]:
 def save_model(path: str | Path, model: Llama, metadata: dict[str, Any], step: int = 0,
                overwrite: bool = False) -> Path:
     """Writes `model`'s params and `metadata` as step `step` of the checkpoint at `path`."""
-    path = Path(path).absolute()
-    if path.exists() and any(path.iterdir()) and not overwrite:
-        raise UserError(f"{path} already exists and is not empty; choose a new path or pass --force")
+    path = check_new_checkpoint(path, overwrite)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     metadata = {**metadata, "digests": {"params": tree_digests(params)}}
-    with ocp.CheckpointManager(path) as manager:
+    with staged_folder(path) as stage, ocp.CheckpointManager(stage) as manager:
         manager.save(step, args=ocp.args.Composite(
             params=ocp.args.StandardSave(params), metadata=ocp.args.JsonSave(metadata)), force=True)
         manager.wait_until_finished()
     return path
+
+
+def check_new_checkpoint(path: str | Path, overwrite: bool) -> Path:
+    """The absolute path of a checkpoint about to be written: new or empty (or `overwrite`), and
+    writable (`check_output_dir`)."""
+    path = Path(path).absolute()
+    if path.exists() and path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise UserError(f"{path} already exists and is not empty; choose a new path or pass --force")
+    return check_output_dir(path, "checkpoint folder")
 
 
 def _manager_and_step(path: str | Path, step: int | None):
@@ -206,9 +214,7 @@ def save_lazy_params(path: str | Path, params: dict, metadata: dict[str, Any], s
                      overwrite: bool = False) -> Path:
     """Writes `params` (a pure dict of `LazyLeaf`) and `metadata` as step `step` of the checkpoint
     at `path`, holding one leaf in memory at a time; `restore_params` reads it like `save_model`'s."""
-    path = Path(path).absolute()
-    if path.exists() and any(path.iterdir()) and not overwrite:
-        raise UserError(f"{path} already exists and is not empty; choose a new path or pass --force")
+    path = check_new_checkpoint(path, overwrite)
     for key_path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         leaf.key = jax.tree_util.keystr(key_path)
     array = ocp.type_handlers.get_type_handler(jax.Array)  # listed too: orbax then records array metadata
@@ -218,14 +224,15 @@ def save_lazy_params(path: str | Path, params: dict, metadata: dict[str, Any], s
     # close to one more copy of it; restore reads either (the codec is in each array's metadata).
     handlers = {"params": ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_compression=False),
                 "metadata": ocp.JsonCheckpointHandler()}
-    with ocp.CheckpointManager(path, item_handlers=handlers) as manager:
-        manager.save(step, args=ocp.args.Composite(
-            params=ocp.args.PyTreeSave(params), metadata=ocp.args.JsonSave({**metadata, "digests": PENDING})),
-            force=True)
-        manager.wait_until_finished()
-    # The digests are known once every leaf was made: written into the committed metadata last, so a
-    # checkpoint still marked PENDING never finished.
-    _rewrite_json(path / str(step) / "metadata" / "metadata", {**metadata, "digests": {"params": lazy.digests}})
+    with staged_folder(path) as stage:
+        with ocp.CheckpointManager(stage, item_handlers=handlers) as manager:
+            manager.save(step, args=ocp.args.Composite(
+                params=ocp.args.PyTreeSave(params), metadata=ocp.args.JsonSave({**metadata, "digests": PENDING})),
+                force=True)
+            manager.wait_until_finished()
+        # The digests are known once every leaf was made: written into the committed metadata last, so
+        # a checkpoint still marked PENDING never finished.
+        _rewrite_json(stage / str(step) / "metadata" / "metadata", {**metadata, "digests": {"params": lazy.digests}})
     return path
 
 
@@ -238,7 +245,8 @@ def _rewrite_json(path: Path, data: dict) -> None:
 
 def iter_params(path: str | Path, config: ModelConfig, step: int | None = None) -> Iterator[tuple[str, np.ndarray]]:
     """Yields `(dotted param path, host array)` for every param leaf of a checkpoint step, restoring
-    one leaf at a time (the others are orbax placeholders, never read)."""
+    one leaf at a time (the others are orbax placeholders, never read). Close it when done early
+    (`contextlib.closing`): it holds an orbax manager open between leaves."""
     flat, treedef = jax.tree_util.tree_flatten_with_path(params_target(config, None))
     digests = params_digests(read_metadata(path, step))
     manager, step = _manager_and_step(path, step)
