@@ -5,12 +5,15 @@ training checkpoint also loads as a model.
 A checkpoint is trusted only once it reads back whole and every array matches the content digest
 written with it (`model.digest`): resuming restores the newest step that does and moves damaged
 newer ones aside with a warning. A save that fails (disk full) stops the run with
-one message while the previous step, never touched by orbax's temporary-folder commit, stays readable.
+one message while the previous step, never touched by orbax's temporary-folder commit, stays readable;
+the failed step's temporary folders are removed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +26,11 @@ from jax.experimental import multihost_utils
 from lwm_jax.errors import UserError
 from lwm_jax.model.digest import check_digests, tree_digests
 from lwm_jax.model.store import reading_checkpoint
+from lwm_jax.outputs import os_reason
 from lwm_jax.progress import log
 
 DAMAGED_DIR = "damaged"  # beside the checkpoints folder: steps that did not read back, kept for a look
+ORBAX_TMP = ".orbax-checkpoint-tmp"  # in the name of a step orbax has not finished writing
 
 
 class TrainCheckpointer:
@@ -137,11 +142,23 @@ class TrainCheckpointer:
         self.manager.reload()
 
     def _save_failed(self, step: int, err: BaseException) -> UserError:
+        """The one-line error of a failed save, once orbax's writers stopped and the failed step's
+        temporary folders are gone (so the folder holds whole steps only)."""
+        with contextlib.suppress(Exception):  # its writers of other parts may still run: let them end
+            self.manager.wait_until_finished()
+        self._remove_unfinished()
         kept = [s for s in self.manager.all_steps() if s < step]
         previous = (f"the previous checkpoint (step {max(kept)}) is intact; free space and rerun the same "
                     "command to resume from it" if kept else "no earlier checkpoint of this stage exists")
-        return UserError(f"saving checkpoint step {step} in {self.directory} failed ({type(err).__name__}: "
-                         f"{str(err).strip().splitlines()[0] if str(err).strip() else 'no detail'}); {previous}")
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else "no detail"
+        reason = os_reason(err) or f"{type(err).__name__}: {detail}"
+        return UserError(f"saving checkpoint step {step} in {self.directory} failed: {reason}; {previous}")
+
+    def _remove_unfinished(self) -> None:
+        """Removes orbax's temporary folders of unfinished steps (`STEP.orbax-checkpoint-tmp*`; process 0)."""
+        if jax.process_index() == 0:
+            for entry in self.directory.glob(f"*{ORBAX_TMP}*"):
+                shutil.rmtree(entry, ignore_errors=True)
 
     def _finish(self) -> None:
         """Waits for the save in flight; its failure, raised by orbax here, is a `UserError`."""
