@@ -143,9 +143,10 @@ def _publish(stage: Path, final: Path, last: Sequence[str]) -> None:
     stage.rmdir()
 
 
-def _failed_write(err: BaseException, stage: Path, final: Path) -> UserError | None:
-    """The UserError of an error raised while writing into `stage` (the temporary name of `final`),
-    or None when it did not come from a write there (an input that could not be read, a bug)."""
+def write_failure(err: BaseException, stage: Path, final: Path) -> UserError | None:
+    """The UserError of an error raised while writing into `stage` (the temporary name of `final`,
+    or `final` itself), or None when it did not come from a write there (an input that could not be
+    read, a bug)."""
     reason = os_reason(err)
     if reason is None:
         return None
@@ -185,7 +186,7 @@ def staged_folder(final: str | Path, last: Sequence[str] = ()) -> Iterator[Path]
     except BaseException as err:
         shutil.rmtree(stage, ignore_errors=True)
         _remove_folders(made)
-        failed = _failed_write(err, stage, final) if isinstance(err, Exception) else None
+        failed = write_failure(err, stage, final) if isinstance(err, Exception) else None
         if failed is not None:
             raise failed from err
         raise
@@ -204,7 +205,7 @@ def staged_file(final: str | Path) -> Iterator[Path]:
     except BaseException as err:
         temporary.unlink(missing_ok=True)
         _remove_folders(made)
-        failed = _failed_write(err, temporary, final) if isinstance(err, Exception) else None
+        failed = write_failure(err, temporary, final) if isinstance(err, Exception) else None
         if failed is not None:
             raise failed from err
         raise
