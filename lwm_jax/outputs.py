@@ -7,6 +7,7 @@ the path and the reason, with nothing left behind.
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import os
 import re
@@ -25,15 +26,20 @@ _OS_CODE = re.compile(r"os_error_code='?(\d+)|\(os error (\d+)\)")
 
 def os_reason(err: BaseException | None) -> str | None:
     """The operating system's reason for `err` or for an error it was raised from ("File too
-    large"), or None when none of them came from the operating system."""
+    large"), or None when none of them came from the operating system. Libraries that wrap an
+    OSError say it by its code or only by its text (array_record: "write() failed: File too large")."""
     seen = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
         if isinstance(err, OSError) and err.strerror:
             return err.strerror
-        match = _OS_CODE.search(str(err))
+        text = str(err)
+        match = _OS_CODE.search(text)
         if match:
             return os.strerror(int(match.group(1) or match.group(2)))
+        named = [os.strerror(code) for code in sorted(errno.errorcode) if os.strerror(code) in text]
+        if named:
+            return max(named, key=len)
         err = err.__cause__ or err.__context__
     return None
 
