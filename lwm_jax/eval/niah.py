@@ -21,6 +21,7 @@ from lwm_jax.errors import UserError
 from lwm_jax.eval import plots
 from lwm_jax.eval.probes import ChatWrap, build_to_length, cell_seed, probe_from_sample
 from lwm_jax.eval.scoring import LogitsFn, by_length, intervals_by_length, run_grid
+from lwm_jax.outputs import staged_folder
 
 DEFAULT_DEPTHS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 DEMO_CHARS_PER_TOKEN = 8  # generous: the demo haystack is read until it holds enough tokens
@@ -146,20 +147,21 @@ def summarize(task: str, cells: list[dict], generated: bool, **extra) -> dict:
 
 
 def write_results(result: dict, out_dir: str | Path, stem: str, title: str, heatmap: bool) -> dict[str, str]:
-    """Writes OUT/{stem}.json (every cell and sample) and OUT/{stem}.png; returns the paths."""
+    """Writes OUT/{stem}.json (every cell and sample) and OUT/{stem}.png, all or none
+    (`staged_folder`); returns the paths."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": str(out / f"{stem}.json")}
-    Path(paths["json"]).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
-    if heatmap:
-        ykey = "task" if result["task"] == "ruler" else "depth"
-        paths["png"] = str(plots.niah_heatmap(result["cells"], out / f"{stem}.png", title, ykey=ykey))
-        if "generated_score" in result:
-            paths["png_generated"] = str(plots.niah_heatmap(result["cells"], out / f"{stem}_generated.png",
-                                                            title + " (generated)", key="generated_score", ykey=ykey))
-    else:
-        scores = result["by_length"]
-        paths["png"] = str(plots.line_plot({"teacher-forced": ([int(k) for k in scores], list(scores.values()))},
-                                           out / f"{stem}.png", title, "context length (tokens)", "exact match",
-                                           logx=True))
-    return paths
+    names = {"json": f"{stem}.json", "png": f"{stem}.png"}
+    with staged_folder(out) as stage:
+        (stage / names["json"]).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+        if heatmap:
+            ykey = "task" if result["task"] == "ruler" else "depth"
+            plots.niah_heatmap(result["cells"], stage / names["png"], title, ykey=ykey)
+            if "generated_score" in result:
+                names["png_generated"] = f"{stem}_generated.png"
+                plots.niah_heatmap(result["cells"], stage / names["png_generated"], title + " (generated)",
+                                   key="generated_score", ykey=ykey)
+        else:
+            scores = result["by_length"]
+            plots.line_plot({"teacher-forced": ([int(k) for k in scores], list(scores.values()))},
+                            stage / names["png"], title, "context length (tokens)", "exact match", logx=True)
+    return {key: str(out / name) for key, name in names.items()}
