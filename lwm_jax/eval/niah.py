@@ -27,10 +27,13 @@ DEFAULT_DEPTHS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 DEMO_CHARS_PER_TOKEN = 8  # generous: the demo haystack is read until it holds enough tokens
 
 
-def read_documents(path: Path) -> list[str]:
-    """A plain text file as one document, or the `text` fields of a .jsonl / .jsonl.zst / .jsonl.gz file."""
+def read_documents(path: Path, what: str = "haystack file") -> list[str]:
+    """A plain text file as one document, or the `text` fields of a .jsonl / .jsonl.zst / .jsonl.gz
+    file; `what` names the file in errors ("haystack file", "--data file")."""
+    if path.is_dir():
+        raise UserError(f"{what} {path} is a folder, not a file")
     if not path.is_file():
-        raise UserError(f"haystack file {path} does not exist")
+        raise UserError(f"{what} {path} does not exist")
     raw = path.read_bytes()
     name = path.name
     if name.endswith(".zst"):
@@ -41,7 +44,7 @@ def read_documents(path: Path) -> list[str]:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
-        raise UserError(f"haystack file {path} is not UTF-8 text") from None
+        raise UserError(f"{what} {path} is not UTF-8 text") from None
     if name.endswith(".jsonl"):
         docs = []
         for i, line in enumerate(text.splitlines()):

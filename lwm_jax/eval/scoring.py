@@ -238,7 +238,8 @@ def setup_probes(ckpt: str, tokenizer_dir: str, *, mesh=None, chat: bool = False
 
 
 def parse_lengths(text: str) -> list[int]:
-    """'1K,4096,1M' -> [1024, 4096, 1048576]; a UserError for anything else."""
+    """'1K,4096,1M' -> [1024, 4096, 1048576], each length once (a repeat, '1K,1024', would only run
+    the same cell again); a UserError for anything else."""
     out = []
     for part in text.split(","):
         part = part.strip()
@@ -247,15 +248,15 @@ def parse_lengths(text: str) -> list[int]:
         if not digits.isdigit() or int(digits) <= 0:
             raise UserError(f"length {part!r} in {text!r} must be a positive integer, optionally with K or M")
         out.append(int(digits) * scale)
-    return out
+    return list(dict.fromkeys(out))
 
 
 def parse_depths(text: str) -> list[float]:
-    """Depth percentages '0,50,100' -> fractions [0.0, 0.5, 1.0]."""
+    """Depth percentages '0,50,100' -> fractions [0.0, 0.5, 1.0], each depth once."""
     try:
         values = [float(p) for p in text.split(",")]
     except ValueError:
         raise UserError(f"--depths {text!r} must be comma-separated percentages, e.g. 0,25,50,75,100") from None
     if any(not 0 <= v <= 100 for v in values):
         raise UserError(f"--depths {text!r}: every depth must be a percentage in [0, 100]")
-    return [v / 100 for v in values]
+    return list(dict.fromkeys(v / 100 for v in values))

@@ -62,15 +62,30 @@ def check_new_checkpoint(path: str | Path, overwrite: bool) -> Path:
     return check_output_dir(path, "checkpoint folder")
 
 
+def _not_a_checkpoint(path: Path) -> UserError:
+    """The error for a folder that holds no checkpoint step, pointing from a train workdir (or one of
+    its stage folders) to its checkpoint folders."""
+    stages = sorted(p.parent.name for p in path.glob("stages/*/checkpoints"))
+    if stages or (path / "recipe.json").is_file():
+        where = f"{path}/stages/NAME/checkpoints" + (f" (NAME: {', '.join(stages)})" if stages else "")
+        return UserError(f"{path} is a train workdir, not a checkpoint: its checkpoints are in {where}")
+    if (path / "checkpoints").is_dir():
+        return UserError(f"{path} holds no checkpoint steps; its stage's checkpoints are in {path / 'checkpoints'}")
+    return UserError(f"{path} holds no orbax checkpoint steps (expected a folder made by import-hf, or "
+                     "WORKDIR/stages/NAME/checkpoints of a train run)")
+
+
 def _manager_and_step(path: str | Path, step: int | None):
     path = Path(path).absolute()
+    if not path.exists():
+        raise UserError(f"checkpoint {path} does not exist (expected a folder made by import-hf or train)")
     if not path.is_dir():
-        raise UserError(f"checkpoint {path} does not exist (expected a directory made by import-hf or train)")
+        raise UserError(f"checkpoint {path} is a file, not a checkpoint folder (made by import-hf or train)")
     manager = ocp.CheckpointManager(path)
     steps = manager.all_steps()
     if not steps:
         manager.close()
-        raise UserError(f"{path} holds no orbax checkpoint steps")
+        raise _not_a_checkpoint(path)
     if step is None:
         step = max(steps)
     elif step not in steps:
