@@ -172,12 +172,14 @@ class TrainCheckpointer:
         self._finish()
 
     def close(self) -> None:
-        """Waits for the save in flight and stops orbax's background threads (once)."""
+        """Waits for the save in flight and stops orbax's background threads (once); no temporary
+        folder of a failed save is left."""
         if self._closed:
             return
         self._finish()
         self._closed = True
         self.manager.close()
+        self._remove_unfinished()
 
     def abort(self) -> None:
         """Closes after another error (which stays the one reported): a failed save in flight is
@@ -188,3 +190,4 @@ class TrainCheckpointer:
             log(f"warning: {err}")
             self._closed = True
             self.manager.close()
+            self._remove_unfinished()  # the writers of a save that failed as it started ended only now
