@@ -31,6 +31,7 @@ from lwm_jax.model.llama import Llama
 from lwm_jax.model.opened import open_checkpoint
 from lwm_jax.model.store import (
     LazyLeaf,
+    check_new_checkpoint,
     model_metadata,
     params_target,
     read_hf_config,
@@ -164,6 +165,7 @@ def import_hf(hf_dir: str | Path, mesh=None, **runtime) -> Llama:
 def import_hf_checkpoint(hf_dir: str | Path, ckpt: str | Path, *, mesh=None, force: bool = False) -> dict:
     """`lwm-jax import-hf`: writes the Hugging Face model in `hf_dir` as an orbax checkpoint at
     `ckpt`, one param leaf in memory at a time; returns `{"checkpoint", "params", "rope_theta"}`."""
+    check_new_checkpoint(ckpt, force)
     cfg, build = _open_hf(hf_dir)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params_target(cfg, mesh))
     bar = Counter("import-hf", total=len(leaves))
