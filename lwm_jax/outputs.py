@@ -166,6 +166,13 @@ def write_failure(err: BaseException, stage: Path, final: Path) -> UserError | N
     return write_error(final, err)
 
 
+def _destination(final: str | Path) -> Path:
+    """The absolute destination; a symlink's target (renaming onto the link would replace the link,
+    and its target may be on another file system than the link's folder)."""
+    final = Path(final).expanduser().absolute()
+    return final.resolve() if final.is_symlink() else final
+
+
 def _prepare(final: Path) -> list[Path]:
     """Makes the folder of `final` (returns the folders made) and removes stale temporary names."""
     try:
@@ -182,7 +189,7 @@ def staged_folder(final: str | Path, last: Sequence[str] = ()) -> Iterator[Path]
     block ends, its entries move into `final` (made if missing; `_publish`); when it fails, the
     temporary folder is removed with everything in it (and any parent folder made for it), and a
     write the operating system refused is one UserError naming the file and the reason."""
-    final = Path(final).expanduser().absolute()
+    final = _destination(final)
     stage = temporary_name(final)
     made = _prepare(final)
     try:
@@ -202,7 +209,7 @@ def staged_folder(final: str | Path, last: Sequence[str] = ()) -> Iterator[Path]
 def staged_file(final: str | Path) -> Iterator[Path]:
     """Yields the temporary name to write the file `final` under; it is renamed to `final` when the
     block ends, and removed when it fails (an OS refusal becomes one UserError naming `final`)."""
-    final = Path(final).expanduser().absolute()
+    final = _destination(final)
     temporary = temporary_name(final)
     made = _prepare(final)
     try:

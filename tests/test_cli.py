@@ -1,6 +1,7 @@
 """The `lwm-jax` command: theta values, --help everywhere, --cpu-devices and sharded evaluation."""
 
 import json
+import logging
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -95,17 +96,24 @@ def test_library_log_lines_only_with_verbose(tmp_path, caplog, verbose):
     manager.save(0, args=ocp.args.Composite(params=ocp.args.StandardSave({"a": np.ones(4)})), force=True)
     caplog.clear()
 
-    def ctrl_c(self, timeout=None):
-        raise KeyboardInterrupt
+    join, is_alive = threading.Thread.join, threading.Thread.is_alive
+    in_main = lambda: threading.current_thread() is threading.main_thread()  # orbax's own threads run on
 
-    join = threading.Thread.join
+    def ctrl_c(self, timeout=None):  # Ctrl-C while the main thread waits for the save to finish
+        if in_main():
+            raise KeyboardInterrupt
+        return join(self, timeout)
+
     threading.Thread.join = ctrl_c
+    threading.Thread.is_alive = lambda self: True if in_main() else is_alive(self)  # still saving
     try:
         with pytest.raises(KeyboardInterrupt):
             manager.wait_until_finished()
     finally:
-        threading.Thread.join = join
+        threading.Thread.join, threading.Thread.is_alive = join, is_alive
         manager.close()
     logged = [r for r in caplog.records if r.name == "absl" and r.exc_info and "wait_until_finished" in r.getMessage()]
     assert bool(logged) == verbose  # under pytest the log goes to its capture; in a run, to stderr
+    nan_warning = logging.getLogger("tensorboardX.x2num")  # "NaN or Inf found in input tensor."
+    assert nan_warning.isEnabledFor(logging.WARNING) == verbose
     main(["theta", "--context", "1024"])  # quiet again for the tests after this one

@@ -314,3 +314,20 @@ def test_os_reason_is_read_from_the_errors_libraries_wrap_it_in():
     wrapped.__cause__ = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     assert os_reason(wrapped) == "No space left on device"
     assert os_reason(ValueError("bad value")) is None
+
+
+def test_a_symlinked_destination_stays_a_symlink(tmp_path):
+    """Written through the link into its target (a rename onto the link would replace the link)."""
+    from lwm_jax.outputs import staged_file, staged_folder
+
+    (tmp_path / "big-disk").mkdir()
+    (tmp_path / "out").symlink_to(tmp_path / "big-disk")
+    with staged_folder(tmp_path / "out") as stage:
+        (stage / "report.json").write_text("{}")
+    (tmp_path / "big-disk" / "model.gguf").write_text("old")
+    (tmp_path / "m.gguf").symlink_to(tmp_path / "big-disk" / "model.gguf")
+    with staged_file(tmp_path / "m.gguf") as temporary:
+        temporary.write_text("new")
+    assert (tmp_path / "out").is_symlink() and (tmp_path / "m.gguf").is_symlink()
+    assert sorted(p.name for p in (tmp_path / "big-disk").iterdir()) == ["model.gguf", "report.json"]
+    assert (tmp_path / "m.gguf").read_text() == "new"
