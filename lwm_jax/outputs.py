@@ -73,34 +73,44 @@ def _remove_folders(made: Sequence[Path]) -> None:
             folder.rmdir()
 
 
+def _why_unwritable(folder: Path) -> str | None:
+    """Why no file can be made in `folder` (made for the test if missing, then removed again), or None."""
+    blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        return f"{blocker} is a file, not a folder"
+    made: list[Path] = []
+    try:
+        made = _make_folders(folder)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".lwm-jax-probe-", suffix=PARTIAL)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        return err.strerror or str(err)
+    finally:
+        _remove_folders(made)
+    return None
+
+
 def check_output_dir(path: str | Path, what: str) -> Path:
     """The absolute path of the output folder `path`, once a file could be made in it; else a
     UserError naming `what` (e.g. "--out"), the path and the reason. Run before any work: a folder
     that had to be made for the check is removed again, so a command that fails later leaves none."""
     path = Path(path).expanduser().absolute()
-    made: list[Path] = []
-    try:
-        blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
-        if blocker is not None:
-            raise UserError(f"{what} {path} cannot be written: {blocker} is a file, not a folder")
-        made = _make_folders(path)
-        fd, probe = tempfile.mkstemp(dir=path, prefix=".lwm-jax-probe-", suffix=PARTIAL)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as err:
-        raise UserError(f"{what} {path} cannot be written: {err.strerror or err}") from None
-    finally:
-        _remove_folders(made)
+    reason = _why_unwritable(path)
+    if reason is not None:
+        raise UserError(f"{what} {path} cannot be written: {reason}")
     return path
 
 
 def check_output_file(path: str | Path, what: str) -> Path:
-    """The absolute path of the output file `path`, refused if it is a folder or its folder cannot
-    be written (`check_output_dir`)."""
+    """The absolute path of the output file `path`, refused if it is a folder or no file can be
+    made in its folder (`check_output_dir`)."""
     path = Path(path).expanduser().absolute()
     if path.is_dir():
         raise UserError(f"{what} {path} is a folder; give a file name such as {path / 'out'}")
-    check_output_dir(path.parent, what=f"{what} {path.name}: its folder")
+    reason = _why_unwritable(path.parent)
+    if reason is not None:
+        raise UserError(f"{what} {path} cannot be written: {reason}")
     return path
 
 
@@ -158,9 +168,10 @@ def write_failure(err: BaseException, stage: Path, final: Path) -> UserError | N
         return None
     filename = getattr(err, "filename", None)
     if isinstance(err, OSError) and filename is not None:
-        if not str(filename).startswith(str(stage)):
+        written = Path(os.fsdecode(filename)).absolute()
+        if not written.is_relative_to(stage):
             return None
-        return write_error(str(filename).replace(str(stage), str(final), 1), err)
+        return write_error(final / written.relative_to(stage), err)
     if not isinstance(err, OSError) and str(stage) not in str(err):
         return None
     return write_error(final, err)
