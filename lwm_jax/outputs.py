@@ -59,10 +59,15 @@ def _missing_parents(path: Path) -> list[Path]:
 
 
 def _make_folders(path: Path) -> list[Path]:
-    """Makes `path` and its missing parents; returns the folders made, innermost first."""
-    made = _missing_parents(path)
-    for folder in reversed(made):
-        folder.mkdir()
+    """Makes `path` and its missing parents; returns the folders this call made, innermost first
+    (not one another process made meanwhile)."""
+    made = []
+    for folder in reversed(_missing_parents(path)):
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            continue
+        made.insert(0, folder)
     return made
 
 

@@ -278,7 +278,7 @@ def test_unwritable_output_is_one_line_before_any_work(root, ckpt, hf_dir, llama
     recipe.write_text(yaml.safe_dump({
         "name": "tiny", "model": {"base": str(ROOT / "configs/models/tiny.yaml"), "vocab_size": VOCAB},
         "data": {"paths": [str(root / "prep-64")]},
-        "stages": [{"name": "base", "seq_len": 64, "steps": 1, "init_from": "scratch"}]}))
+        "stages": [{"name": "base", "seq_len": 64, "steps": 1, "batch_size": 8, "init_from": "scratch"}]}))
     blocker = root / "a-file"
     blocker.write_text("not a folder")
     out = str(blocker / "out") if where == "under-a-file" else "/proc/lwm-jax-test/out"

@@ -27,7 +27,7 @@ from lwm_jax.data.packing import split_inputs_targets
 from lwm_jax.data.pipeline import build_iterator, make_global_batch
 from lwm_jax.errors import UserError
 from lwm_jax.model.store import merge_params, model_metadata, params_target, restore_params
-from lwm_jax.outputs import check_output_dir, write_failure
+from lwm_jax.outputs import write_failure
 from lwm_jax.parallel.distributed import data_share
 from lwm_jax.parallel.mesh import make_mesh
 from lwm_jax.progress import log
@@ -280,12 +280,11 @@ def train(recipe: RecipeConfig, workdir: str | Path, only_stage: str | None = No
           profile: tuple[int, int] | None = None, services: TrainServices = TrainServices()) -> list[dict[str, Any]]:
     """Runs the recipe's stages (or one) in `workdir`; returns one summary per stage run or skipped.
 
-    Every check that can fail on the recipe, devices, data and the workdir's writability runs before
-    the workdir is locked and claimed; a run that then fails before saving anything leaves a new
-    workdir as it found it.
+    Every check that can fail on the recipe, devices and data runs before the workdir is checked
+    writable, locked and claimed (`claim_workdir`), all before anything compiles; a run that then
+    fails before saving anything leaves a new workdir as it found it.
     """
     workdir = Path(workdir)
-    check_output_dir(workdir, "workdir")
     swept = swept_thetas(workdir, recipe)
     schedule = schedule_recipe(recipe, jax.device_count(), swept=swept)
     if only_stage is not None:
