@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from lwm_jax.progress import log
 
 DAMAGED_DIR = "damaged"  # beside the checkpoints folder: steps that did not read back, kept for a look
 ORBAX_TMP = ".orbax-checkpoint-tmp"  # in the name of a step orbax has not finished writing
+SETTLE_S, UNFINISHED_WAIT_S = 0.5, 10.0  # a failed step's temporary folders: gone this long, at most this wait
 
 
 class TrainCheckpointer:
@@ -41,8 +43,9 @@ class TrainCheckpointer:
     """
 
     def __init__(self, directory: str | Path, keep: int, save_interval: int = 0):
+        # cleanup_tmp_directories: what a killed (or too slowly failing) save left is removed on the next start.
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True,
-                                               create=True)
+                                               create=True, cleanup_tmp_directories=True)
         self.directory = Path(directory).absolute()
         self.manager = ocp.CheckpointManager(self.directory, options=options)
         self.save_interval = save_interval
@@ -155,10 +158,24 @@ class TrainCheckpointer:
         return UserError(f"saving checkpoint step {step} in {self.directory} failed: {reason}; {previous}")
 
     def _remove_unfinished(self) -> None:
-        """Removes orbax's temporary folders of unfinished steps (`STEP.orbax-checkpoint-tmp*`; process 0)."""
-        if jax.process_index() == 0:
-            for entry in self.directory.glob(f"*{ORBAX_TMP}*"):
+        """Removes orbax's temporary folders of unfinished steps (`STEP.orbax-checkpoint-tmp*`; process
+        0). The array writes of a save that failed as it started can still be landing from tensorstore's
+        threads, making them again: they are removed until they stay gone for `SETTLE_S` (at most
+        `UNFINISHED_WAIT_S`; what lands later, the next run's manager removes)."""
+        if jax.process_index() != 0:
+            return
+        deadline = time.monotonic() + UNFINISHED_WAIT_S
+        removed = False
+        while True:
+            found = list(self.directory.glob(f"*{ORBAX_TMP}*"))
+            for entry in found:
                 shutil.rmtree(entry, ignore_errors=True)
+            removed = removed or bool(found)
+            if not removed or time.monotonic() > deadline:
+                return
+            time.sleep(SETTLE_S if not found else 0.05)
+            if not found and not any(self.directory.glob(f"*{ORBAX_TMP}*")):
+                return
 
     def _finish(self) -> None:
         """Waits for the save in flight; its failure, raised by orbax here, is a `UserError`."""
