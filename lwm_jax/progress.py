@@ -7,13 +7,15 @@ run reports.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Iterable, Iterator
 
 from tqdm.auto import tqdm
 
-LOG_EVERY_S = 30.0  # the longest silence between progress lines in a log file
+# The longest silence between progress lines in a log file (LWM_JAX_LOG_EVERY_S changes it).
+LOG_EVERY_S = float(os.environ.get("LWM_JAX_LOG_EVERY_S", "30"))
 
 
 def _main_process() -> bool:

@@ -23,6 +23,9 @@ if _OWNER:
     os.environ["LWM_JAX_TEST_XLA_CACHE"] = tempfile.mkdtemp(prefix="lwm-jax-test-xla-cache-")
 os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ["LWM_JAX_TEST_XLA_CACHE"]
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.2"
+# Progress lines in a log file come every 30 s of long work; on busy test machines a short command
+# can take that long and print one before its error line. Tests that read progress lines force them.
+os.environ.setdefault("LWM_JAX_LOG_EVERY_S", "3600")
 
 from pathlib import Path  # noqa: E402
 

@@ -1,6 +1,7 @@
 """The `lwm-jax` command: theta values, --help everywhere, --cpu-devices and sharded evaluation."""
 
 import json
+import logging
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -79,3 +80,40 @@ def test_only_the_echoes_of_a_failed_checkpoint_read_are_dropped(monkeypatch):
             sys.excepthook(type(err), err, err.__traceback__)
     sys.excepthook(RuntimeError, RuntimeError("Event loop is closed"), None)
     assert seen == ["ours", "ours"]
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_library_log_lines_only_with_verbose(tmp_path, caplog, verbose):
+    """A second Ctrl-C while a checkpoint save is awaited interrupts orbax's wait, which logs the
+    KeyboardInterrupt's traceback through absl before re-raising it: hidden unless --verbose."""
+    import threading
+
+    import orbax.checkpoint as ocp
+
+    assert main([*(["--verbose"] if verbose else []), "theta", "--context", "1024"]) == 0
+    manager = ocp.CheckpointManager(tmp_path / "ckpt", options=ocp.CheckpointManagerOptions(
+        enable_async_checkpointing=True))
+    manager.save(0, args=ocp.args.Composite(params=ocp.args.StandardSave({"a": np.ones(4)})), force=True)
+    caplog.clear()
+
+    join, is_alive = threading.Thread.join, threading.Thread.is_alive
+    in_main = lambda: threading.current_thread() is threading.main_thread()  # orbax's own threads run on
+
+    def ctrl_c(self, timeout=None):  # Ctrl-C while the main thread waits for the save to finish
+        if in_main():
+            raise KeyboardInterrupt
+        return join(self, timeout)
+
+    threading.Thread.join = ctrl_c
+    threading.Thread.is_alive = lambda self: True if in_main() else is_alive(self)  # still saving
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            manager.wait_until_finished()
+    finally:
+        threading.Thread.join, threading.Thread.is_alive = join, is_alive
+        manager.close()
+    logged = [r for r in caplog.records if r.name == "absl" and r.exc_info and "wait_until_finished" in r.getMessage()]
+    assert bool(logged) == verbose  # under pytest the log goes to its capture; in a run, to stderr
+    nan_warning = logging.getLogger("tensorboardX.x2num")  # "NaN or Inf found in input tensor."
+    assert nan_warning.isEnabledFor(logging.WARNING) == verbose
+    main(["theta", "--context", "1024"])  # quiet again for the tests after this one

@@ -100,3 +100,33 @@ def test_recipe_overrides_reach_a_model_given_by_path():
     assert recipe.stage("65K").steps == 3 and recipe.mesh.dp == 2
     with pytest.raises(UserError, match="expected stages.<name>.<key>"):
         load_recipe(ROOT / "configs/recipes/gradient_1048k.yaml", ["stages.nope.steps=3"])
+
+
+@pytest.mark.parametrize("name", ["a/..", "..", "../../tmp/x", "/abs", "-flag", "two words", ""])
+def test_recipe_name_must_be_one_folder_name(tmp_path, name):
+    """The name is the default run folder runs/NAME: a path in it would put the run elsewhere."""
+    import yaml
+
+    from lwm_jax.config import load_recipe
+
+    raw = yaml.safe_load((ROOT / "configs/recipes/demo_cpu.yaml").read_text())
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({**raw, "name": name}))
+    with pytest.raises(UserError, match="must be a plain folder name"):
+        load_recipe(path)
+    path.write_text(yaml.safe_dump({**raw, "name": "demo_cpu-2.x"}))
+    assert load_recipe(path).name == "demo_cpu-2.x"
+
+
+@pytest.mark.parametrize("typo,meant", [("stagess", "stages"), ("modle", "model"), ("loss_chunck", "loss_chunk")])
+def test_misspelt_top_level_recipe_key_is_named(tmp_path, typo, meant):
+    import yaml
+
+    from lwm_jax.config import load_recipe
+
+    raw = yaml.safe_load((ROOT / "configs/recipes/demo_cpu.yaml").read_text())
+    raw[typo] = raw.pop(meant)
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(UserError, match=f"unknown recipe key '{typo}'; did you mean '{meant}'"):
+        load_recipe(path)

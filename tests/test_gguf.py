@@ -251,3 +251,57 @@ def test_failed_export_leaves_existing_file_and_no_partial_file(exported, tmp_pa
     with pytest.raises(RuntimeError, match="disk full"):
         gguf_export.export_gguf(model, out, llama3_tokenizer_dir(), type="f16", force=True)
     assert out.read_bytes() == b"keep" and sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
+
+
+# q8_0 of matrices whose rows are not whole 32-value blocks ----------------------------------------------
+
+
+def _llama3_vocab_model(tmp_path, hidden_size: int, intermediate_size: int, head_dim: int):
+    from lwm_jax.model.store import model_metadata, save_model
+
+    config = ModelConfig(vocab_size=LLAMA3_VOCAB, hidden_size=hidden_size, intermediate_size=intermediate_size,
+                         num_layers=2, num_heads=hidden_size // head_dim, num_kv_heads=1, head_dim=head_dim,
+                         bos_token_id=128_000, eos_token_id=(128_001,))
+    model = Llama(config, nnx.Rngs(0))
+    return save_model(tmp_path / "ckpt", model, model_metadata(config)), model
+
+
+def test_q8_0_keeps_f16_only_where_rows_are_not_whole_blocks_and_says_so(tmp_path, capsys):
+    """intermediate_size 80: ffn_down's rows hold 80 values, not whole 32-value Q8_0 blocks. Those
+    matrices stay F16 (as llama.cpp's quantizer leaves them), every other matrix is Q8_0, the file
+    type says mostly Q8_0 (true), the summary names the F16 ones, and llama.cpp runs the file."""
+    import gguf
+
+    ckpt, model = _llama3_vocab_model(tmp_path, hidden_size=32, intermediate_size=80, head_dim=16)
+    out = tmp_path / "m.gguf"
+    capsys.readouterr()
+    assert _export(ckpt, out, "--type", "q8_0") == 0
+    printed = capsys.readouterr().out
+    assert "stayed F16 (rows of 80 values are not whole 32-value Q8_0 blocks): blk.*.ffn_down.weight" in printed
+    plan = gguf_export._plan(model.config, "q8_0")  # what the summary's (and --json's) f16_fallbacks hold
+    assert gguf_export.q8_0_fallbacks(plan, "q8_0") == {"blk.*.ffn_down.weight": 80}
+
+    tensors = {t.name: t for t in gguf.GGUFReader(out).tensors}
+    matrices = {name: t.tensor_type.name for name, t in tensors.items() if len(t.shape) > 1}
+    assert {n for n, kind in matrices.items() if kind != "Q8_0"} == {"blk.0.ffn_down.weight", "blk.1.ffn_down.weight"}
+    assert matrices["blk.0.ffn_down.weight"] == "F16"
+    hf = dict(gguf_export.hf_tensors(model))
+    np.testing.assert_array_equal(np.asarray(tensors["blk.1.ffn_down.weight"].data),
+                                  hf["model.layers.1.mlp.down_proj.weight"].astype(np.float16))
+    llm = _llama_cpp(out, vocab_only=True)
+    assert int(llm.metadata["general.file_type"]) == gguf_export.FILE_TYPES["q8_0"]
+
+    tokens = _tokenizer().encode(PROMPT).ids
+    theirs, ours = _llama_cpp_logits(out, tokens), _ours(ckpt, tokens)
+    assert np.corrcoef(theirs.ravel(), ours.ravel())[0, 1] > 0.999
+
+
+def test_q8_0_of_a_model_with_no_quantizable_matrix_is_refused(tmp_path):
+    """hidden_size 48 and intermediate_size 80: no matrix has rows of whole 32-value blocks, so a
+    q8_0 file would hold no Q8_0 tensor; refused before any weight is read, naming the row lengths."""
+    config = ModelConfig(vocab_size=LLAMA3_VOCAB, hidden_size=48, intermediate_size=80, num_layers=1, num_heads=2,
+                         num_kv_heads=1, head_dim=24, bos_token_id=128_000, eos_token_id=(128_001,))
+    model = nnx.eval_shape(lambda: Llama(config, nnx.Rngs(0)))  # abstract: nothing to read
+    with pytest.raises(UserError, match=r"no matrix of this model can be Q8_0 \(their rows hold 48, 80 values"):
+        gguf_export.export_gguf(model, tmp_path / "m.gguf", llama3_tokenizer_dir(), type="q8_0")
+    assert list(tmp_path.iterdir()) == []

@@ -19,7 +19,7 @@ MAX_LINES = 400
 # `lwm_jax/__init__.py`. A module may import from its own unit and from any lower level; units on the
 # same level are peers and may import one another only where PEER_IMPORTS allows it.
 LEVELS: list[tuple[str, ...]] = [
-    ("lwm_jax", "lwm_jax.errors", "lwm_jax.progress"),
+    ("lwm_jax", "lwm_jax.errors", "lwm_jax.outputs", "lwm_jax.progress"),
     ("lwm_jax.config", "lwm_jax.hardware"),
     ("lwm_jax.data", "lwm_jax.attention", "lwm_jax.parallel"),
     ("lwm_jax.model",),
@@ -30,6 +30,7 @@ LEVELS: list[tuple[str, ...]] = [
 
 # importer unit -> the peer units (same level) it may import; a peer not listed here imports none.
 PEER_IMPORTS: dict[str, set[str]] = {
+    "lwm_jax.outputs": {"lwm_jax.errors"},
     "lwm_jax.attention": {"lwm_jax.parallel"},
     "lwm_jax.data": set(),
     "lwm_jax.parallel": set(),

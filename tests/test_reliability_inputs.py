@@ -265,3 +265,83 @@ def test_readme_eval_examples_parse_and_run_on_a_ring_checkpoint_without_mesh(da
     assert main([*ppl, "--mesh", "dp=2,sp=4"]) == 0  # the checkpoint's own ring, over sp=4
     ring = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert abs(blockwise["mean_nll"] - ring["mean_nll"]) <= NLL_ATOL
+
+
+# --- write-failure issue, cases 5 and 7: inputs that used to end in tracebacks or mislead ---------------
+
+
+def test_manifest_seq_len_that_disagrees_with_its_records_is_named(data, ckpt, tmp_path, capsys):
+    """A manifest saying seq_len 2*SEQ beside records of SEQ+1 tokens passed every count and failed in
+    the runner's batch assembly; the first record's length is now checked when the manifest is read."""
+    from lwm_jax.cli import main
+    from lwm_jax.data.manifest import load_manifest
+    from lwm_jax.errors import UserError
+
+    edited = tmp_path / "prep"
+    shutil.copytree(data / f"prep-{SEQ}", edited)
+    manifest = json.loads((edited / "manifest.json").read_text())
+    (edited / "manifest.json").write_text(json.dumps({**manifest, "seq_len": 2 * SEQ}))
+    with pytest.raises(UserError, match=f"its records hold {SEQ + 1} tokens but manifest.json says seq_len {2 * SEQ}"):
+        load_manifest(edited)
+    recipe = _recipe(tmp_path / "r.yaml", edited)
+    text = yaml.safe_load(recipe.read_text())
+    text["stages"][0]["seq_len"] = 2 * SEQ
+    recipe.write_text(yaml.safe_dump(text))
+    assert main(["train", str(recipe), "--workdir", str(tmp_path / "w")]) == 2  # before anything compiles
+    assert f"its records hold {SEQ + 1} tokens" in _one_error_line(capsys)
+    assert not (tmp_path / "w").exists()
+
+
+def test_theta_sweep_context_below_two_is_one_line(data, ckpt, capsys):
+    from lwm_jax.cli import main
+
+    for context in ("0", "1", "-5"):
+        assert main(["theta-sweep", str(ckpt), "--data", str(data / f"prep-{SEQ}"), "--context", context]) == 2
+        assert f"--context={context} must be >= 2" in _one_error_line(capsys)
+
+
+def test_prepare_of_only_bad_inputs_is_an_error_and_writes_nothing(data, tmp_path, capsys):
+    from lwm_jax.cli import main
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jsonl").write_text('not json\n{"no_text": 1}\n')
+    (tmp_path / "in" / "b.jsonl").write_text("")
+    argv = ["data", "prepare", str(tmp_path / "in"), "--tokenizer", str(data / "sample" / "tokenizer"),
+            "--out", str(tmp_path / "out"), "--seq-len", str(SEQ)]
+    assert main(argv) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]  # after its progress line
+    assert line.startswith("lwm-jax: error: none of the 2 input file(s) held a usable record") and \
+        "malformed_json 1" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+
+
+def test_repeated_lengths_and_depths_run_once():
+    from lwm_jax.eval.scoring import parse_depths, parse_lengths
+
+    assert parse_lengths(",".join(["1K"] * 10_000)) == [1024]
+    assert parse_lengths("4K,1K,1024,4096") == [4096, 1024]
+    assert parse_depths("50,0,50,100,0") == [0.5, 0.0, 1.0]
+
+
+def test_messages_name_what_the_path_is(data, ckpt, tmp_path, capsys):
+    """A folder is not said to be missing, eval ppl's --data files are not haystack files, and a
+    train workdir (or a stage folder) given as a checkpoint points to its checkpoint folders."""
+    from lwm_jax.cli import main
+
+    tokenizer = str(data / "sample" / "tokenizer")
+    assert main(["eval", "niah", str(ckpt), "--tokenizer", tokenizer, "--lengths", "128", "--haystack",
+                 str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert _one_error_line(capsys).endswith(f"haystack file {tmp_path} is a folder, not a file")
+    assert main(["eval", "ppl", str(ckpt), "--data", str(tmp_path / "missing.txt"), "--tokenizer", tokenizer]) == 2
+    assert _one_error_line(capsys).endswith(f"--data file {tmp_path / 'missing.txt'} does not exist")
+
+    workdir = tmp_path / "w"
+    (workdir / "stages" / "base" / "checkpoints").mkdir(parents=True)
+    (workdir / "recipe.json").write_text("{}")
+    tokens = tmp_path / "t.npy"
+    np.save(tokens, np.zeros((1, 8), np.int32))
+    for given, hint in [(workdir, f"its checkpoints are in {workdir}/stages/NAME/checkpoints (NAME: base)"),
+                        (workdir / "stages" / "base", f"checkpoints are in {workdir}/stages/base/checkpoints"),
+                        (tokens, "is a file, not a checkpoint folder")]:
+        assert main(["eval", "ppl", str(given), "--tokens", str(tokens)]) == 2
+        assert hint in _one_error_line(capsys)

@@ -289,6 +289,8 @@ def test_failed_save_keeps_the_previous_checkpoint_and_says_so(tmp_path, referen
     assert err.startswith("lwm-jax: error: ") and (when != "at-once" or "Traceback" not in out)
     assert "saving checkpoint step 3" in err and "No space left on device" in err
     assert "the previous checkpoint (step 2) is intact" in err
+    left = sorted(p.name for p in (work / "stages/base/checkpoints").iterdir())
+    assert left == ["1", "2"]  # whole steps only: no 3.orbax-checkpoint-tmp
     monkeypatch.undo()
 
     assert read_metadata(work / "stages/base/checkpoints")["step"] == 2  # readable, and the newest

@@ -6,8 +6,11 @@ of parsing and printing over one library function per command.
 from __future__ import annotations
 
 import argparse
+import gc
+import logging
 import os
 import sys
+import warnings
 
 import jax
 
@@ -26,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Extend Llama-3 context to a million tokens: progressive RoPE-theta training "
                     "with ring attention on JAX.")
     parser.add_argument("--version", action="version", version=f"lwm-jax {__version__} (jax {jax.__version__})")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show the libraries' own log lines (absl/orbax, asyncio, tensorboardX), hidden by default")
     parser.add_argument("--cpu-devices", type=int, metavar="N",
                         help="simulate N CPU devices (for meshes on a laptop); set before JAX starts")
     group = parser.add_argument_group("multi-host (one process per host; TPU VMs and SLURM are detected)")
@@ -77,12 +82,27 @@ def quiet_read_echoes() -> None:
     sys.excepthook, sys.unraisablehook = on_exception, on_unraisable
 
 
+NOISY_LOGGERS = ("absl", "asyncio", "tensorboardX")  # orbax logs through absl
+
+
+def quiet_libraries(verbose: bool) -> None:
+    """Keeps the libraries' log lines off stderr unless `verbose`: absl's (orbax's warnings, and the
+    tracebacks its background threads log when a checkpoint write fails, which the command reports
+    as one line), asyncio's "exception was never retrieved" echoes of the same failures, and
+    tensorboardX's NaN warnings. Critical messages still print."""
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.NOTSET if verbose else logging.CRITICAL)
+    if not verbose:
+        warnings.filterwarnings("ignore", module=r"tensorboardX(\.|$)")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parses `argv`, applies the global options and runs the command; `UserError` -> one
     `lwm-jax: error: ...` line on stderr and exit code 2."""
     quiet_read_echoes()
     parser = build_parser()
     args = parser.parse_args(argv)
+    quiet_libraries(args.verbose)
     try:
         if args.cpu_devices is not None:
             if args.cpu_devices < 1:
@@ -93,3 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"lwm-jax: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        # What a failed command left in reference cycles (a half-read checkpoint's orbax manager) is
+        # finalized now, while JAX runs: at interpreter exit its close would start JAX's backends
+        # again after their atexit shutdown, and a thread started then never runs (a hang).
+        gc.collect()

@@ -30,13 +30,20 @@ def cmd_export_hf(args) -> int:
 
 def cmd_export_gguf(args) -> int:
     """Writes one GGUF file for llama.cpp (llama architecture): the weights (f32, f16 or q8_0; norms
-    stay f32), context length = the checkpoint's max_position_embeddings, rope freq base = its
+    stay f32; with q8_0 a matrix whose rows are not whole 32-value blocks stays f16, as llama.cpp's
+    quantizer leaves it, and is named), context length = the checkpoint's max_position_embeddings, rope freq base = its
     theta, and the Llama-3 tokenizer from DIR (BPE tokens, merges, special ids, chat template). The
     file is written under a temporary name and renamed when complete."""
     r = export_checkpoint(args.ckpt, args.out, args.tokenizer, type=args.type, force=args.force)
     size = r["file_bytes"] / 2**20
-    print_result(args, r, [f"wrote {r['type']} GGUF ({r['tensors']} tensors, {size:,.1f} MiB) to {r['path']}: "
-                           f"context {r['context_length']:,}, rope base {r['rope_theta']:,.0f}"])
+    lines = [f"wrote {r['type']} GGUF ({r['tensors']} tensors, {size:,.1f} MiB) to {r['path']}: "
+             f"context {r['context_length']:,}, rope base {r['rope_theta']:,.0f}"]
+    by_row: dict[int, list[str]] = {}
+    for name, row in r["f16_fallbacks"].items():
+        by_row.setdefault(row, []).append(name)
+    lines += [f"stayed F16 (rows of {row} values are not whole 32-value Q8_0 blocks): {', '.join(names)}"
+              for row, names in sorted(by_row.items())]
+    print_result(args, r, lines)
     return 0
 
 

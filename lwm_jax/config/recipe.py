@@ -5,7 +5,9 @@ recipe that orders them, loaded from YAML with dotted `key=value` overrides.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,7 @@ from lwm_jax.config.schema import apply_overrides, check, from_dict, load_yaml
 from lwm_jax.errors import UserError
 
 THETA_RULES = ("scaling-law", "ntk", "sweep")
+RECIPE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")  # one folder name: no path separators, no '..'
 MOMENT_DTYPES = ("float32", "bfloat16")
 SCHEDULES = ("constant", "cosine", "linear")
 
@@ -158,6 +161,9 @@ class RecipeConfig:
     log_every: int = 1
 
     def __post_init__(self):
+        check(bool(RECIPE_NAME.fullmatch(self.name)) and self.name not in (".", ".."),
+              f"recipe name {self.name!r} must be a plain folder name (letters, digits, '.', '-' and '_', "
+              "not starting with '.' or '-'): it names the run folder runs/NAME")
         check(len(self.stages) > 0, "recipe has no stages")
         names = [s.name for s in self.stages]
         dupes = sorted({n for n in names if names.count(n) > 1})
@@ -187,10 +193,25 @@ def _stages_by_name(raw: dict[str, Any]) -> dict[str, Any]:
     return {**raw, "stages": dict(zip(names, stages))}
 
 
+def _check_top_level_keys(raw: dict[str, Any], path: Path) -> None:
+    """Names a misspelt top-level key before the recipe's parts are read (a missing `stages` or
+    `model` would otherwise be reported as that part's absence, without the key that was meant)."""
+    valid = [f.name for f in dataclasses.fields(RecipeConfig)]
+    for key in raw:
+        if key not in valid:
+            close = difflib.get_close_matches(str(key), valid, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise UserError(f"{path}: unknown recipe key {key!r}{hint} (valid: {', '.join(sorted(valid))})")
+    missing = [k for k in ("name", "model", "stages") if k not in raw]
+    check(not missing, f"{path}: the recipe has no {', '.join(repr(k) for k in missing)}")
+
+
 def recipe_dict(path: str | Path, overrides: list[str] = ()) -> dict[str, Any]:
     """The recipe YAML as a plain dict with overrides applied and the model file inlined."""
     path = Path(path)
-    raw = _stages_by_name(load_yaml(path))
+    raw = load_yaml(path)
+    _check_top_level_keys(raw, path)
+    raw = _stages_by_name(raw)
     stage_names = set(raw["stages"])
     for item in overrides:
         parts = item.partition("=")[0].split(".")

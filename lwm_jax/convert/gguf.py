@@ -8,9 +8,10 @@ that is renamed at the end, so a failed export leaves nothing behind.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
-import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from lwm_jax.errors import UserError
 from lwm_jax.model.llama import Llama
 from lwm_jax.model.opened import open_checkpoint
 from lwm_jax.model.rope import attention_factor, inv_frequencies
+from lwm_jax.outputs import check_output_file, staged_file
 from lwm_jax.progress import progress
 
 QT = gguf.GGMLQuantizationType
@@ -31,6 +33,7 @@ GGUF_TYPES = ("f32", "f16", "q8_0")
 FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
               "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
 MATRIX_TYPES = {"f32": QT.F32, "f16": QT.F16, "q8_0": QT.Q8_0}
+Q8_0_BLOCK = gguf.GGML_QUANT_SIZES[QT.Q8_0][0]  # values per Q8_0 block (32): a row must hold whole blocks
 # llama.cpp's name for the Llama-3 pre-tokenizer (the regex below); it also sets ignore_merges.
 LLAMA3_PRE = "llama-bpe"
 LLAMA3_SPLIT_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -71,13 +74,14 @@ def check_type(type: str) -> None:
 
 
 def check_output(out_path: str | Path, force: bool) -> Path:
-    """The absolute output path, refused if it is a folder, or exists and `force` is off."""
+    """The absolute output path, refused if it is a folder, exists and `force` is off, or its
+    folder cannot be written."""
     out = Path(out_path).absolute()
     if out.is_dir():
         raise UserError(f"{out} is a folder; give a file name such as {out / 'model.gguf'}")
     if out.exists() and not force:
         raise UserError(f"{out} already exists; choose a new file or pass --force to overwrite it")
-    return out
+    return check_output_file(out, "output file")
 
 
 def _special(config: dict, key: str, vocab: dict[str, int], where: Path) -> int | None:
@@ -198,7 +202,11 @@ def add_rope_scaling(writer: gguf.GGUFWriter, cfg: ModelConfig) -> None:
 
 
 def _plan(cfg: ModelConfig, type: str) -> list[_Planned]:
-    """Every tensor of the file in write order: generated ones first, then `hf_tensors`' order."""
+    """Every tensor of the file in write order: generated ones first, then `hf_tensors`' order.
+
+    With q8_0, a matrix whose rows are not whole 32-value blocks stays F16, as llama.cpp's
+    quantizer does ("falling back to F16 due to unusual shape"); `q8_0_fallbacks` names them.
+    """
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_layers)
     shapes = hf_shapes(cfg)
     order = {"model.embed_tokens.weight": 0, "model.norm.weight": 2, "lm_head.weight": 3}
@@ -206,10 +214,27 @@ def _plan(cfg: ModelConfig, type: str) -> list[_Planned]:
     for hf_name in sorted(shapes, key=lambda n: order.get(n, 1)):  # stable: layers keep their order
         shape = shapes[hf_name]
         qtype = QT.F32 if len(shape) == 1 else MATRIX_TYPES[type]
-        if qtype == QT.Q8_0 and shape[-1] % gguf.GGML_QUANT_SIZES[QT.Q8_0][0]:
-            qtype = QT.F16  # rows not made of whole 32-value blocks: llama.cpp's converter falls back too
+        if qtype == QT.Q8_0 and shape[-1] % Q8_0_BLOCK:
+            qtype = QT.F16
         plan.append(_Planned(names.get_name(hf_name, try_suffixes=(".weight",)), shape, qtype))
     return plan
+
+
+def q8_0_fallbacks(plan: list[_Planned], type: str) -> dict[str, int]:
+    """The matrices of a q8_0 plan that stay F16: llama.cpp name pattern (layers as `blk.*`) -> row length."""
+    if type != "q8_0":
+        return {}
+    return {re.sub(r"^blk\.\d+\.", "blk.*.", t.name): t.shape[-1] for t in plan
+            if len(t.shape) > 1 and t.qtype == QT.F16}
+
+
+def check_quantizable(cfg: ModelConfig, type: str) -> None:
+    """Refuses q8_0 for a model none of whose matrices has rows of whole 32-value blocks: the file
+    would hold no Q8_0 tensor while its `general.file_type` says Q8_0."""
+    if type == "q8_0" and not any(t.qtype == QT.Q8_0 for t in _plan(cfg, type)):
+        rows = sorted({t.shape[-1] for t in _plan(cfg, type) if len(t.shape) > 1})
+        raise UserError(f"--type q8_0: no matrix of this model can be Q8_0 (their rows hold "
+                        f"{', '.join(map(str, rows))} values, not whole {Q8_0_BLOCK}-value blocks); use --type f16")
 
 
 def _llama_cpp_tensors(model: Llama, theta: float) -> Iterator[tuple[str, np.ndarray]]:
@@ -281,32 +306,34 @@ def _write(model: Llama, out: Path, vocab: Vocab, *, type: str, context_length: 
                                    nbytes, raw_dtype=t.qtype)
         total += nbytes
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(f".{out.name}.{os.getpid()}.partial")
-    try:
-        writer.write_header_to_file(path=partial)
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        source, pending = _llama_cpp_tensors(model, rope_theta), {}
-        for t in progress(plan, desc=f"export-gguf {type}"):
-            while t.name not in pending:  # tensors arrive in plan order, so this holds at most one
-                tensor_name, value = next(source, (None, None))
-                if tensor_name is None:
-                    raise AssertionError(f"the model yielded no tensor {t.name}")
-                pending[tensor_name] = value
-            value = pending.pop(t.name)
-            if value.shape != t.shape:
-                raise AssertionError(f"{t.name}: shape {value.shape} but planned {t.shape}")
-            writer.write_tensor_data(gguf.quants.quantize(value, t.qtype))
-        writer.close()
-        os.replace(partial, out)
-    except BaseException:
-        writer.close()
-        partial.unlink(missing_ok=True)
-        raise
+    with staged_file(out) as partial:
+        try:
+            _write_tensors(writer, partial, plan, _llama_cpp_tensors(model, rope_theta), type)
+        finally:
+            with contextlib.suppress(OSError):  # after a failed write its flush fails again
+                writer.close()
     return {"path": str(out), "type": type, "tensors": len(plan), "tensor_bytes": total,
             "file_bytes": out.stat().st_size, "context_length": context_length, "rope_theta": rope_theta,
-            "vocab_size": cfg.vocab_size}
+            "vocab_size": cfg.vocab_size, "f16_fallbacks": q8_0_fallbacks(plan, type)}
+
+
+def _write_tensors(writer: gguf.GGUFWriter, path: Path, plan: list[_Planned], source, type: str) -> None:
+    """Writes the header, metadata and every planned tensor (taken from `source` in plan order) to `path`."""
+    writer.write_header_to_file(path=path)
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    pending = {}
+    for t in progress(plan, desc=f"export-gguf {type}"):
+        while t.name not in pending:  # tensors arrive in plan order, so this holds at most one
+            tensor_name, value = next(source, (None, None))
+            if tensor_name is None:
+                raise AssertionError(f"the model yielded no tensor {t.name}")
+            pending[tensor_name] = value
+        value = pending.pop(t.name)
+        if value.shape != t.shape:
+            raise AssertionError(f"{t.name}: shape {value.shape} but planned {t.shape}")
+        writer.write_tensor_data(gguf.quants.quantize(value, t.qtype))
+    writer.close()
 
 
 def export_gguf(model: Llama, out_path: str | Path, tokenizer_dir: str | Path, *, type: str = "f16",
@@ -318,6 +345,7 @@ def export_gguf(model: Llama, out_path: str | Path, tokenizer_dir: str | Path, *
     `max_position_embeddings` and `rope_theta` metadata for a trained stage).
     """
     check_type(type)
+    check_quantizable(model.config, type)
     out = check_output(out_path, force)
     vocab = read_vocab(tokenizer_dir, model.config.vocab_size)
     return _write(model, out, vocab, type=type, name=name or out.stem,
@@ -335,6 +363,7 @@ def export_checkpoint(ckpt: str | Path, out_path: str | Path, tokenizer_dir: str
     check_type(type)
     out = check_output(out_path, force)
     opened = open_checkpoint(ckpt, step=step)
+    check_quantizable(opened.config, type)
     vocab = read_vocab(tokenizer_dir, opened.config.vocab_size)
     return _write(opened.model(), out, vocab, type=type, name=out.stem, context_length=opened.trained_length,
                   rope_theta=opened.rope_theta)

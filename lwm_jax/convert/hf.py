@@ -9,6 +9,7 @@ files and checkpoints both directions stream: one stacked param leaf is in memor
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -30,11 +31,13 @@ from lwm_jax.model.llama import Llama
 from lwm_jax.model.opened import open_checkpoint
 from lwm_jax.model.store import (
     LazyLeaf,
+    check_new_checkpoint,
     model_metadata,
     params_target,
     read_hf_config,
     save_lazy_params,
 )
+from lwm_jax.outputs import check_output_dir, staged_folder
 from lwm_jax.parallel.mesh import state_shardings
 from lwm_jax.progress import Counter, progress
 
@@ -162,6 +165,7 @@ def import_hf(hf_dir: str | Path, mesh=None, **runtime) -> Llama:
 def import_hf_checkpoint(hf_dir: str | Path, ckpt: str | Path, *, mesh=None, force: bool = False) -> dict:
     """`lwm-jax import-hf`: writes the Hugging Face model in `hf_dir` as an orbax checkpoint at
     `ckpt`, one param leaf in memory at a time; returns `{"checkpoint", "params", "rope_theta"}`."""
+    check_new_checkpoint(ckpt, force)
     cfg, build = _open_hf(hf_dir)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params_target(cfg, mesh))
     bar = Counter("import-hf", total=len(leaves))
@@ -251,16 +255,17 @@ def _check_export(out_dir: Path, dtype: str, tokenizer_dir, force: bool) -> Path
         tokenizer_dir = Path(tokenizer_dir)
         if not (tokenizer_dir / "tokenizer.json").is_file():
             raise UserError(f"--tokenizer {tokenizer_dir} has no tokenizer.json")
-    if out_dir.exists() and any(out_dir.iterdir()) and not force:
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
         raise UserError(f"{out_dir} exists and is not empty; choose a new folder or pass --force")
+    check_output_dir(out_dir, "output folder")
     return tokenizer_dir
 
 
 def _write_hf(cfg: ModelConfig, leaves: Iterable[tuple[str, np.ndarray]], keys: list[str], out_dir: Path, *,
               dtype: str, tokenizer_dir: Path | None, max_shard_bytes: int) -> Path:
-    """Writes the HF folder from `leaves` (dotted key, float32 leaf; in the order of `keys`), one
-    leaf in memory at a time: safetensors shards as a stream, then config, generation config, tokenizer."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """Writes the HF folder from `leaves` (dotted key, float32 leaf; in the order of `keys`) into the
+    existing folder `out_dir`, one leaf in memory at a time: safetensors shards as a stream, then
+    config, generation config, tokenizer."""
     np_dtype = EXPORT_DTYPES[dtype]
     shapes = hf_shapes(cfg)
     entries = [(name, shapes[name]) for key in keys for name in _hf_names(cfg, key)]
@@ -307,8 +312,10 @@ def export_hf(model: Llama, out_dir: str | Path, *, dtype: str = "bfloat16", max
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     keys = _leaf_keys(cfg)
     values = (np.asarray(jax.device_get(leaf), np.float32) for leaf in jax.tree.leaves(params))
-    return _write_hf(cfg, zip(keys, values), keys, out_dir, dtype=dtype, tokenizer_dir=tokenizer_dir,
-                     max_shard_bytes=max_shard_bytes)
+    with staged_folder(out_dir) as stage:
+        _write_hf(cfg, zip(keys, values), keys, stage, dtype=dtype, tokenizer_dir=tokenizer_dir,
+                  max_shard_bytes=max_shard_bytes)
+    return out_dir
 
 
 def export_hf_checkpoint(ckpt: str | Path, out_dir: str | Path, *, stage: str | None = None, dtype: str = "bfloat16",
@@ -322,10 +329,14 @@ def export_hf_checkpoint(ckpt: str | Path, out_dir: str | Path, *, stage: str | 
     tokenizer_dir = _check_export(out_dir, dtype, tokenizer_dir, force)
     opened = open_checkpoint(ckpt)
     cfg = opened.config
-    _write_hf(cfg, opened.iter_params(), _leaf_keys(cfg), out_dir, dtype=dtype, tokenizer_dir=tokenizer_dir,
-              max_shard_bytes=max_shard_bytes)
-    if record is not None:
-        write_model_card(out_dir, record, opened.metadata)
+    # The leaf reader is closed here, also on failure: left to the garbage collector, it would close
+    # its orbax manager at interpreter exit, after JAX's atexit hook shut the backends down; that
+    # close starts them again, and a thread started during finalization never runs (a hang).
+    with staged_folder(out_dir) as stage, contextlib.closing(opened.iter_params()) as leaves:
+        _write_hf(cfg, leaves, _leaf_keys(cfg), stage, dtype=dtype, tokenizer_dir=tokenizer_dir,
+                  max_shard_bytes=max_shard_bytes)
+        if record is not None:
+            write_model_card(stage, record, opened.metadata)
     return {"out_dir": str(out_dir), "dtype": dtype}
 
 

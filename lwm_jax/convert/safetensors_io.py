@@ -130,7 +130,8 @@ def write_safetensors(path: Path, entries: list[tuple[str, tuple[int, ...]]], dt
                       tensors: Iterator[tuple[str, np.ndarray]], metadata: dict[str, str]) -> None:
     """Writes one safetensors file holding `entries` in order, taking each tensor from `tensors`
     (which must yield them in that order) and writing it before the next is taken. The file is
-    written under a temporary name and renamed when complete; its mode follows the umask."""
+    written under a temporary name and renamed when complete (removed on failure; an OSError names
+    `path`); its mode follows the umask."""
     dtype = np.dtype(dtype)
     header: dict = {"__metadata__": metadata}
     offset = 0
@@ -141,13 +142,19 @@ def write_safetensors(path: Path, entries: list[tuple[str, tuple[int, ...]]], dt
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
     partial = path.with_name(path.name + ".partial")
-    with open(partial, "wb") as f:
-        f.write(struct.pack("<Q", len(text)))
-        f.write(text)
-        for name, shape in entries:
-            got, value = next(tensors)
-            if got != name or tuple(value.shape) != tuple(shape):
-                raise AssertionError(f"tensor stream gave {got} {value.shape}, expected {name} {shape}")
-            f.write(np.ascontiguousarray(value.astype(dtype, copy=False)).view(np.uint8))
-            del value
-    os.replace(partial, path)
+    try:
+        with open(partial, "wb") as f:
+            f.write(struct.pack("<Q", len(text)))
+            f.write(text)
+            for name, shape in entries:
+                got, value = next(tensors)
+                if got != name or tuple(value.shape) != tuple(shape):
+                    raise AssertionError(f"tensor stream gave {got} {value.shape}, expected {name} {shape}")
+                f.write(np.ascontiguousarray(value.astype(dtype, copy=False)).view(np.uint8))
+                del value
+        os.replace(partial, path)
+    except BaseException as err:
+        partial.unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.filename is None:  # a failed write names no file: name it
+            raise OSError(err.errno, err.strerror, str(path)) from err
+        raise

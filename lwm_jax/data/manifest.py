@@ -1,7 +1,8 @@
 """The manifest of a prepared dataset (`manifest.json`): seq_len, tokenizer hash, seed, per-source
 documents/tokens/sequences and shard files, skipped-input counts. Written last by `prepare`, so a
 folder without one is an unfinished run; read and checked (every shard opened and its records counted,
-so a truncated or corrupted shard is named before training or evaluation starts) by its readers.
+so a truncated or corrupted shard is named before training or evaluation starts, and one record's
+length compared with seq_len) by its readers.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 
 from array_record.python.array_record_module import ArrayRecordReader
 
+from lwm_jax.data.packing import decode_record
 from lwm_jax.errors import UserError
 
 MANIFEST = "manifest.json"
@@ -32,6 +34,8 @@ def load_manifest(directory: str | Path) -> dict:
     """The checked manifest of a prepared dataset, with shard paths made absolute."""
     directory = Path(directory).expanduser()
     path = directory / MANIFEST
+    if directory.exists() and not directory.is_dir():
+        raise UserError(f"prepared dataset {directory} is a file, not a folder (make one with `lwm-jax data prepare`)")
     if not directory.is_dir():
         raise UserError(f"prepared dataset {directory} does not exist (make it with `lwm-jax data prepare`)")
     if not path.is_file():
@@ -56,7 +60,29 @@ def load_manifest(directory: str | Path) -> dict:
                             "`lwm-jax data prepare`")
         source["shard_paths"] = shards
         source["shard_records"] = counts
+    _check_record_length(directory, manifest)
     return manifest
+
+
+def _check_record_length(directory: Path, manifest: dict) -> None:
+    """Reads the first record and checks that it holds the `seq_len + 1` tokens the manifest says
+    (a manifest copied or edited beside other shards would pass the counts and fail in training)."""
+    seq_len = manifest.get("seq_len")
+    for source in manifest["sources"].values():
+        for path, count in zip(source["shard_paths"], source["shard_records"]):
+            if not count:
+                continue
+            try:
+                reader = ArrayRecordReader(path)
+                tokens = decode_record(reader.read([0])[0]).tokens.size
+                reader.close()
+            except (RuntimeError, OSError, IndexError, ValueError) as err:
+                raise shard_error(path, err) from None
+            if tokens != seq_len + 1:
+                raise UserError(f"prepared dataset {directory}: its records hold {tokens:,} tokens but {MANIFEST} "
+                                f"says seq_len {seq_len:,} (records of {seq_len + 1:,}); the manifest does not "
+                                "belong to these shards: re-run `lwm-jax data prepare`")
+            return
 
 
 def shard_error(path: str | Path, err: Exception) -> UserError:

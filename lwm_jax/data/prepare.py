@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import collections
 import re
-import shutil
 import time
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from lwm_jax.data.packing import SequencePacker
 from lwm_jax.data.sources import SKIP_REASONS, plan_inputs
 from lwm_jax.data.tokenize import TokenizeUnit, load_tokenizer_info
 from lwm_jax.errors import UserError
+from lwm_jax.outputs import check_output_dir, staged_folder
 from lwm_jax.progress import progress as report
 
 SHARD_DIR = "shards"
@@ -153,18 +153,25 @@ def prepare(inputs: list[str], tokenizer: str | Path, out: str | Path, config: P
             overwrite: bool = False, progress: bool = False) -> dict:
     """Tokenizes and packs `inputs` into `out`; returns the manifest (also written to `out`).
 
-    Checks the tokenizer, every input and the output folder before any work (`UserError`). Bad
-    records and zero-byte or corrupt files are skipped and counted under `skipped`.
+    Checks the tokenizer, every input and the output folder (also that it can be written) before
+    any work (`UserError`). Bad records and zero-byte or corrupt files are skipped and counted under
+    `skipped`; inputs that leave no sequence at all are an error. The dataset is written under a
+    temporary name beside `out` and moved there when complete (the manifest last), so a failed run
+    leaves nothing and a rerun is not refused.
     """
     info = load_tokenizer_info(tokenizer)
     plan = plan_inputs(list(inputs))
     out = Path(out).expanduser()
     _check_out_dir(out, overwrite)
-    if overwrite:
-        (out / MANIFEST).unlink(missing_ok=True)
-        shutil.rmtree(out / SHARD_DIR, ignore_errors=True)
-    (out / SHARD_DIR).mkdir(parents=True, exist_ok=True)
+    check_output_dir(out, "--out")
+    with staged_folder(out, last=(MANIFEST,)) as stage:
+        manifest = _write_dataset(plan, info, stage, config, [str(i) for i in inputs], progress)
+    return manifest
 
+
+def _write_dataset(plan, info, out: Path, config: PrepareConfig, inputs: list[str], progress: bool) -> dict:
+    """Tokenizes, packs and writes the shards and manifest of `plan` into the folder `out`."""
+    (out / SHARD_DIR).mkdir()
     start = time.perf_counter()
     counts: collections.Counter = collections.Counter()
     outputs = _Outputs(out, config, info.eos_id)
@@ -184,12 +191,13 @@ def prepare(inputs: list[str], tokenizer: str | Path, out: str | Path, config: P
     corrupt = sorted(k.split(":", 1)[1] for k in counts if k.startswith("corrupt_file:"))
     skipped = {r: counts.get(r, 0) for r in SKIP_REASONS}
     skipped["empty_files"] = len(plan.empty_files)
+    _check_not_empty(sources, counts, skipped, len(plan.files), config)
     manifest = {
         "format": FORMAT, "version": VERSION, "lwm_jax_version": __version__,
         "seq_len": config.seq_len, "seed": config.seed, "pad_id": info.eos_id,
         "tokenizer": info.to_manifest(),
         "prepare_config": {k: getattr(config, k) for k in config.__dataclass_fields__},
-        "inputs": [str(i) for i in inputs], "files": len(plan.files), "units": len(plan.units),
+        "inputs": inputs, "files": len(plan.files), "units": len(plan.units),
         "valid_records": counts.get("valid_records", 0), "skipped": skipped,
         "empty_files": list(plan.empty_files), "corrupt_files": corrupt,
         "sources": sources,
@@ -199,3 +207,17 @@ def prepare(inputs: list[str], tokenizer: str | Path, out: str | Path, config: P
     }
     write_manifest(out, manifest)
     return manifest
+
+
+def _check_not_empty(sources: dict, counts: collections.Counter, skipped: dict, files: int,
+                     config: PrepareConfig) -> None:
+    """Refuses a run that would write a dataset of no sequences (every input bad, or every document
+    dropped), naming why."""
+    if sum(s["sequences"] for s in sources.values()):
+        return
+    why = ", ".join(f"{k} {v:,}" for k, v in skipped.items() if v) or "nothing to skip"
+    if not counts.get("valid_records", 0):
+        raise UserError(f"none of the {files:,} input file(s) held a usable record (skipped: {why}); "
+                        "nothing was written")
+    raise UserError(f"all {counts['valid_records']:,} valid records were dropped (--min-doc-tokens "
+                    f"{config.min_doc_tokens}, --short-keep-prob {config.short_keep_prob}); nothing was written")

@@ -19,6 +19,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, proce
 
 from lwm_jax.data.tokenize import EOT_TOKEN
 from lwm_jax.errors import UserError
+from lwm_jax.outputs import check_output_dir, staged_folder
 from lwm_jax.progress import log
 
 SPECIAL_TOKENS = ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", EOT_TOKEN)
@@ -216,7 +217,17 @@ def build_sample(out_dir: str | Path, *, vocab_size: int = 4096, max_chars_per_s
     out = Path(out_dir).expanduser()
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not overwrite)):
         raise UserError(f"output {out} exists and is not an empty folder; pass --overwrite or choose a new folder")
+    check_output_dir(out, "OUT_DIR")
+    with staged_folder(out) as stage:
+        summary = _write_sample(stage, out, vocab_size=vocab_size, max_chars_per_source=max_chars_per_source,
+                                progress=progress, tokenizer=tokenizer)
+    return summary
 
+
+def _write_sample(out: Path, shown: Path, *, vocab_size: int, max_chars_per_source: int, progress: bool,
+                  tokenizer: str) -> dict:
+    """Writes the corpus, chat records, tokenizer and sample.json into the folder `out` (its
+    temporary name; `shown` is the one messages name); returns the summary."""
     step = log if progress else (lambda message: None)
     step("sample: reading the Python standard library's sources")
     files = stdlib_files()
@@ -228,7 +239,7 @@ def build_sample(out_dir: str | Path, *, vocab_size: int = 4096, max_chars_per_s
     sources["stdlib_docs"], chats = docstring_documents(code, max_chars_per_source, max_chars_per_source // 1500)
     sources["stdlib_tests"] = _test_documents(tests, max_chars_per_source)
 
-    step(f"sample: writing the corpus to {out / 'corpus'}")
+    step(f"sample: writing the corpus to {shown / 'corpus'}")
     (out / "corpus").mkdir(parents=True, exist_ok=True)
     (out / "chat").mkdir(exist_ok=True)
     (out / "tokenizer").mkdir(exist_ok=True)
@@ -251,14 +262,15 @@ def build_sample(out_dir: str | Path, *, vocab_size: int = 4096, max_chars_per_s
         train_texts.append(record["text"])
         n += len(record["text"])
     tok = (_train_tokenizer if tokenizer == "bpe" else task_tokenizer)(train_texts, vocab_size)
-    tok.save(str(out / "tokenizer" / "tokenizer.json"))
+    # Written by Python, not `tok.save`: a refused write is then an OSError like every other.
+    (out / "tokenizer" / "tokenizer.json").write_text(tok.to_str(pretty=True), encoding="utf-8")
     config = {"bos_token": SPECIAL_TOKENS[0], "eos_token": SPECIAL_TOKENS[1], "chat_template": LLAMA3_CHAT_TEMPLATE,
               "clean_up_tokenization_spaces": False, "model_input_names": ["input_ids", "attention_mask"],
               "model_max_length": 1 << 30, "tokenizer_class": "PreTrainedTokenizerFast"}
     (out / "tokenizer" / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     written += [out / "tokenizer" / "tokenizer.json", out / "tokenizer" / "tokenizer_config.json"]
     summary = {
-        "python": platform.python_version(), "out_dir": str(out), "tokenizer": tokenizer,
+        "python": platform.python_version(), "out_dir": str(shown), "tokenizer": tokenizer,
         "vocab_size": tok.get_vocab_size(),
         "sources": {name: {"documents": len(docs), "chars": sum(map(len, docs))} for name, docs in sources.items()},
         "chat_records": len(chats),

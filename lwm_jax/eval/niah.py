@@ -21,15 +21,19 @@ from lwm_jax.errors import UserError
 from lwm_jax.eval import plots
 from lwm_jax.eval.probes import ChatWrap, build_to_length, cell_seed, probe_from_sample
 from lwm_jax.eval.scoring import LogitsFn, by_length, intervals_by_length, run_grid
+from lwm_jax.outputs import staged_folder
 
 DEFAULT_DEPTHS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 DEMO_CHARS_PER_TOKEN = 8  # generous: the demo haystack is read until it holds enough tokens
 
 
-def read_documents(path: Path) -> list[str]:
-    """A plain text file as one document, or the `text` fields of a .jsonl / .jsonl.zst / .jsonl.gz file."""
+def read_documents(path: Path, what: str = "haystack file") -> list[str]:
+    """A plain text file as one document, or the `text` fields of a .jsonl / .jsonl.zst / .jsonl.gz
+    file; `what` names the file in errors ("haystack file", "--data file")."""
+    if path.is_dir():
+        raise UserError(f"{what} {path} is a folder, not a file")
     if not path.is_file():
-        raise UserError(f"haystack file {path} does not exist")
+        raise UserError(f"{what} {path} does not exist")
     raw = path.read_bytes()
     name = path.name
     if name.endswith(".zst"):
@@ -40,7 +44,7 @@ def read_documents(path: Path) -> list[str]:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
-        raise UserError(f"haystack file {path} is not UTF-8 text") from None
+        raise UserError(f"{what} {path} is not UTF-8 text") from None
     if name.endswith(".jsonl"):
         docs = []
         for i, line in enumerate(text.splitlines()):
@@ -146,20 +150,21 @@ def summarize(task: str, cells: list[dict], generated: bool, **extra) -> dict:
 
 
 def write_results(result: dict, out_dir: str | Path, stem: str, title: str, heatmap: bool) -> dict[str, str]:
-    """Writes OUT/{stem}.json (every cell and sample) and OUT/{stem}.png; returns the paths."""
+    """Writes OUT/{stem}.json (every cell and sample) and OUT/{stem}.png, all or none
+    (`staged_folder`); returns the paths."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": str(out / f"{stem}.json")}
-    Path(paths["json"]).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
-    if heatmap:
-        ykey = "task" if result["task"] == "ruler" else "depth"
-        paths["png"] = str(plots.niah_heatmap(result["cells"], out / f"{stem}.png", title, ykey=ykey))
-        if "generated_score" in result:
-            paths["png_generated"] = str(plots.niah_heatmap(result["cells"], out / f"{stem}_generated.png",
-                                                            title + " (generated)", key="generated_score", ykey=ykey))
-    else:
-        scores = result["by_length"]
-        paths["png"] = str(plots.line_plot({"teacher-forced": ([int(k) for k in scores], list(scores.values()))},
-                                           out / f"{stem}.png", title, "context length (tokens)", "exact match",
-                                           logx=True))
-    return paths
+    names = {"json": f"{stem}.json", "png": f"{stem}.png"}
+    with staged_folder(out) as stage:
+        (stage / names["json"]).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+        if heatmap:
+            ykey = "task" if result["task"] == "ruler" else "depth"
+            plots.niah_heatmap(result["cells"], stage / names["png"], title, ykey=ykey)
+            if "generated_score" in result:
+                names["png_generated"] = f"{stem}_generated.png"
+                plots.niah_heatmap(result["cells"], stage / names["png_generated"], title + " (generated)",
+                                   key="generated_score", ykey=ykey)
+        else:
+            scores = result["by_length"]
+            plots.line_plot({"teacher-forced": ([int(k) for k in scores], list(scores.values()))},
+                            stage / names["png"], title, "context length (tokens)", "exact match", logx=True)
+    return {key: str(out / name) for key, name in names.items()}

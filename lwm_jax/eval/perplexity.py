@@ -221,4 +221,4 @@ def load_eval_data(paths: list[str], seq_len: int, num_sequences: int, vocab_siz
 
 def _documents(path: Path) -> list[str]:
     """The documents of a text file (the whole file) or of a .jsonl[.zst|.gz] file (its text fields)."""
-    return read_documents(path)
+    return read_documents(path, what="--data file")

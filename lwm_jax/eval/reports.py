@@ -16,6 +16,7 @@ from lwm_jax.eval.plots import line_plot, short_length
 from lwm_jax.eval.scoring import setup_probes
 from lwm_jax.eval.theta_sweep import save_sweep, theta_sweep
 from lwm_jax.model.opened import open_checkpoint
+from lwm_jax.outputs import check_output_dir, staged_folder
 from lwm_jax.parallel.mesh import use_mesh
 
 
@@ -42,14 +43,14 @@ def checkpoint_title(task: str, ckpt: str, meta: dict, lengths: Sequence[int]) -
 
 def write_ppl_report(result: dict, out_dir: str, title: str) -> dict[str, str]:
     """Writes OUT/ppl.json (the result, with the file paths) and OUT/ppl.png (mean NLL by bucket end,
-    log x; buckets without tokens are left out); returns the paths."""
-    os.makedirs(out_dir, exist_ok=True)
+    log x; buckets without tokens are left out), both or neither (`staged_folder`); returns the paths."""
     files = {"json": os.path.join(out_dir, "ppl.json"), "png": os.path.join(out_dir, "ppl.png")}
-    with open(files["json"], "w", encoding="utf-8") as f:
-        json.dump({**result, "files": files}, f, indent=1)
-    full = [b for b in result["buckets"] if b["mean_nll"] is not None]
-    line_plot({"mean NLL": ([b["end"] for b in full], [b["mean_nll"] for b in full])}, files["png"], title,
-              "position (bucket end, tokens)", "mean NLL", logx=True)
+    with staged_folder(out_dir) as stage:
+        with open(stage / "ppl.json", "w", encoding="utf-8") as f:
+            json.dump({**result, "files": files}, f, indent=1)
+        full = [b for b in result["buckets"] if b["mean_nll"] is not None]
+        line_plot({"mean NLL": ([b["end"] for b in full], [b["mean_nll"] for b in full])}, stage / "ppl.png", title,
+                  "position (bucket end, tokens)", "mean NLL", logx=True)
     return files
 
 
@@ -67,6 +68,8 @@ def ppl_report(ckpt: str, *, tokens: str | None = None, data: Sequence[str] | No
     `buckets`, `sequences` and `seq_len`), and with `out` written by `write_ppl_report`. Sequences
     past the checkpoint's max_position_embeddings are measured, with a warning (`check_context`).
     """
+    if out:
+        check_output_dir(out, "--out")
     opened = open_checkpoint(ckpt, mesh, **runtime)
     vocab = opened.config.vocab_size
     if seq_len is not None and seq_len < 2:
@@ -111,6 +114,7 @@ def probe_report(task: str, ckpt: str, tokenizer: str, *, lengths: Sequence[int]
     `depths` default to the task's own; `temperature` "log-n" scores past the trained length with
     the log-n attention temperature. The result gains `checkpoint`, `temperature` and `files`.
     """
+    check_output_dir(out, "--out")
     with use_mesh(mesh):
         s = setup_probes(ckpt, tokenizer, mesh=mesh, chat=chat, generate=generate, max_length=max_length,
                          lengths=lengths, temperature=temperature, **runtime)
@@ -131,6 +135,10 @@ def theta_sweep_report(ckpt: str, data: Sequence[str], *, context: int, candidat
                        **runtime) -> dict:
     """Loss of `ckpt` at candidate RoPE thetas on `data` (see `theta_sweep`); with `out` also writes
     theta_sweep.json and theta_sweep.png there (the result gains `files`)."""
+    if out:
+        check_output_dir(out, "--out")
+    if context < 2:
+        raise UserError(f"--context={context} must be >= 2 (one next-token prediction)")
     opened = open_checkpoint(ckpt, mesh, **runtime)
     opened.check_context(context, what="context")
     tokens = load_eval_data(data, context, num_sequences, opened.config.vocab_size, tokenizer)

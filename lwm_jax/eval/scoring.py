@@ -23,7 +23,7 @@ from lwm_jax.model.opened import open_checkpoint
 from lwm_jax.model.rope import length_temperature, with_attention_temperature
 from lwm_jax.model.store import merge_params
 from lwm_jax.parallel.mesh import batch_shards
-from lwm_jax.progress import progress
+from lwm_jax.progress import Counter
 
 # `logits_fn(ids: int32 [seq]) -> float [k, vocab]`: logits of the last k positions (any k >= 1;
 # the scorer needs k >= len(answer) + 1). A Llama (`ModelLogits`) or a test oracle.
@@ -143,9 +143,11 @@ def run_grid(make_probe: Callable[[int, float, int], Probe], logits_fn: LogitsFn
         raise UserError(f"samples={samples} must be >= 1")
     cells = [(length, depth) for length in lengths for depth in depths]
     out = []
-    for length, depth in progress(cells, desc=desc):
+    counter = Counter(f"{desc} probes", total=len(cells) * samples)  # by probe: a cell of many samples is long
+    for length, depth in cells:
         records = []
         for k in range(samples):
+            counter.update(0, note=f"length {length:,}, depth {depth:.0%}")
             probe = make_probe(length, depth, k)
             exact, token_acc = score_teacher_forced(logits_fn, probe)
             record = {"answer": probe.answer, "exact": exact, "token_accuracy": token_acc, "tokens": probe.length,
@@ -153,11 +155,13 @@ def run_grid(make_probe: Callable[[int, float, int], Probe], logits_fn: LogitsFn
             if generate_fn is not None:
                 record["generated"] = score_generated(generate_fn, tokenizer, probe)
             records.append(record)
+            counter.update(1)
         cell = {"length": length, "depth": depth, "score": float(np.mean([r["exact"] for r in records])),
                 "token_accuracy": float(np.mean([r["token_accuracy"] for r in records])), "samples": records}
         if generate_fn is not None:
             cell["generated_score"] = float(np.mean([r["generated"] for r in records]))
         out.append(cell)
+    counter.close()
     return out
 
 
@@ -238,7 +242,8 @@ def setup_probes(ckpt: str, tokenizer_dir: str, *, mesh=None, chat: bool = False
 
 
 def parse_lengths(text: str) -> list[int]:
-    """'1K,4096,1M' -> [1024, 4096, 1048576]; a UserError for anything else."""
+    """'1K,4096,1M' -> [1024, 4096, 1048576], each length once (a repeat, '1K,1024', would only run
+    the same cell again); a UserError for anything else."""
     out = []
     for part in text.split(","):
         part = part.strip()
@@ -247,15 +252,15 @@ def parse_lengths(text: str) -> list[int]:
         if not digits.isdigit() or int(digits) <= 0:
             raise UserError(f"length {part!r} in {text!r} must be a positive integer, optionally with K or M")
         out.append(int(digits) * scale)
-    return out
+    return list(dict.fromkeys(out))
 
 
 def parse_depths(text: str) -> list[float]:
-    """Depth percentages '0,50,100' -> fractions [0.0, 0.5, 1.0]."""
+    """Depth percentages '0,50,100' -> fractions [0.0, 0.5, 1.0], each depth once."""
     try:
         values = [float(p) for p in text.split(",")]
     except ValueError:
         raise UserError(f"--depths {text!r} must be comma-separated percentages, e.g. 0,25,50,75,100") from None
     if any(not 0 <= v <= 100 for v in values):
         raise UserError(f"--depths {text!r}: every depth must be a percentage in [0, 100]")
-    return [v / 100 for v in values]
+    return list(dict.fromkeys(v / 100 for v in values))

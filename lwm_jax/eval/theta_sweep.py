@@ -22,6 +22,7 @@ from lwm_jax.eval.perplexity import load_eval_data, mean_nll
 from lwm_jax.eval.plots import line_plot
 from lwm_jax.model.rope import scaling_law_theta
 from lwm_jax.model.store import merge_params
+from lwm_jax.outputs import staged_folder
 from lwm_jax.progress import log
 
 DEFAULT_CANDIDATES = 7  # log-spaced points
@@ -145,19 +146,20 @@ def sweep_table(result: dict) -> list[str]:
 
 
 def save_sweep(result: dict, directory: str | Path) -> dict[str, str]:
-    """Writes `theta_sweep.json` and `theta_sweep.png` (loss against log theta) into `directory`."""
+    """Writes `theta_sweep.json` and `theta_sweep.png` (loss against log theta) into `directory`,
+    both or neither (`staged_folder`)."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     files = {"json": str(directory / "theta_sweep.json"), "png": str(directory / "theta_sweep.png")}
-    Path(files["json"]).write_text(json.dumps({**result, "files": files}, indent=1))
     points, name = result["points"], _label(result)
     values = [p.get("value", p.get("theta")) for p in points]
     center = result.get("center_value", result.get("center_theta"))
     title = (f"theta sweep at context {result['context']:,} (scaling law {center:,.0f})" if name == "theta" else
              f"{name} sweep at context {result['context']:,} (recipe value {center:.4g})")
-    line_plot({"mean NLL": (values, [p["mean_nll"] for p in points])}, files["png"], title,
-              "RoPE theta" if name == "theta" else f"RoPE {name}", "mean NLL", logx=True,
-              mark_x=result.get("best_value", result.get("best_theta")))
+    with staged_folder(directory) as stage:
+        (stage / "theta_sweep.json").write_text(json.dumps({**result, "files": files}, indent=1))
+        line_plot({"mean NLL": (values, [p["mean_nll"] for p in points])}, stage / "theta_sweep.png", title,
+                  "RoPE theta" if name == "theta" else f"RoPE {name}", "mean NLL", logx=True,
+                  mark_x=result.get("best_value", result.get("best_theta")))
     return files
 
 

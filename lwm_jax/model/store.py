@@ -27,6 +27,7 @@ from lwm_jax.config import ModelConfig, to_dict
 from lwm_jax.errors import UserError
 from lwm_jax.model.digest import check_digests, host_digest, tree_digests
 from lwm_jax.model.llama import Llama
+from lwm_jax.outputs import check_output_dir, staged_folder
 from lwm_jax.parallel.mesh import state_shardings
 
 FORMAT = "lwm-jax/1"
@@ -42,27 +43,49 @@ def model_metadata(config: ModelConfig, **extra: Any) -> dict[str, Any]:
 def save_model(path: str | Path, model: Llama, metadata: dict[str, Any], step: int = 0,
                overwrite: bool = False) -> Path:
     """Writes `model`'s params and `metadata` as step `step` of the checkpoint at `path`."""
-    path = Path(path).absolute()
-    if path.exists() and any(path.iterdir()) and not overwrite:
-        raise UserError(f"{path} already exists and is not empty; choose a new path or pass --force")
+    path = check_new_checkpoint(path, overwrite)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     metadata = {**metadata, "digests": {"params": tree_digests(params)}}
-    with ocp.CheckpointManager(path) as manager:
+    with staged_folder(path) as stage, ocp.CheckpointManager(stage) as manager:
         manager.save(step, args=ocp.args.Composite(
             params=ocp.args.StandardSave(params), metadata=ocp.args.JsonSave(metadata)), force=True)
         manager.wait_until_finished()
     return path
 
 
+def check_new_checkpoint(path: str | Path, overwrite: bool) -> Path:
+    """The absolute path of a checkpoint about to be written: new or empty (or `overwrite`), and
+    writable (`check_output_dir`)."""
+    path = Path(path).absolute()
+    if path.exists() and path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise UserError(f"{path} already exists and is not empty; choose a new path or pass --force")
+    return check_output_dir(path, "checkpoint folder")
+
+
+def _not_a_checkpoint(path: Path) -> UserError:
+    """The error for a folder that holds no checkpoint step, pointing from a train workdir (or one of
+    its stage folders) to its checkpoint folders."""
+    stages = sorted(p.parent.name for p in path.glob("stages/*/checkpoints"))
+    if stages or (path / "recipe.json").is_file():
+        where = f"{path}/stages/NAME/checkpoints" + (f" (NAME: {', '.join(stages)})" if stages else "")
+        return UserError(f"{path} is a train workdir, not a checkpoint: its checkpoints are in {where}")
+    if (path / "checkpoints").is_dir():
+        return UserError(f"{path} holds no checkpoint steps; its stage's checkpoints are in {path / 'checkpoints'}")
+    return UserError(f"{path} holds no orbax checkpoint steps (expected a folder made by import-hf, or "
+                     "WORKDIR/stages/NAME/checkpoints of a train run)")
+
+
 def _manager_and_step(path: str | Path, step: int | None):
     path = Path(path).absolute()
+    if not path.exists():
+        raise UserError(f"checkpoint {path} does not exist (expected a folder made by import-hf or train)")
     if not path.is_dir():
-        raise UserError(f"checkpoint {path} does not exist (expected a directory made by import-hf or train)")
+        raise UserError(f"checkpoint {path} is a file, not a checkpoint folder (made by import-hf or train)")
     manager = ocp.CheckpointManager(path)
     steps = manager.all_steps()
     if not steps:
         manager.close()
-        raise UserError(f"{path} holds no orbax checkpoint steps")
+        raise _not_a_checkpoint(path)
     if step is None:
         step = max(steps)
     elif step not in steps:
@@ -206,9 +229,7 @@ def save_lazy_params(path: str | Path, params: dict, metadata: dict[str, Any], s
                      overwrite: bool = False) -> Path:
     """Writes `params` (a pure dict of `LazyLeaf`) and `metadata` as step `step` of the checkpoint
     at `path`, holding one leaf in memory at a time; `restore_params` reads it like `save_model`'s."""
-    path = Path(path).absolute()
-    if path.exists() and any(path.iterdir()) and not overwrite:
-        raise UserError(f"{path} already exists and is not empty; choose a new path or pass --force")
+    path = check_new_checkpoint(path, overwrite)
     for key_path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         leaf.key = jax.tree_util.keystr(key_path)
     array = ocp.type_handlers.get_type_handler(jax.Array)  # listed too: orbax then records array metadata
@@ -218,14 +239,15 @@ def save_lazy_params(path: str | Path, params: dict, metadata: dict[str, Any], s
     # close to one more copy of it; restore reads either (the codec is in each array's metadata).
     handlers = {"params": ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_compression=False),
                 "metadata": ocp.JsonCheckpointHandler()}
-    with ocp.CheckpointManager(path, item_handlers=handlers) as manager:
-        manager.save(step, args=ocp.args.Composite(
-            params=ocp.args.PyTreeSave(params), metadata=ocp.args.JsonSave({**metadata, "digests": PENDING})),
-            force=True)
-        manager.wait_until_finished()
-    # The digests are known once every leaf was made: written into the committed metadata last, so a
-    # checkpoint still marked PENDING never finished.
-    _rewrite_json(path / str(step) / "metadata" / "metadata", {**metadata, "digests": {"params": lazy.digests}})
+    with staged_folder(path) as stage:
+        with ocp.CheckpointManager(stage, item_handlers=handlers) as manager:
+            manager.save(step, args=ocp.args.Composite(
+                params=ocp.args.PyTreeSave(params), metadata=ocp.args.JsonSave({**metadata, "digests": PENDING})),
+                force=True)
+            manager.wait_until_finished()
+        # The digests are known once every leaf was made: written into the committed metadata last, so
+        # a checkpoint still marked PENDING never finished.
+        _rewrite_json(stage / str(step) / "metadata" / "metadata", {**metadata, "digests": {"params": lazy.digests}})
     return path
 
 
@@ -238,7 +260,8 @@ def _rewrite_json(path: Path, data: dict) -> None:
 
 def iter_params(path: str | Path, config: ModelConfig, step: int | None = None) -> Iterator[tuple[str, np.ndarray]]:
     """Yields `(dotted param path, host array)` for every param leaf of a checkpoint step, restoring
-    one leaf at a time (the others are orbax placeholders, never read)."""
+    one leaf at a time (the others are orbax placeholders, never read). Close it when done early
+    (`contextlib.closing`): it holds an orbax manager open between leaves."""
     flat, treedef = jax.tree_util.tree_flatten_with_path(params_target(config, None))
     digests = params_digests(read_metadata(path, step))
     manager, step = _manager_and_step(path, step)

@@ -5,12 +5,16 @@ training checkpoint also loads as a model.
 A checkpoint is trusted only once it reads back whole and every array matches the content digest
 written with it (`model.digest`): resuming restores the newest step that does and moves damaged
 newer ones aside with a warning. A save that fails (disk full) stops the run with
-one message while the previous step, never touched by orbax's temporary-folder commit, stays readable.
+one message while the previous step, never touched by orbax's temporary-folder commit, stays readable;
+the failed step's temporary folders are removed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +27,12 @@ from jax.experimental import multihost_utils
 from lwm_jax.errors import UserError
 from lwm_jax.model.digest import check_digests, tree_digests
 from lwm_jax.model.store import reading_checkpoint
+from lwm_jax.outputs import os_reason
 from lwm_jax.progress import log
 
 DAMAGED_DIR = "damaged"  # beside the checkpoints folder: steps that did not read back, kept for a look
+ORBAX_TMP = ".orbax-checkpoint-tmp"  # in the name of a step orbax has not finished writing
+SETTLE_S, UNFINISHED_WAIT_S = 0.5, 10.0  # a failed step's temporary folders: gone this long, at most this wait
 
 
 class TrainCheckpointer:
@@ -36,8 +43,9 @@ class TrainCheckpointer:
     """
 
     def __init__(self, directory: str | Path, keep: int, save_interval: int = 0):
+        # cleanup_tmp_directories: what a killed (or too slowly failing) save left is removed on the next start.
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True,
-                                               create=True)
+                                               create=True, cleanup_tmp_directories=True)
         self.directory = Path(directory).absolute()
         self.manager = ocp.CheckpointManager(self.directory, options=options)
         self.save_interval = save_interval
@@ -137,11 +145,37 @@ class TrainCheckpointer:
         self.manager.reload()
 
     def _save_failed(self, step: int, err: BaseException) -> UserError:
+        """The one-line error of a failed save, once orbax's writers stopped and the failed step's
+        temporary folders are gone (so the folder holds whole steps only)."""
+        with contextlib.suppress(Exception):  # its writers of other parts may still run: let them end
+            self.manager.wait_until_finished()
+        self._remove_unfinished()
         kept = [s for s in self.manager.all_steps() if s < step]
         previous = (f"the previous checkpoint (step {max(kept)}) is intact; free space and rerun the same "
                     "command to resume from it" if kept else "no earlier checkpoint of this stage exists")
-        return UserError(f"saving checkpoint step {step} in {self.directory} failed ({type(err).__name__}: "
-                         f"{str(err).strip().splitlines()[0] if str(err).strip() else 'no detail'}); {previous}")
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else "no detail"
+        reason = os_reason(err) or f"{type(err).__name__}: {detail}"
+        return UserError(f"saving checkpoint step {step} in {self.directory} failed: {reason}; {previous}")
+
+    def _remove_unfinished(self) -> None:
+        """Removes orbax's temporary folders of unfinished steps (`STEP.orbax-checkpoint-tmp*`; process
+        0). The array writes of a save that failed as it started can still be landing from tensorstore's
+        threads, making them again: they are removed until they stay gone for `SETTLE_S` (at most
+        `UNFINISHED_WAIT_S`; what lands later, the next run's manager removes)."""
+        if jax.process_index() != 0:
+            return
+        deadline = time.monotonic() + UNFINISHED_WAIT_S
+        removed = False
+        while True:
+            found = list(self.directory.glob(f"*{ORBAX_TMP}*"))
+            for entry in found:
+                shutil.rmtree(entry, ignore_errors=True)
+            removed = removed or bool(found)
+            if not removed or time.monotonic() > deadline:
+                return
+            time.sleep(SETTLE_S if not found else 0.05)
+            if not found and not any(self.directory.glob(f"*{ORBAX_TMP}*")):
+                return
 
     def _finish(self) -> None:
         """Waits for the save in flight; its failure, raised by orbax here, is a `UserError`."""
@@ -155,12 +189,14 @@ class TrainCheckpointer:
         self._finish()
 
     def close(self) -> None:
-        """Waits for the save in flight and stops orbax's background threads (once)."""
+        """Waits for the save in flight and stops orbax's background threads (once); no temporary
+        folder of a failed save is left."""
         if self._closed:
             return
         self._finish()
         self._closed = True
         self.manager.close()
+        self._remove_unfinished()
 
     def abort(self) -> None:
         """Closes after another error (which stays the one reported): a failed save in flight is
@@ -171,3 +207,4 @@ class TrainCheckpointer:
             log(f"warning: {err}")
             self._closed = True
             self.manager.close()
+            self._remove_unfinished()  # the writers of a save that failed as it started ended only now

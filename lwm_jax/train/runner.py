@@ -27,6 +27,7 @@ from lwm_jax.data.packing import split_inputs_targets
 from lwm_jax.data.pipeline import build_iterator, make_global_batch
 from lwm_jax.errors import UserError
 from lwm_jax.model.store import merge_params, model_metadata, params_target, restore_params
+from lwm_jax.outputs import write_failure
 from lwm_jax.parallel.distributed import data_share
 from lwm_jax.parallel.mesh import make_mesh
 from lwm_jax.progress import log
@@ -279,8 +280,9 @@ def train(recipe: RecipeConfig, workdir: str | Path, only_stage: str | None = No
           profile: tuple[int, int] | None = None, services: TrainServices = TrainServices()) -> list[dict[str, Any]]:
     """Runs the recipe's stages (or one) in `workdir`; returns one summary per stage run or skipped.
 
-    Every check that can fail on the recipe, devices and data runs before the workdir is locked and
-    claimed; a run that then fails before saving anything leaves a new workdir as it found it.
+    Every check that can fail on the recipe, devices and data runs before the workdir is checked
+    writable, locked and claimed (`claim_workdir`), all before anything compiles; a run that then
+    fails before saving anything leaves a new workdir as it found it.
     """
     workdir = Path(workdir)
     swept = swept_thetas(workdir, recipe)
@@ -299,6 +301,11 @@ def train(recipe: RecipeConfig, workdir: str | Path, only_stage: str | None = No
         tracer = Profile(*profile, workdir / "profile") if profile else None
         summaries = _run_stages(recipe, workdir, schedule, swept, only_stage, tracer, services, writer)
         failed = False
+    except OSError as err:  # a write into the workdir (metrics, stage files) the system refused
+        failure = write_failure(err, workdir.absolute(), workdir.absolute())
+        if failure is None:
+            raise
+        raise failure from err
     finally:
         if writer is not None:
             writer.close()

@@ -18,6 +18,7 @@ from jax.experimental import multihost_utils
 
 from lwm_jax.config import RUN_FIELDS, RecipeConfig, to_dict
 from lwm_jax.errors import UserError
+from lwm_jax.outputs import check_output_dir
 from lwm_jax.train.lock import LOCK_FILE, WorkdirLock
 
 FINAL_FILE = "final.json"
@@ -124,13 +125,15 @@ class WorkdirClaim:
 
 
 def claim_workdir(workdir: Path, recipe: RecipeConfig) -> WorkdirClaim:
-    """Locks the workdir (process 0) and creates it, or checks that it was made by this same recipe.
+    """Locks the workdir (process 0, once a file could be made there) and creates it, or checks that
+    it was made by this same recipe.
 
     Process 0 decides and tells the others, so every process fails together with one message.
     """
     lock, created, existed, error = None, False, workdir.exists(), None
     if jax.process_index() == 0:
         try:
+            check_output_dir(workdir, "workdir")
             lock = WorkdirLock(workdir).acquire()
             created = _check_or_write_recipe(workdir, recipe)
         except UserError as err:
