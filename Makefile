@@ -19,8 +19,8 @@ $(VENV)/.installed-test: pyproject.toml | $(PY)
 	$(PIP) install -e '.[test]'
 	touch $@ $(VENV)/.installed-base
 
-demo: $(VENV)/.installed-base
-	$(PY) scripts/demo.py
+demo: $(VENV)/.installed-base  # the CPU: a venv with the test extra also holds libtpu, which would look for TPUs
+	JAX_PLATFORMS=cpu $(PY) scripts/demo.py
 
 lint: $(VENV)/.installed-test  # ruff is in the test extra; the check covers a venv made before it was
 	$(PY) -m ruff --version >/dev/null 2>&1 || $(PIP) install 'ruff>=0.6,<1'

@@ -98,7 +98,7 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _plan_lines(result: dict, aot: bool) -> list[str]:
+def plan_lines(result: dict, aot: bool) -> list[str]:
     hw, target = result["hardware"], result.get("target")
     # --aot compiles for XLA:CPU, which holds bf16 as float32: its figure is set beside the analytic
     # one at 4-byte activations ("paper@cpu"), not beside the accelerator's. A --target compile is
@@ -147,7 +147,7 @@ def cmd_plan(args) -> int:
     result = plan_report(args.recipe, args.set or [], stage=args.stage, devices=args.devices,
                          hardware=args.hardware, memory_gib=args.device_memory, peak_tflops=args.peak_tflops,
                          efficiency=args.efficiency, aot=args.aot, max_seq_len=args.max_seq_len, target=args.target)
-    print_result(args, result, _plan_lines(result, args.aot))
+    print_result(args, result, plan_lines(result, args.aot))
     return 0
 
 

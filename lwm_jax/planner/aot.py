@@ -76,6 +76,8 @@ def target_memory(recipe: RecipeConfig, stage_name: str, target: Target) -> dict
     own message and the sizes it names."""
     plan = _stage_plan(recipe, stage_name, target.chips)
     start = time.perf_counter()
+    cache = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)  # a compile-only executable cannot be cached
     try:
         compiled = _lowered_step(recipe, plan, target_mesh(target, plan.mesh)).compile()
     except Exception as err:  # XLA's errors are bare exceptions (XlaRuntimeError); only memory is expected
@@ -84,6 +86,8 @@ def target_memory(recipe: RecipeConfig, stage_name: str, target: Target) -> dict
         line = next((x for x in str(err).splitlines() if _REFUSAL.search(x)), str(err).splitlines()[0])
         return {"peak": None, "host_temp": None, "arguments": None, "fits": False, "refusal": line.strip()[:300],
                 "compile_s": time.perf_counter() - start}
+    finally:
+        jax.config.update("jax_enable_compilation_cache", cache)
     mem = compiled.memory_analysis()
     return {"peak": int(mem.peak_memory_in_bytes), "host_temp": int(mem.host_temp_size_in_bytes),
             "arguments": int(mem.argument_size_in_bytes), "fits": True, "refusal": None,

@@ -9,6 +9,7 @@ is lwm-jax's v5p-8; for v5e and v6e the two agree.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import os
@@ -74,19 +75,33 @@ def require_libtpu() -> None:
                         "no TPU is needed)")
 
 
+@contextlib.contextmanager
+def _libtpu_env():
+    """While libtpu loads: the host's name, so it does not warn about the TPU VM it is not on, and
+    leave for a second libtpu in the process (another target). Restored after, since the first
+    variable also says "TPU VM" to the multi-host start-up (`parallel.distributed`)."""
+    saved = {k: os.environ.get(k) for k in ("TPU_WORKER_HOSTNAMES", "ALLOW_MULTIPLE_LIBTPU_LOAD")}
+    os.environ.update(TPU_WORKER_HOSTNAMES="localhost", ALLOW_MULTIPLE_LIBTPU_LOAD="1")
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def target_mesh(target: Target, mesh: MeshConfig) -> Mesh:
     """A mesh of the target's compile-only devices in the stage's mesh shape, ordered along the
     chips' links where JAX knows the topology."""
     require_libtpu()
-    # libtpu warns about the TPU VM it is not on unless told the host's name; a second libtpu in
-    # the same process (another target) needs leave.
-    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     from jax.experimental import mesh_utils, topologies
 
-    desc = topologies.get_topology_desc(platform="tpu", topology_name=target.topology,
-                                        chip_config_name=target.chip_config,
-                                        chips_per_host_bounds=target.host_bounds, num_slices=1, wrap=(False,) * 3)
+    with _libtpu_env():
+        desc = topologies.get_topology_desc(
+            platform="tpu", topology_name=target.topology, chip_config_name=target.chip_config,
+            chips_per_host_bounds=target.host_bounds, num_slices=1, wrap=(False,) * 3)
     devices = desc.devices
     resolved = mesh.resolve(len(devices)) if -1 in mesh.shape else mesh
     if int(np.prod(resolved.shape)) != len(devices):
