@@ -1,13 +1,17 @@
 """Memory benchmark of the planner: the longest Llama-3-8B sequence that fits each cluster, and
 what each memory technique saves at 1M tokens on one 8-GPU node; with --aot, XLA's compiled
-per-device memory of the one-node 1048K stage beside the planner's (8 simulated CPU devices).
+per-device memory of the one-node 1048K stage beside the planner's (8 simulated CPU devices); with
+--tpu, the longest sequence XLA:TPU compiles the same stage at on a v5p-8 slice (8 chips of 95 GiB),
+found by compiling at the planner's longest length for v5p and stepping down one layout quantum
+(2 * sp * block tokens) at a time until the compiler accepts it (libtpu, no TPU needed; each
+compile takes minutes).
 
 All figures are the planner's (`lwm_jax.plan`), for the 1048K stage of
 configs/recipes/gradient_1048k_one_node.yaml: batch 1, 16 micro-batches per step, bf16 compute,
 layer inputs offloaded to host, sequence-tiled layers, sharded embedding, vocab-parallel loss,
 bf16 AdamW moments.
 
-Usage: python scripts/bench_memory.py [--aot] [--json]
+Usage: python scripts/bench_memory.py [--aot] [--tpu] [--json]
 """
 
 from __future__ import annotations
@@ -79,9 +83,43 @@ def aot_check() -> dict:
     return {"paper_xla_cpu_gib": paper / GIB, "aot_gib": aot / GIB, "ratio": paper / aot}
 
 
+def tpu_longest(recipe, stage_name: str = "1048K", target_name: str = "v5p-8", max_tries: int = 6) -> dict:
+    """The longest `seq_len` of the stage that XLA:TPU accepts on `target_name`, starting at the
+    planner's longest for the target's chips and stepping down one layout quantum per refusal."""
+    import dataclasses
+
+    from lwm_jax.planner import length_unit
+    from lwm_jax.planner.aot import target_memory
+    from lwm_jax.planner.targets import deviceless_backend, get_target, target_hardware
+    from lwm_jax.train.schedule import schedule_recipe
+
+    deviceless_backend()
+    target = get_target(target_name)
+    plan = next(p for p in schedule_recipe(recipe, target.chips, check_sources=False, only_stage=stage_name))
+    st, hw = plan.stage, target_hardware(target)
+    planned = longest_fitting(plan.model, plan.mesh, st.batch_size, st.grad_accum, recipe.loss_chunk, hw,
+                              moment_bytes=2)
+    unit, tries = length_unit(plan.model, plan.mesh), []
+    seq = planned
+    while len(tries) < max_tries:
+        stages = tuple(dataclasses.replace(s, seq_len=seq) if s.name == stage_name else s for s in recipe.stages)
+        mem = target_memory(dataclasses.replace(recipe, stages=stages), stage_name, target)
+        tries.append({"seq_len": seq, **mem})
+        print(f"  {target_name} at {seq:,} tokens: " + (f"fits, XLA:TPU peak {mem['peak'] / GIB:.2f} GiB"
+              if mem["fits"] else f"refused ({mem['refusal']})") + f", compile {mem['compile_s']:.0f} s", flush=True)
+        if mem["fits"]:
+            break
+        seq -= unit
+    compiled = tries[-1]["seq_len"] if tries[-1]["fits"] else None
+    return {"target": target_name, "hardware": hw.name, "memory_gib": hw.memory_gib, "planner_longest": planned,
+            "compiled_longest": compiled, "quantum": unit, "tries": tries}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--aot", action="store_true", help="also compile the 1048K stage on 8 simulated devices")
+    parser.add_argument("--tpu", action="store_true",
+                        help="also find the longest 1048K-stage sequence XLA:TPU compiles on v5p-8 (libtpu; slow)")
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     args = parser.parse_args()
     recipe = load_recipe(RECIPE)
@@ -102,6 +140,11 @@ def main() -> None:
         a = result["aot_1048k"]
         print(f"\n1048K stage on 8 simulated devices: planner (XLA:CPU figure) {a['paper_xla_cpu_gib']:.1f} GiB, "
               f"XLA {a['aot_gib']:.1f} GiB, ratio {a['ratio']:.3f}")
+    if args.tpu:
+        print("\nThe longest 1048K-stage sequence on a v5p-8 slice (8 chips, 95 GiB each):")
+        result["tpu_longest"] = t = tpu_longest(recipe)
+        print(f"planner (TPU v5p) {t['planner_longest']:,} tokens; XLA:TPU compiles "
+              + (f"{t['compiled_longest']:,}" if t["compiled_longest"] else f"none of {len(t['tries'])} tried"))
     if args.json:
         print(json.dumps(result))
 
