@@ -740,6 +740,12 @@ CHECK_LINES = {
 }
 
 
+def check_lines(l0: int) -> dict[str, str]:
+    """What each of `claim_checks` checks, in words, for this L0."""
+    fields = dict(base=MIN_BASE, raised=MIN_RAISED, gap=100 * MIN_GAP, l0=l0, four=4 * l0)
+    return {key: text.format(**fields) for key, text in CHECK_LINES.items()}
+
+
 def sweep_report(summary: dict) -> None:
     """The per-seed table, the spread and each check's pass/fail on stdout."""
     rows = summary["seeds"]
@@ -751,14 +757,13 @@ def sweep_report(summary: dict) -> None:
     print("spread over the seeds")
     for line in spread(summary):
         print(f"  {line}")
-    fields = dict(base=MIN_BASE, raised=MIN_RAISED, gap=100 * MIN_GAP, l0=l0, four=4 * l0)
-    for key, text in CHECK_LINES.items():
+    for key, text in check_lines(l0).items():
         marks = [r["checks"][key] for r in rows]
         if None in marks:
             continue
         verdict = ("PASS" if all(marks) else "FAIL") if key in REQUIRED else "    "
         failed = [str(r["seed"]) for r, m in zip(rows, marks) if not m]
-        print(f"{verdict}  {text.format(**fields)}: {sum(marks)}/{len(marks)} seeds"
+        print(f"{verdict}  {text}: {sum(marks)}/{len(marks)} seeds"
               + (f" (not seed {', '.join(failed)})" if failed else ""))
     wall = [r["timings"]["total_s"] for r in rows]
     print(f"time: one seed {min(wall):.0f}-{max(wall):.0f} s; the sweep {summary['wall_s']:.0f} s wall, "
