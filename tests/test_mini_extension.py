@@ -133,22 +133,94 @@ def test_arm_stages_aim_each_rule_at_its_target_and_train_at_a_quarter():
 
 def test_claim_takes_each_stage_at_its_own_target_length():
     module = _script()
-    s = module.PRESETS["demo"]
+    s = dataclasses.replace(module.PRESETS["demo"], seed=3)
     assert s.temperature == "log-n"
 
-    def ev(p4):  # tempered p4 at 4 x L0, untempered p4 / 2
-        return {"scores": {t: {s.l0: 0.95, 4 * s.l0: p4} for t in TASKS},
-                "untempered": {"scores": {t: {s.l0: 0.95, 4 * s.l0: p4 / 2} for t in TASKS}}}
+    def ev(p4):  # tempered p4 at 4 x L0, untempered p4 / 2; the interval at 4 x L0 [p / 2, p]
+        def scored(p):
+            return {"scores": {t: {s.l0: 0.95, 4 * s.l0: p} for t in TASKS},
+                    "intervals": {t: {s.l0: (0.9, 1.0), 4 * s.l0: (p / 2, p)} for t in TASKS}}
+        return {**scored(p4), "untempered": scored(p4 / 2)}
 
     results = {"base": ev(0.05), "arms": {"scaling-law": {"stages": {"x4": ev(0.9)}},
                                           "control": {"stages": {"x4": ev(0.1)}}}}
     claim = module.claim(results, s)
     assert claim["L0"] == s.l0 and claim["probes_per_cell"] == len(s.eval_depths) * s.eval_samples == 40
-    assert claim["temperature"] == "log-n"
+    assert claim["temperature"] == "log-n" and claim["seed"] == 3
     for task in TASKS:
-        assert claim[task] == {"base": {"1x": 0.95}, "raised": {"4x": 0.9, "16x": None},
-                               "control": {"4x": 0.1, "16x": None}}
-        assert claim["untempered"][task] == {"base": {"1x": 0.95}, "raised": {"4x": 0.45, "16x": None},
-                                             "control": {"4x": 0.05, "16x": None}}
+        assert claim[task] == {
+            "base": {"1x": 0.95}, "raised": {"4x": 0.9, "16x": None}, "control": {"4x": 0.1, "16x": None},
+            "interval": {"base": {"1x": [0.9, 1.0]}, "raised": {"4x": [0.45, 0.9], "16x": None},
+                         "control": {"4x": [0.05, 0.1], "16x": None}}}
+        untempered = claim["untempered"][task]
+        assert untempered["raised"] == {"4x": 0.45, "16x": None} and untempered["control"] == {"4x": 0.05, "16x": None}
+        assert untempered["interval"]["raised"]["4x"] == [0.225, 0.45]
     untempered = module.claim(results, dataclasses.replace(s, temperature="none"))
     assert "untempered" not in untempered and untempered["passkey"]["raised"]["4x"] == 0.9
+
+
+def _claim(base=(1.0, 1.0), raised=0.9, control=0.1, niah=(0.7, 0.0), untempered_niah=(0.1, 0.0), width=0.1):
+    """A claim.json-shaped dict: base (passkey, NIAH) at L0, passkey and NIAH (raised, control) at 4x,
+    each 4x cell's interval +-`width`."""
+
+    def row(b, r, c):
+        return {"base": {"1x": b}, "raised": {"4x": r, "16x": None}, "control": {"4x": c, "16x": None},
+                "interval": {"base": {"1x": [b - 0.1, b]}, "raised": {"4x": [r - width, r + width], "16x": None},
+                             "control": {"4x": [c - width, c + width], "16x": None}}}
+
+    return {"L0": 128, "seed": 0, "probes_per_cell": 40, "raised_arm": "scaling-law", "temperature": "log-n",
+            "passkey": row(base[0], raised, control), "niah": row(base[1], *niah),
+            "untempered": {"passkey": row(base[0], raised, control), "niah": row(base[1], *untempered_niah)}}
+
+
+@pytest.mark.parametrize("claim, failed", [
+    (_claim(), set()),
+    (_claim(base=(1.0, 0.85)), {"base"}),  # NIAH at L0 counts too
+    (_claim(base=(0.875, 1.0)), {"base"}),
+    (_claim(base=(0.9, 0.9)), set()),  # the bound itself passes
+    (_claim(raised=0.775, control=0.0), {"raised"}),
+    (_claim(raised=0.85, control=0.575, width=0.0), {"gap"}),  # 27.5 points
+    (_claim(raised=0.8, control=0.5, width=0.0), set()),  # 30 points, intervals apart
+    (_claim(raised=0.8, control=0.5, width=0.2), {"gap"}),  # 30 points, intervals overlap
+    (_claim(raised=0.95, control=0.6, width=0.2), {"gap"}),  # 35 points, intervals overlap
+])
+def test_claim_checks_apply_the_bounds_per_seed(claim, failed):
+    checks = _script().claim_checks(claim)
+    assert {k for k in ("base", "raised", "gap") if not checks[k]} == failed
+    assert checks["niah_gap"] and not checks["niah_gap_untempered"]
+
+
+def test_sweep_report_prints_each_seed_the_spread_and_each_check(capsys):
+    module = _script()
+    claims = [_claim(), _claim(raised=0.7, control=0.05), _claim(base=(1.0, 0.5))]
+    rows = [{"seed": k, "claim": {**c, "seed": k}, "timings": {"total_s": 400.0 + k}, "checks": module.claim_checks(c)}
+            for k, c in enumerate(claims)]
+    module.sweep_report({"seeds": rows, "wall_s": 1203.0, "cpu_s": 2000.0, "passed": False})
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert "seed" in lines[1] and "raised pk@512" in lines[1]
+    assert [line.split()[0] for line in lines[2:5]] == ["0", "1", "2"]
+    assert "90% [80-100]" in lines[2] and "70% [60-80] (10%)" in lines[2]  # NIAH untempered in parentheses
+    assert "passkey raised at 512: mean 83%, min 70%, max 90%" in out
+    assert "FAIL  base >= 90% passkey and >= 90% NIAH at 128: 2/3 seeds (not seed 2)" in out
+    assert "FAIL  raised theta >= 80% passkey at 512: 2/3 seeds (not seed 1)" in out
+    assert "PASS  raised theta >= control + 30 points on passkey at 512, Wilson intervals apart: 3/3 seeds" in out
+    assert "(reported) the same on NIAH at 512, no temperature: 0/3 seeds" in out
+    assert "the sweep 1203 s wall, 2000 s CPU" in out
+
+
+def test_a_reused_out_must_hold_the_same_settings(tmp_path):
+    module = _script()
+    s = module.PRESETS["quick"]
+    module.check_reuse(s, tmp_path)  # nothing there yet
+    (tmp_path / "settings.json").write_text(json.dumps(dataclasses.asdict(s)))
+    module.check_reuse(s, tmp_path)
+    with pytest.raises(SystemExit, match="other settings \\(seed\\)"):
+        module.check_reuse(dataclasses.replace(s, seed=1), tmp_path)
+
+
+def test_seed_flag_sets_the_seed_and_keeps_the_preset():
+    module = _script()
+    s = module.settings_from(module.parse_args(["--preset", "demo", "--seed", "4"]))
+    assert s == dataclasses.replace(module.PRESETS["demo"], seed=4)
+    assert module.settings_from(module.parse_args(["--preset", "demo", "--set", "seed=2"])).seed == 2
