@@ -103,8 +103,6 @@ def kernel_report(platform: str, dtype, head_dim: int, segments: bool = False) -
     unused = [n for n, k in kernels.items() if n not in (chosen, whole, "xla") and k["can_run"]]
     if chosen != "xla":
         reason = f"ring and Ulysses steps: the fused {chosen} kernel supports this call on {platform}"
-    elif unused:
-        reason = f"ring and Ulysses steps: the portable pure-JAX kernel, auto's choice on {platform}"
     else:
         reason = "ring and Ulysses steps: the portable pure-JAX kernel, no fused kernel runs this call here" + (
             f" ({'; '.join(others)})" if others else "")

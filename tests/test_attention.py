@@ -225,8 +225,7 @@ def test_kernel_selection_by_platform():
     pick = lambda name="auto", **kw: kernels.select_kernel(name, **{
         "dtype": jnp.bfloat16, "head_dim": 128, "segments": False, **kw})
     assert pick(platform="cpu").name == "xla"  # the Pallas kernel runs interpreted there: only when named
-    # Pallas (Mosaic) and splash: when named (the Mosaic kernel's compiled memory, docs/attention.md)
-    assert pick(platform="tpu").name == pick(platform="tpu", whole=True).name == "xla"
+    assert pick(platform="tpu").name == pick(platform="tpu", whole=True).name == "pallas"  # splash: when named
     assert pick(platform="gpu").name == "pallas"  # ring and Ulysses steps merge: cuDNN cannot serve them
     assert pick(platform="gpu", whole=True).name == "cudnn"  # a call that merges nothing
     assert pick(platform="gpu", whole=True, segments=True).name == "pallas"

@@ -129,9 +129,8 @@ def test_kernel_choice_on_each_platform():
     seg_auto, _ = kernel_report("gpu", jnp.bfloat16, 128, segments=True)
     assert seg_auto["whole_call"] == "pallas"  # cuDNN's public call takes no segment ids
     tpu_auto, tpu = kernel_report("tpu", jnp.bfloat16, 128)
-    assert (tpu_auto["name"], tpu_auto["whole_call"]) == ("xla", "xla") and tpu["splash"]["can_run"]
-    assert "auto's choice on tpu" in tpu_auto["reason"]
-    assert "splash, pallas can run, but auto does not pick it on tpu" in tpu_auto["reason"]
+    assert (tpu_auto["name"], tpu_auto["whole_call"]) == ("pallas", "pallas") and tpu["splash"]["can_run"]
+    assert "splash can run, but auto does not pick it on tpu" in tpu_auto["reason"]
     odd_auto, odd = kernel_report("tpu", jnp.bfloat16, 96)
     assert not odd["splash"]["can_run"] and "head_dim=96" in odd["splash"]["reason"]
     assert odd_auto["name"] == "xla" and not odd["pallas"]["can_run"]  # 96 is not a power of two

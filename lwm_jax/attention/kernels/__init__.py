@@ -31,12 +31,10 @@ __all__ = ["LSE_EMPTY", "XLA", "Kernel", "Meta", "XlaKernel", "Tiling", "get_ker
 _KERNELS: dict[str, Kernel] = {k.name: k for k in (XLA, CUDNN, SPLASH, PALLAS)}
 assert ("auto", *_KERNELS) == ATTENTION_KERNELS, "config.ATTENTION_KERNELS must name exactly these kernels"
 # Tried in this order by `kernel="auto"` on each platform, each with whether it serves only calls that
-# merge nothing (its whole-call path): cuDNN whole calls on GPU, then the Pallas kernel (Triton) for
-# every ring and Ulysses step; `xla` is always the last resort. On TPU auto keeps the XLA blocks: the
-# one-node recipe's 1048K step compiled by XLA:TPU for v5p-8 peaks at 39.5 GiB per chip with the
-# Mosaic kernel against 29.5 with the XLA blocks (the kernel's pair-sized float32 dQ and sliced
-# operands; docs/attention.md#kernels), and its speed there is unmeasured. Name it to use it.
-_AUTO: dict[str, tuple[tuple[str, bool], ...]] = {"gpu": (("cudnn", True), ("pallas", False))}
+# merge nothing (its whole-call path): cuDNN whole calls on GPU, the Pallas kernel for every ring and
+# Ulysses step on GPU (Triton) and TPU (Mosaic); `xla` is always the last resort.
+_AUTO: dict[str, tuple[tuple[str, bool], ...]] = {"gpu": (("cudnn", True), ("pallas", False)),
+                                                  "tpu": (("pallas", False),)}
 
 
 def kernel_names() -> tuple[str, ...]:
