@@ -29,6 +29,11 @@ class Hardware:
     device_kinds: tuple[str, ...] = ()
     efficiency: float = 0.4  # the fraction of peak a well-tuned long-context step reaches (planner estimate)
 
+    @property
+    def platform(self) -> str:
+        """JAX's platform name for these devices: `tpu` or `gpu`."""
+        return "tpu" if self.name.startswith("TPU") else "gpu"
+
 
 # Figures from the vendors' spec sheets: NVIDIA's H100/H200/B200/A100/L40S datasheets (dense bf16
 # Tensor Core peaks, i.e. half the "with sparsity" figure; NVLink bidirectional totals halved for one

@@ -46,7 +46,8 @@ def longest_table(stage, model, loss_chunk) -> list[dict]:
         hw = HARDWARE[hw_name]
         batch = max(stage.batch_size, mesh.dp * mesh.fsdp)
         n = longest_fitting(model, mesh, batch, stage.grad_accum, loss_chunk, hw, moment_bytes=2)
-        mem = memory_per_device(model, mesh, n, batch, stage.grad_accum, loss_chunk, moment_bytes=2)
+        mem = memory_per_device(model, mesh, n, batch, stage.grad_accum, loss_chunk, moment_bytes=2,
+                                platform=hw.platform)
         rows.append({"cluster": label, "hardware": hw_name, "mesh": mesh.spec(), "max_seq_len": n,
                      "device_gib": mem["total"] / GIB,
                      "host_gib": host_bytes_per_device(model, mesh, n, batch) / GIB})

@@ -24,7 +24,9 @@ def test_analytic_memory_agrees_with_xla_on_the_demo_recipe(stage):
     recipe = load_recipe(ROOT / "configs/recipes/demo_cpu.yaml")
     plan = plan_recipe(recipe, HARDWARE["L40S"], only_stage=stage)[0]
     analytic, compiled = plan["memory_bytes_per_device_xla_cpu"], aot_memory(recipe, stage)["total"]
-    assert plan["memory_bytes_per_device"] == analytic  # float32 model
+    # A float32 model: the GPU figure is the XLA:CPU one less the XLA kernel's score blocks (a GPU runs
+    # the fused kernel, which keeps them on chip).
+    assert plan["memory"]["attention_scores"] == 0 < analytic - plan["memory_bytes_per_device"]
     assert abs(analytic - compiled) <= AGREEMENT * compiled, (analytic, compiled)
 
 
