@@ -133,7 +133,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="output folder (default runs/mini_extension, git-ignored)")
     p.add_argument("--preset", choices=tuple(PRESETS), default="default",
                    help="default: the full run (about 20 minutes on 2 CPU cores); demo: what `make demo` runs "
-                        "(about 8 minutes); quick: a smoke check of about 2 minutes that learns nothing")
+                        "(about 6 minutes); quick: a smoke check of about 2 minutes that learns nothing")
     p.add_argument("--quick", action="store_true", help="the same as --preset quick")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object on the last line")
     p.add_argument("--devices", type=int, default=1,
