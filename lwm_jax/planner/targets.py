@@ -30,30 +30,25 @@ class Target:
     name: str
     hardware: str  # the `lwm_jax.hardware` entry
     topology: str  # libtpu's topology name, e.g. "v5:2x2x2"
-    chip_config: str  # "megacore" (v4, v5p: one device per chip) or "default"
-    host_bounds: tuple[int, int, int]  # chips per host along each axis
+    chip_config: str = "default"  # "megacore" (v4, v5p: one device per chip) or "default"
+    host_bounds: tuple[int, int, int] = (2, 2, 1)  # chips per host along each axis
 
     @property
     def chips(self) -> int:
         return int(np.prod([int(n) for n in self.topology.split(":")[1].split("x")]))
 
 
-def _target(name: str, hardware: str, topology: str, chip_config: str = "default",
-            host_bounds: tuple[int, int, int] = (2, 2, 1)) -> Target:
-    return Target(name, hardware, topology, chip_config, host_bounds)
-
-
 TARGETS: dict[str, Target] = {t.name: t for t in (
-    _target("v4-1", "TPU v4", "v4:1x1x1", "megacore", (1, 1, 1)),
-    _target("v4-8", "TPU v4", "v4:2x2x2", "megacore"),
-    _target("v5e-1", "TPU v5e", "v5e:1x1", host_bounds=(1, 1, 1)),
-    _target("v5e-8", "TPU v5e", "v5e:2x4"),
-    _target("v5p-1", "TPU v5p", "v5:1x1x1", "megacore", (1, 1, 1)),
-    _target("v5p-4", "TPU v5p", "v5:2x2x1", "megacore"),
-    _target("v5p-8", "TPU v5p", "v5:2x2x2", "megacore"),
-    _target("v5p-64", "TPU v5p", "v5:4x4x4", "megacore"),
-    _target("v6e-1", "TPU v6e", "v6e:1x1", host_bounds=(1, 1, 1)),
-    _target("v6e-8", "TPU v6e", "v6e:2x4"),
+    Target("v4-1", "TPU v4", "v4:1x1x1", "megacore", (1, 1, 1)),
+    Target("v4-8", "TPU v4", "v4:2x2x2", "megacore"),
+    Target("v5e-1", "TPU v5e", "v5e:1x1", host_bounds=(1, 1, 1)),
+    Target("v5e-8", "TPU v5e", "v5e:2x4"),
+    Target("v5p-1", "TPU v5p", "v5:1x1x1", "megacore", (1, 1, 1)),
+    Target("v5p-4", "TPU v5p", "v5:2x2x1", "megacore"),
+    Target("v5p-8", "TPU v5p", "v5:2x2x2", "megacore"),
+    Target("v5p-64", "TPU v5p", "v5:4x4x4", "megacore"),
+    Target("v6e-1", "TPU v6e", "v6e:1x1", host_bounds=(1, 1, 1)),
+    Target("v6e-8", "TPU v6e", "v6e:2x4"),
 )}
 
 

@@ -57,52 +57,20 @@ def compute_tile(block: int) -> int:
     return cap if cap is not None and block > cap and block % cap == 0 else block
 
 
-def _num_blocks(q, k, tiling: Tiling):
-    """(tile, rows per tile, query tiles, key tiles)."""
+def _num_blocks(n_rows: int, n_keys: int, tiling: Tiling):
+    """(tile, rows per tile, query tiles, key tiles) of `n_rows` query rows against `n_keys` keys."""
     tile = compute_tile(tiling.block)
     rows_per_tile = tile * tiling.group
-    return tile, rows_per_tile, q.shape[1] // rows_per_tile, k.shape[1] // tile
+    return tile, rows_per_tile, n_rows // rows_per_tile, n_keys // tile
 
 
 def chunk_forward(q, k, v, meta: Meta, tiling: Tiling, *, causal: bool):
-    """`(out [bk, rows, d], lse [bk, rows])`, both float32, of query rows `q` against `k, v`."""
+    """`(out [bk, rows, d], lse [bk, rows])`, both float32, of query rows `q` against `k, v`: the
+    pair merged into empty accumulators (exactly its own values; a row that sees no key keeps
+    `LSE_EMPTY` and a zero output)."""
     bk, rows, d = q.shape
-    block, rb, nq, nk = _num_blocks(q, k, tiling)
-    scale, prec = tiling.scale, _precision(q.dtype)
-
-    def q_block(i, out_lse):
-        out, lse = out_lse
-        qi = _rows(q, i * rb, rb)
-
-        def kv_block(j, carry, diagonal=False):
-            acc, m, l = carry
-            s = _dot(qi, _rows(k, j * block, block), 2, 2, prec)  # [bk, rb, block]
-            mask = _mask(meta, i * rb, rb, j * block, block, diagonal)
-            if mask is not None:
-                s = jnp.where(mask, s, -jnp.inf)
-            m_new = jnp.maximum(m, s.max(axis=-1))
-            alpha = jnp.exp(scale * (m - m_new))
-            p = jnp.exp(scale * (s - m_new[..., None]))
-            l = l * alpha + p.sum(axis=-1)
-            pv = _dot(p.astype(v.dtype), _rows(v, j * block, block), 2, 1, prec)
-            return acc * alpha[..., None] + pv, m_new, l
-
-        carry = (jnp.zeros((bk, rb, d), jnp.float32), jnp.full((bk, rb), _M_INIT, jnp.float32),
-                 jnp.zeros((bk, rb), jnp.float32))
-        if causal:  # blocks left of the diagonal are fully visible; right of it never visited
-            carry = lax.fori_loop(0, i, kv_block, carry)
-            carry = kv_block(i, carry, diagonal=True)
-        else:
-            carry = lax.fori_loop(0, nk, kv_block, carry)
-        acc, m, l = carry
-        seen = l > 0
-        out_i = acc / jnp.where(seen, l, 1.0)[..., None]
-        lse_i = jnp.where(seen, scale * m + jnp.log(jnp.where(seen, l, 1.0)), LSE_EMPTY)
-        return (lax.dynamic_update_slice_in_dim(out, out_i, i * rb, 1),
-                lax.dynamic_update_slice_in_dim(lse, lse_i, i * rb, 1))
-
-    init = (jnp.zeros((bk, rows, d), jnp.float32), jnp.zeros((bk, rows), jnp.float32))
-    return lax.fori_loop(0, nq, q_block, init)
+    out, lse = jnp.zeros((bk, rows, d), jnp.float32), jnp.full((bk, rows), LSE_EMPTY, jnp.float32)
+    return chunk_forward_into(q, k, v, meta, tiling, out, lse, causal=causal)
 
 
 def merge_rows(out, lse, o_new, lse_new, start):
@@ -127,9 +95,7 @@ def chunk_forward_into(q, k, v, meta: Meta, tiling: Tiling, out, lse, *, causal:
     bk, _, d = q.shape
     n_rows = q.shape[1] if n_rows is None else n_rows
     n_keys = k.shape[1] if n_keys is None else n_keys
-    block = compute_tile(tiling.block)
-    rb = block * tiling.group
-    nq, nk = n_rows // rb, n_keys // block
+    block, rb, nq, nk = _num_blocks(n_rows, n_keys, tiling)
     scale, prec = tiling.scale, _precision(q.dtype)
 
     def q_block(i, out_lse):
@@ -153,7 +119,7 @@ def chunk_forward_into(q, k, v, meta: Meta, tiling: Tiling, out, lse, *, causal:
 
         carry = (jnp.zeros((bk, rb, d), jnp.float32), jnp.full((bk, rb), _M_INIT, jnp.float32),
                  jnp.zeros((bk, rb), jnp.float32))
-        if causal:
+        if causal:  # blocks left of the diagonal are fully visible; right of it never visited
             carry = lax.fori_loop(0, i, kv_block, carry)
             carry = kv_block(i, carry, diagonal=True)
         else:
@@ -198,9 +164,7 @@ def chunk_backward_into(q, k, v, dout, lse, delta, meta: Meta, tiling: Tiling, d
     bk, _, d = q.shape
     n_rows = q.shape[1] if n_rows is None else n_rows
     n_keys = k.shape[1] if n_keys is None else n_keys
-    block = compute_tile(tiling.block)
-    rb = block * tiling.group
-    nq, nk = n_rows // rb, n_keys // block
+    block, rb, nq, nk = _num_blocks(n_rows, n_keys, tiling)
     scale, prec = tiling.scale, _precision(q.dtype)
 
     def q_block(i, grads):
