@@ -320,3 +320,24 @@ def test_plan_of_one_stage_checks_only_that_stages_mesh(tmp_path, prepared, caps
     result = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert [s["name"] for s in result["stages"]] == ["base"] and result["stages"][0]["devices"] == 4
     assert "needs 8 devices" in cli_error(capsys, ["plan", str(path), "--stage", "long", "--devices", "4"])
+
+
+def test_offloaded_run_killed_and_resumed_matches_the_plain_run(tmp_path, reference):
+    """`optimizer.offload` on the dp=2, sp=4 ring: killed with -9 once two checkpoints of the host-resident
+    state are on disk, rerun, and every step's loss equals the run without offload."""
+    _, _, expected = reference
+    recipe = yaml.safe_load(reference[0].read_text())
+    recipe["stages"][0]["optimizer"] = {"offload": True}
+    (recipe_path := tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    work = tmp_path / "w"
+    ckpt = work / "stages/base/checkpoints"
+    proc = _start("train", str(recipe_path), "--workdir", str(work), log=tmp_path / "first.log")
+    _wait_for(lambda: len(_steps(ckpt)) >= 2, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=WAIT_S)
+    assert not (work / "stages/base/final.json").exists()
+    assert "optimizer state in host memory" in (tmp_path / "first.log").read_text()
+    resumed = _cli("train", str(recipe_path), "--workdir", str(work))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming at step" in resumed.stderr
+    _assert_same_losses(_losses(work), expected)

@@ -36,6 +36,7 @@ class OptimizerConfig:
     weight_decay: float = 0.1
     clip_norm: float = 1.0
     moment_dtype: str = "float32"  # bfloat16: both AdamW moments stored in bf16 (half the state)
+    offload: bool = False  # float32 masters and moments in host memory, updated one layer at a time
 
     def __post_init__(self):
         check(self.lr > 0, f"optimizer.lr={self.lr} must be > 0")

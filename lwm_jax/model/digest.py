@@ -50,10 +50,24 @@ def _tree_digests(tree):
     return jax.tree.map(_array_digest, tree)
 
 
+@jax.jit
+def _host_digest(x):
+    return _array_digest(jax.device_put(x, jax.memory.Space.Device))
+
+
+def _in_host_memory(x) -> bool:
+    return getattr(getattr(x, "sharding", None), "memory_kind", None) == "pinned_host"
+
+
 def tree_digests(tree) -> dict[str, list[int]]:
     """`{leaf path: [sum, weighted sum]}` of every array leaf of `tree` (on its devices; every
-    process of a multi-host run must call it)."""
-    digests = jax.device_get(_tree_digests(tree))
+    process of a multi-host run must call it). Leaves in host memory (offloaded optimizer state)
+    are brought to the device one at a time, so no more than one of them is there at once."""
+    leaves, treedef = jax.tree.flatten(tree)
+    on_host = [_in_host_memory(x) for x in leaves]
+    on_device = iter(_tree_digests([x for x, h in zip(leaves, on_host, strict=True) if not h]))
+    digests = jax.device_get(treedef.unflatten([_host_digest(x) if h else next(on_device)
+                                                for x, h in zip(leaves, on_host, strict=True)]))
     flat = jax.tree_util.tree_flatten_with_path(digests)[0]
     return {jax.tree_util.keystr(path): [int(v) for v in np.asarray(d)] for path, d in flat}
 

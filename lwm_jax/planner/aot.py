@@ -10,19 +10,20 @@ import math
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import jax
 import numpy as np
 
 from lwm_jax.config import RecipeConfig, load_recipe
 from lwm_jax.errors import UserError
-from lwm_jax.model.store import params_target
 from lwm_jax.parallel.mesh import make_mesh
 from lwm_jax.planner.targets import Target, target_mesh
 from lwm_jax.progress import log
-from lwm_jax.train.optimizer import make_optimizer
+from lwm_jax.train.optimizer import make_offload, make_optimizer
 from lwm_jax.train.schedule import schedule_recipe
 from lwm_jax.train.step import BATCH_KEYS, build_step
 
@@ -33,10 +34,9 @@ def _lowered_step(recipe: RecipeConfig, plan, mesh):
     compile-only devices cannot), lowered inside it."""
     stage = plan.stage
     tx = make_optimizer(stage.optimizer_config, stage.steps)
-    fns = build_step(plan.model, tx, mesh, recipe.loss_chunk, document_mask=recipe.data.document_mask)
-    p_abs = params_target(plan.model, mesh)
-    o_abs = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                         jax.eval_shape(tx.init, p_abs), fns.opt_shardings)
+    fns = build_step(plan.model, tx, mesh, recipe.loss_chunk, document_mask=recipe.data.document_mask,
+                     offload=make_offload(stage.optimizer_config, stage.steps))
+    p_abs, o_abs = fns.state_targets(plan.model, tx)
     shape = (stage.grad_accum, stage.batch_size, stage.seq_len)
     b_abs = {k: jax.ShapeDtypeStruct(shape, np.float32 if k == "loss_weights" else np.int32,
                                      sharding=fns.batch_sharding) for k in BATCH_KEYS}
@@ -69,27 +69,54 @@ def aot_memory(recipe: RecipeConfig, stage_name: str, devices: int | None = None
 _REFUSAL = re.compile(r"RESOURCE_EXHAUSTED|exceeds? (the )?available|Ran out of memory", re.I)
 
 
+# One allocation of XLA's dumped buffer assignment, e.g. `allocation 7: size 1048576, color 5, parameter 3,
+# ...` (no color: the device's HBM) or `allocation 2: size 134217728, thread-local:`.
+_ALLOCATION = re.compile(r"^allocation \d+: size (\d+)(.*)$", re.M)
+
+
+def _device_allotted(dump_dir: str) -> int | None:
+    """The device memory (HBM) XLA's buffer assignment lays out for the dumped train step: every
+    allocation in the default memory space (arguments, outputs, constants, preallocated temporaries)
+    but the thread-local ones, which live within a single op's execution (None: no dump was written)."""
+    for path in sorted(Path(dump_dir).glob("*train_step*after_optimizations-buffer-assignment.txt")):
+        return sum(int(size) for size, rest in _ALLOCATION.findall(path.read_text())
+                   if "thread-local" not in rest and not re.search(r"color [1-9]", rest))
+    return None
+
+
 def target_memory(recipe: RecipeConfig, stage_name: str, target: Target) -> dict:
     """XLA:TPU's memory per chip for the stage's real train step on `target`, compiled on this host
-    and never run: `{peak, host_temp, arguments, fits, compile_s}` (`peak_memory_in_bytes`,
-    `host_temp_size_in_bytes`); a compile the compiler refuses for memory is `fits: False` with its
-    own message and the sizes it names."""
+    and never run: `{device, peak, allotted, host_temp, host_arguments, arguments, fits, compile_s}`; a
+    compile the compiler refuses for memory is `fits: False` with its own message and the sizes it names.
+
+    `peak` is `peak_memory_in_bytes`: the arguments plus the larger of the device's and the host's
+    temporaries, so where host-offloaded buffers outweigh the device's temporaries it is a host figure
+    (the one-node recipe from 524K: 7.5 GiB of device arguments + 16 or 32 GiB of host temporaries).
+    `allotted` is the device memory the buffer assignment lays out (read from the compile's dump).
+    Both bound the HBM in use from above; `device` is the smaller of the two.
+    """
     plan = _stage_plan(recipe, stage_name, target.chips)
     start = time.perf_counter()
     cache = jax.config.jax_enable_compilation_cache
     jax.config.update("jax_enable_compilation_cache", False)  # a compile-only executable cannot be cached
     try:
-        compiled = _lowered_step(recipe, plan, target_mesh(target, plan.mesh)).compile()
+        with tempfile.TemporaryDirectory(prefix="lwm-jax-xla-") as dump:
+            compiled = _lowered_step(recipe, plan, target_mesh(target, plan.mesh)).compile(
+                compiler_options={"xla_dump_to": dump, "xla_dump_hlo_module_re": "train_step"})
+            allotted = _device_allotted(dump)
     except Exception as err:  # XLA's errors are bare exceptions (XlaRuntimeError); only memory is expected
         if not _REFUSAL.search(str(err)):
             raise
         line = next((x for x in str(err).splitlines() if _REFUSAL.search(x)), str(err).splitlines()[0])
-        return {"peak": None, "host_temp": None, "arguments": None, "fits": False, "refusal": line.strip()[:300],
+        return {"device": None, "peak": None, "allotted": None, "host_temp": None, "host_arguments": None,
+                "arguments": None, "fits": False, "refusal": line.strip()[:300],
                 "compile_s": time.perf_counter() - start}
     finally:
         jax.config.update("jax_enable_compilation_cache", cache)
     mem = compiled.memory_analysis()
-    return {"peak": int(mem.peak_memory_in_bytes), "host_temp": int(mem.host_temp_size_in_bytes),
+    peak = int(mem.peak_memory_in_bytes)
+    return {"device": min(peak, allotted or peak), "peak": peak, "allotted": allotted,
+            "host_temp": int(mem.host_temp_size_in_bytes), "host_arguments": int(mem.host_argument_size_in_bytes),
             "arguments": int(mem.argument_size_in_bytes), "fits": True, "refusal": None,
             "compile_s": time.perf_counter() - start}
 
@@ -125,7 +152,9 @@ def target_compare(recipe_path: str, overrides: Sequence[str], stages: list[dict
     for stage in stages:
         log(f"plan: compiling stage {stage['name']} for {target.name} (XLA:TPU, minutes for an 8B model)")
         mem = target_memory(recipe, stage["name"], target)
-        stage.update(aot_memory_bytes_per_device=mem["peak"], aot_host_bytes_per_device=mem["host_temp"],
+        host = None if mem["host_temp"] is None else mem["host_temp"] + mem["host_arguments"]
+        stage.update(aot_memory_bytes_per_device=mem["device"], aot_host_bytes_per_device=host,
+                     aot_peak_memory_bytes=mem["peak"], aot_allotted_bytes_per_device=mem["allotted"],
                      aot_arguments_bytes_per_device=mem["arguments"], aot_fits=mem["fits"],
                      aot_compile_s=mem["compile_s"], aot_refusal=mem["refusal"], aot_target=target.name)
     return stages

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import optax
 
 from lwm_jax.config import OptimizerConfig
+from lwm_jax.train.offload import HostOffload
 
 
 def make_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
@@ -51,9 +52,17 @@ def stored_as(inner: optax.GradientTransformation, dtype) -> optax.GradientTrans
     return optax.GradientTransformation(init, update)
 
 
-def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
-    parts = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm > 0 else []
+def make_optimizer(cfg: OptimizerConfig, total_steps: int, clip: bool = True) -> optax.GradientTransformation:
+    """The stage's AdamW. `clip=False` leaves the global-norm clip to the caller (the offloaded update
+    applies it over all gradients before streaming); an identity holds its place in the chain, so
+    the state has the same structure either way and checkpoints move between the two."""
+    parts = [optax.clip_by_global_norm(cfg.clip_norm) if clip else optax.identity()] if cfg.clip_norm > 0 else []
     parts.append(optax.adamw(make_schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                              weight_decay=cfg.weight_decay, mask=_decay_mask))
     tx = optax.chain(*parts)
     return tx if cfg.moment_dtype == "float32" else stored_as(tx, jnp.dtype(cfg.moment_dtype))
+
+
+def make_offload(cfg: OptimizerConfig, total_steps: int) -> HostOffload | None:
+    """The host-offloaded update of `optimizer.offload` (None when it is off)."""
+    return HostOffload(make_optimizer(cfg, total_steps, clip=False), cfg.clip_norm) if cfg.offload else None

@@ -26,7 +26,7 @@ from lwm_jax.config import RUN_FIELDS, ModelConfig, RecipeConfig
 from lwm_jax.data.packing import split_inputs_targets
 from lwm_jax.data.pipeline import build_iterator, make_global_batch
 from lwm_jax.errors import UserError
-from lwm_jax.model.store import merge_params, model_metadata, params_target, restore_params
+from lwm_jax.model.store import merge_params, model_metadata, restore_params
 from lwm_jax.outputs import write_failure
 from lwm_jax.parallel.distributed import data_share
 from lwm_jax.parallel.mesh import make_mesh
@@ -43,7 +43,8 @@ from lwm_jax.train.hooks import (
 )
 from lwm_jax.train.loop import StageLoop, StepInfo
 from lwm_jax.train.metrics import MetricsWriter, flops_per_token, peak_flops
-from lwm_jax.train.optimizer import make_optimizer, make_schedule
+from lwm_jax.train.offload import check_host_memory
+from lwm_jax.train.optimizer import make_offload, make_optimizer, make_schedule
 from lwm_jax.train.schedule import ScheduledStage, check_data, init_source, schedule_recipe, stage_model
 from lwm_jax.train.step import build_step, init_params
 from lwm_jax.train.workdir import (
@@ -149,16 +150,15 @@ def _resume_or_start(plan: ScheduledStage, recipe: RecipeConfig, workdir: Path, 
     """`(start step, params, opt_state)`: the newest readable checkpoint's, or the stage's initial ones."""
     stage, folder = plan.stage, stage_dir(workdir, plan.name)
     if checkpointer.latest_step() is not None:
-        p_target = params_target(plan.model, mesh)
-        o_target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                                jax.eval_shape(tx.init, p_target), fns.opt_shardings)
+        p_target, o_target = fns.state_targets(plan.model, tx)
         start, params, opt_state, _ = checkpointer.restore_newest_good(p_target, o_target, data_iter)
         log(f"stage {plan.name}: resuming at step {start}/{stage.steps}")
         writer.drop_after(plan.name, start)
         return start, params, opt_state
     params = start_params if start_params is not None else _initial_params(plan, recipe, workdir, mesh, services)
-    opt_state = fns.init_opt_state(params)
     param_l2 = _param_l2(params)  # a collective: every process computes it
+    params = jax.device_put(params, fns.params_shardings)  # into host memory with optimizer.offload
+    opt_state = fns.init_opt_state(params)
     if jax.process_index() == 0:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / START_FILE).write_text(json.dumps({
@@ -192,6 +192,7 @@ def run_stage(plan: ScheduledStage, recipe: RecipeConfig, workdir: Path, writer:
     stage, folder = plan.stage, stage_dir(workdir, plan.name)
     mesh = make_mesh(plan.mesh)
     tx = make_optimizer(stage.optimizer_config, stage.steps)
+    offload = make_offload(stage.optimizer_config, stage.steps)
     metadata = model_metadata(plan.model, stage=plan.name, seq_len=stage.seq_len, recipe=recipe.name,
                               recipe_fingerprint=recipe_fingerprint(recipe), seed=recipe.seed)
     peak, peak_source = peak_flops(recipe.peak_tflops)
@@ -202,7 +203,8 @@ def run_stage(plan: ScheduledStage, recipe: RecipeConfig, workdir: Path, writer:
     data_iter, report, timings = None, None, Timings()
     try:
         with jax.set_mesh(mesh):
-            fns = build_step(plan.model, tx, mesh, recipe.loss_chunk, document_mask=recipe.data.document_mask)
+            fns = build_step(plan.model, tx, mesh, recipe.loss_chunk, document_mask=recipe.data.document_mask,
+                             offload=offload)
             shape = (stage.grad_accum, stage.batch_size, stage.seq_len)
             share, shares = data_share(fns.batch_sharding, shape, 1)
             data_iter = build_iterator(recipe.data, seq_len=stage.seq_len, seed=recipe.seed,
@@ -211,7 +213,8 @@ def run_stage(plan: ScheduledStage, recipe: RecipeConfig, workdir: Path, writer:
             first, params, opt_state = _resume_or_start(plan, recipe, workdir, writer, services, mesh, tx, fns,
                                                         checkpointer, data_iter, start_params)
             log(f"stage {plan.name}: seq_len {stage.seq_len:,}, theta {plan.model.rope_theta:,.0f}, "
-                f"mesh {plan.mesh.spec()}, {stage.steps} steps of {stage.tokens_per_step:,} tokens")
+                f"mesh {plan.mesh.spec()}, {stage.steps} steps of {stage.tokens_per_step:,} tokens"
+                + (", optimizer state in host memory" if offload is not None else ""))
 
             def batches():
                 return make_global_batch(_local_batch(next(data_iter), plan), fns.batch_sharding,
@@ -293,6 +296,8 @@ def train(recipe: RecipeConfig, workdir: str | Path, only_stage: str | None = No
         raise UserError("recipe has no data.paths (prepared datasets from `lwm-jax data prepare`)")
     for plan in schedule:
         if only_stage in (None, plan.name):
+            if plan.stage.optimizer_config.offload:
+                check_host_memory(jax.devices(), f"stages.{plan.name}.optimizer.offload=true")
             check_data(recipe, plan)  # fails now, not after earlier stages ran
     claim = claim_workdir(workdir, recipe)
     failed, writer = True, None

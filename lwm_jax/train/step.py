@@ -23,6 +23,7 @@ from lwm_jax.config import ModelConfig
 from lwm_jax.model.llama import Llama, seed_cotangent
 from lwm_jax.parallel.mesh import logical_to_spec, state_shardings
 from lwm_jax.train.loss import vocab_parallel_cross_entropy
+from lwm_jax.train.offload import HostOffload, check_host_memory, compute_weights, global_norm, on_host, streamed_update
 
 BATCH_KEYS = ("inputs", "positions", "segment_ids", "targets", "loss_weights")
 
@@ -69,18 +70,35 @@ class StepFunctions:
     opt_shardings: Any
     batch_sharding: NamedSharding
 
+    def state_targets(self, config: ModelConfig, tx: optax.GradientTransformation):
+        """Abstract `(params, opt_state)` in the step's shardings (in host memory with offload): what a
+        checkpoint restores into and what the step lowers for."""
+        abstract_params = nnx.to_pure_dict(abstract_model(config)[1])
+
+        def place(abstract, shardings):
+            return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+        return (place(abstract_params, self.params_shardings),
+                place(jax.eval_shape(tx.init, abstract_params), self.opt_shardings))
+
 
 def build_step(config: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh,
-               loss_chunk: int = 2048, document_mask: bool = False) -> StepFunctions:
+               loss_chunk: int = 2048, document_mask: bool = False,
+               offload: HostOffload | None = None) -> StepFunctions:
     """Jitted `init_opt_state(params)` and `train_step(params, opt_state, batch)` for one stage.
 
     `train_step` returns `(params, opt_state, metrics)` with metrics `loss`, `grad_norm`, `tokens`
-    (summed loss weights) and `finite` (False when the update was skipped).
+    (summed loss weights) and `finite` (False when the update was skipped). With `offload`, params
+    and optimizer state live in host memory (`params_shardings`, `opt_shardings`) and the step
+    runs on their compute-dtype copies, updating them layer by layer (`train.offload`).
     """
     graphdef, abstract = abstract_model(config)
     abstract_params = nnx.to_pure_dict(abstract)
     p_shardings = param_shardings(config, mesh)
     o_shardings = opt_state_shardings(tx, p_shardings, abstract_params, mesh)
+    if offload is not None:
+        check_host_memory(mesh.devices.flat)
+        p_shardings, o_shardings = on_host(p_shardings), on_host(o_shardings)
     b_sharding = batch_sharding(mesh)
     replicated = NamedSharding(mesh, P())
 
@@ -96,6 +114,9 @@ def build_step(config: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh
         return nll if layer_grad_acc is None else (*nll, out[2])
 
     def train_step(params, opt_state, batch):
+        masters = params
+        if offload is not None:  # the weights the step computes with: device copies in the compute dtype
+            params = compute_weights(masters, jnp.dtype(config.dtype))
         # The loss is normalised by the step's total weight up front (known from the batch), so the
         # gradients come out normalised and no pass over them divides or adds a zero-filled copy.
         weight = jnp.sum(batch["loss_weights"])
@@ -126,8 +147,11 @@ def build_step(config: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh
                 return (total + value, acc), None
 
             (loss, grads), _ = jax.lax.scan(micro_step, (loss, grads), jax.tree.map(lambda x: x[1:], batch))
-        grad_norm = optax.tree.norm(grads)
+        grad_norm = optax.tree.norm(grads) if offload is None else global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        if offload is not None:
+            params, opt_state = streamed_update(offload.tx, grads, opt_state, masters, finite, offload.clip_norm)
+            return params, opt_state, {"loss": loss, "grad_norm": grad_norm, "tokens": weight, "finite": finite}
 
         def update(state):
             params, opt_state = state
