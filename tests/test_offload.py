@@ -71,18 +71,18 @@ def test_offloaded_step_equals_plain_on_the_ring():
 
 
 def _moves_in_scans(jaxpr, inside: bool = False):
-    """(operand type, result type) of every `device_put` inside a `scan` body of the program."""
+    """(operand type, result type) of every `device_put` inside a loop body (`scan`, `while`)."""
     for eqn in jaxpr.eqns:
         if eqn.primitive.name == "device_put" and inside:
             yield str(eqn.invars[0].aval), str(eqn.outvars[0].aval)
         for value in eqn.params.values():
             sub = getattr(value, "jaxpr", None)
             if sub is not None:
-                yield from _moves_in_scans(sub, inside or eqn.primitive.name == "scan")
+                yield from _moves_in_scans(sub, inside or eqn.primitive.name in ("scan", "while"))
 
 
-def test_the_layer_scan_moves_one_layers_state_between_host_and_device():
-    """Inside the step's layer scans, one layer's `[embed, mlp]` slice of the stacked masters and
+def test_the_layer_loops_move_one_layers_state_between_host_and_device():
+    """Inside the step's layer loops, one layer's `[embed, mlp]` slice of the stacked masters and
     moments (`[layers, embed, mlp]` in host memory) is brought to the device and written back."""
     mesh = make_mesh(MeshConfig(), devices=jax.devices()[:1])
     cfg = OptimizerConfig(offload=True)

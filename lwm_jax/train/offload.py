@@ -61,6 +61,11 @@ def _to_host(x):
     return jax.device_put(x, jax.memory.Space.Host)
 
 
+def _layer(x, index):
+    """Layer `index` of a stacked `[layers, ...]` array."""
+    return jax.lax.dynamic_index_in_dim(x, index, keepdims=False)
+
+
 def _streamed(x) -> bool:
     """Whether a leaf is fetched one layer at a time: a stacked layer weight of three or more dims.
     A `[layers, embed]` norm scale is moved whole (it is tiny, and XLA:TPU tiles the layer axis of a
@@ -152,15 +157,23 @@ def streamed_update(tx: optax.GradientTransformation, grads: dict, opt_state, pa
     new_p_whole = [_to_host(x) for x in select(new_p, p_whole)]
     new_s_whole = [_to_host(x) for x in select(new_s, s_whole)]
 
-    # Streamed: one layer's masters and moments on the device at a time.
-    def layer_step(_, xs):
-        g, p, s = xs
-        p, s = [_to_device(x) for x in p], [_to_device(x) for x in s]
-        new_p, new_s = update_part([clip(x, g_norm, max_norm) for x in g], p, s, iter(counters), part=True)
-        return None, ([_to_host(x) for x in select(new_p, p)], [_to_host(x) for x in select(new_s, s)])
+    # Streamed: one layer's masters and moments on the device at a time, written back into the
+    # stacked host arrays in place (a loop carry, not scan outputs: no second host copy of them).
+    def layer_step(index, carry):
+        p_stack, s_stack = carry
+        p, s = [_to_device(_layer(x, index)) for x in p_stack], [_to_device(_layer(x, index)) for x in s_stack]
+        g = [clip(_layer(x, index), g_norm, max_norm) for x in g_stack]
+        new_p, new_s = update_part(g, p, s, iter(counters), part=True)
 
-    _, (new_p_layers, new_s_layers) = jax.lax.scan(
-        layer_step, None, (pick(g_leaves, streamed, True), pick(p_leaves, streamed, True),
-                           pick(s_leaves, s_streamed, True)))
+        def put(stack, new, old):
+            return [jax.lax.dynamic_update_index_in_dim(x, _to_host(v), index, 0)
+                    for x, v in zip(stack, select(new, old), strict=True)]
+
+        return put(p_stack, new_p, p), put(s_stack, new_s, s)
+
+    g_stack = pick(g_leaves, streamed, True)
+    layers = g_stack[0].shape[0] if g_stack else 0
+    new_p_layers, new_s_layers = jax.lax.fori_loop(
+        0, layers, layer_step, (pick(p_leaves, streamed, True), pick(s_leaves, s_streamed, True)))
     return (p_def.unflatten(fill(new_p_layers, streamed, True, new_p_whole)),
             s_def.unflatten(fill(new_s_layers, s_streamed, True, new_s_whole)))
