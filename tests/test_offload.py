@@ -20,11 +20,12 @@ from tests.conftest import ROOT, cli_error
 from tests.test_tpu_compile import _recipe
 from tests.test_train_step import STEP_EPS, TINY, _batch
 
-# Offloaded vs plain, three steps: the same float32 operations on the same values; only XLA's fusion
-# of the update (one layer inside a scan vs all layers at once) may differ, which moves a parameter
-# by a few ulps of its ~0.02-1 magnitude per step (~1e-7), and STEP_EPS keeps AdamW's update Lipschitz
-# in the gradient (lr / eps = 10, test_train_step), so three steps stay well inside 1e-6.
-OFFLOAD_TOL = 1e-6
+# Offloaded vs plain, three steps: the same float32 math, but the offloaded program fetches weights
+# and updates slices inside loops, so XLA fuses and orders the reductions of the forward and backward
+# differently: gradients agree to float32 noise (~1e-7, as in test_train_step). STEP_EPS makes AdamW's
+# update Lipschitz in the gradient (lr / eps = 10), so params move apart by ~1e-6 a step, and stay
+# within STEP_TOL's 1e-5 over three.
+OFFLOAD_TOL = 1e-5
 STEPS = 3
 
 

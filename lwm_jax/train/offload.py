@@ -11,6 +11,7 @@ gradient-norm clip applied first over every gradient, exactly as `optax.clip_by_
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -61,33 +62,77 @@ def _to_host(x):
     return jax.device_put(x, jax.memory.Space.Host)
 
 
-def _layer(x, index):
-    """Layer `index` of a stacked `[layers, ...]` array."""
-    return jax.lax.dynamic_index_in_dim(x, index, keepdims=False)
+WHOLE, LAYER_GROUP = 0, 1  # the group of leaves moved whole, and of the stacked layer weights
+SUBLANES = 16  # rows per chunk are a multiple of this: whole (8, 128) tiles of float32 and (16, 128) of bfloat16
 
 
-def _streamed(x) -> bool:
-    """Whether a leaf is fetched one layer at a time: a stacked layer weight of three or more dims.
-    A `[layers, embed]` norm scale is moved whole (it is tiny, and XLA:TPU tiles the layer axis of a
-    2-D array, so a host DMA cannot slice one layer out of it)."""
-    return x.ndim >= 3
+@dataclasses.dataclass(frozen=True)
+class Stream:
+    """How one param leaf (and its moments) crosses between host and device: whole, one layer of a
+    stack at a time (`rows` None), or in `count` chunks of `rows` rows along its first axis."""
+
+    group: int
+    count: int = 1
+    rows: int | None = None
+
+    def take(self, x, index):
+        if self.rows is None:
+            return jax.lax.dynamic_index_in_dim(x, index, keepdims=False)
+        return jax.lax.dynamic_slice_in_dim(x, index * self.rows, self.rows)
+
+    def put(self, x, value, index):
+        if self.rows is None:
+            return jax.lax.dynamic_update_index_in_dim(x, value, index, 0)
+        return jax.lax.dynamic_update_slice_in_dim(x, value, index * self.rows, 0)
 
 
-def compute_weights(params: dict, dtype) -> dict:
-    """Device copies of the host-resident master `params` in the compute `dtype`; the stacked layer
-    weights are fetched and cast one layer at a time, so no float32 copy of them is on the device."""
-    def fetch(x):
-        return _to_device(x).astype(dtype)
+def plan_streams(params: dict, shardings: dict) -> dict:
+    """A `Stream` per param leaf (a tree like `params`), from shapes and device shardings.
 
-    out = {k: jax.tree.map(fetch, v) for k, v in params.items() if k != LAYERS}
-    if LAYERS in params:
-        leaves, treedef = jax.tree.flatten(params[LAYERS])
-        streamed = [_streamed(x) for x in leaves]
-        fetched = iter(jax.lax.map(lambda xs: [fetch(x) for x in xs],
-                                   [x for x, st in zip(leaves, streamed, strict=True) if st]))
-        out[LAYERS] = treedef.unflatten([next(fetched) if st else fetch(x) for x, st in zip(leaves, streamed,
-                                                                                               strict=True)])
-    return out
+    Stacked layer weights of three or more dims go one layer at a time. A `[layers, embed]` norm
+    scale goes whole: it is tiny, and XLA:TPU tiles the first axis of a 2-D array, so a host DMA
+    cannot cut one layer out of it. Any other 2-D weight whose first axis is not sharded (the
+    embedding and output head on one device) goes in chunks of whole tiles, each no larger than
+    one layer's largest weight, so the update never holds a whole table's state on the device.
+    """
+    layer_slice = max((math.prod(x.shape[1:]) for x in jax.tree.leaves(params.get(LAYERS, {})) if x.ndim >= 3),
+                      default=0)
+    next_group = iter(range(LAYER_GROUP + 1, 1 << 20))
+
+    def plan(key, x, sharding):
+        if key == LAYERS:
+            return Stream(LAYER_GROUP, x.shape[0]) if x.ndim >= 3 else Stream(WHOLE)
+        spec = tuple(sharding.spec)
+        if x.ndim != 2 or (spec and spec[0] is not None) or not layer_slice:
+            return Stream(WHOLE)
+        rows = [r for r in range(SUBLANES, x.shape[0], SUBLANES)
+                if x.shape[0] % r == 0 and r * x.shape[1] <= layer_slice]
+        return Stream(next(next_group), x.shape[0] // rows[-1], rows[-1]) if rows else Stream(WHOLE)
+
+    return {k: jax.tree.map(lambda x, sh, k=k: plan(k, x, sh), v, shardings[k]) for k, v in params.items()}
+
+
+def _is_stream(x) -> bool:
+    return isinstance(x, Stream)
+
+
+def compute_weights(params: dict, streams: dict, dtype) -> dict:
+    """Device copies of the host-resident master `params` in the compute `dtype`, each streamed leaf
+    fetched and cast a slice at a time (`plan_streams`), so no float32 copy of it is on the device."""
+    leaves, treedef = jax.tree.flatten(params)
+    plans = treedef.flatten_up_to(streams)
+    out = [_to_device(x).astype(dtype) if plan.group == WHOLE else None for x, plan in zip(leaves, plans, strict=True)]
+    for group in sorted({plan.group for plan in plans} - {WHOLE}):
+        members = [i for i, plan in enumerate(plans) if plan.group == group]
+
+        def fetch(index, bufs, members=members):
+            return [plans[i].put(buf, _to_device(plans[i].take(leaves[i], index)).astype(dtype), index)
+                    for i, buf in zip(members, bufs, strict=True)]
+
+        zeros = [_to_device(jnp.zeros(leaves[i].shape, dtype)) for i in members]
+        for i, value in zip(members, jax.lax.fori_loop(0, plans[members[0]].count, fetch, zeros), strict=True):
+            out[i] = value
+    return treedef.unflatten(out)
 
 
 def global_norm(grads):
@@ -102,27 +147,28 @@ def clip(g, g_norm, max_norm: float):
     return g if max_norm <= 0 else jnp.where(g_norm < max_norm, g, g / g_norm * max_norm)
 
 
-def streamed_update(tx: optax.GradientTransformation, grads: dict, opt_state, params: dict, finite,
-                    max_norm: float):
+def streamed_update(tx: optax.GradientTransformation, grads: dict, opt_state, params: dict, streams: dict,
+                    finite, max_norm: float):
     """`(params, opt_state)` after one step of host-resident `params` and `opt_state` with the device
-    `grads`, streamed over the layer axis; both unchanged where `finite` is False.
+    `grads`, each group of `streams` a slice at a time; both unchanged where `finite` is False.
 
     `tx` is the optimizer without its clip (`make_optimizer(..., clip=False)`, which keeps the
     state's structure); the clip by the global norm to `max_norm` is applied here, a slice at a
     time. Each `tx.update` sees the whole tree with the leaves outside its slice replaced by
     scalars: AdamW is elementwise, and its schedule and weight-decay mask read only the step count
-    and the paths.
+    and the paths. Each slice is written back into its host array in place (a loop carry).
     """
     g_norm = global_norm(grads)
     p_leaves, p_def = jax.tree.flatten(params)
     g_leaves = p_def.flatten_up_to(grads)
-    streamed_tree = {k: jax.tree.map(lambda x, k=k: k == LAYERS and _streamed(x), v) for k, v in params.items()}
-    streamed = p_def.flatten_up_to(streamed_tree)
+    plans = p_def.flatten_up_to(streams)
+    groups = [plan.group for plan in plans]
     s_leaves, s_def = jax.tree.flatten(opt_state)
-    # Per state leaf: whether it is a moment of a streamed weight, and whether it is a moment at all
-    # (the rest are the step counters, which every part reads).
-    s_streamed = s_def.flatten_up_to(optax.tree_map_params(tx, lambda _, m: m, opt_state, streamed_tree,
-                                                           transform_non_params=lambda _: False))
+    # Per state leaf: the group of the param it is a moment of; the step counters go with WHOLE and
+    # every group reads them.
+    s_groups = s_def.flatten_up_to(optax.tree_map_params(
+        tx, lambda _, plan: plan.group, opt_state, streams, transform_non_params=lambda _: WHOLE,
+        is_leaf=_is_stream))
     s_param = s_def.flatten_up_to(optax.tree_map_params(tx, lambda _: True, opt_state,
                                                         transform_non_params=lambda _: False))
     placeholder = jnp.zeros((), jnp.float32)
@@ -130,50 +176,49 @@ def streamed_update(tx: optax.GradientTransformation, grads: dict, opt_state, pa
     def pick(values, flags, part):
         return [v for v, f in zip(values, flags, strict=True) if f == part]
 
-    def fill(part_values, flags, part, other=None):
-        """A full leaf list: `part_values` where `flags == part`, else `other`'s leaf or a placeholder."""
-        values, rest = iter(part_values), iter(other or ())
-        return [next(values) if f == part else (next(rest) if other is not None else placeholder) for f in flags]
+    def fill(part_values, flags, part):
+        values = iter(part_values)
+        return [next(values) if f == part else placeholder for f in flags]
 
-    def update_part(g, p, s, counters, part: bool):
-        """New `(params, state)` leaves of the part (`streamed == part`) from its device values."""
-        state = s_def.unflatten([x if f == part else (placeholder if param else next(counters))
-                                 for x, f, param in zip(fill(s, s_streamed, part), s_streamed, s_param,
-                                                        strict=True)])
-        full_p = p_def.unflatten(fill(p, streamed, part))
-        updates, new_state = tx.update(p_def.unflatten(fill(g, streamed, part)), state, full_p)
-        new_p = p_def.flatten_up_to(optax.apply_updates(full_p, updates))
-        return pick(new_p, streamed, part), pick(s_def.flatten_up_to(new_state), s_streamed, part)
+    def update_part(g, p, s, part: int):
+        """New `(params, state)` leaves of group `part` from its device values (the gradients
+        clipped), the other leaves placeholders and the step counters the current ones."""
+        values, counts = iter(s), iter(counters)
+        state = s_def.unflatten([next(values) if f == part else (placeholder if param else next(counts))
+                                 for f, param in zip(s_groups, s_param, strict=True)])
+        full_p = p_def.unflatten(fill(p, groups, part))
+        updates, new_state = tx.update(p_def.unflatten(fill(g, groups, part)), state, full_p)
+        return (pick(p_def.flatten_up_to(optax.apply_updates(full_p, updates)), groups, part),
+                pick(s_def.flatten_up_to(new_state), s_groups, part))
 
     def select(new, old):
         return [jnp.where(finite, n, o) for n, o in zip(new, old, strict=True)]
 
-    # Whole: the embedding, output head, norm scales and the step counters.
-    p_whole = [_to_device(x) for x in pick(p_leaves, streamed, False)]
-    s_whole = [_to_device(x) for x in pick(s_leaves, s_streamed, False)]
-    g_whole = [clip(g, g_norm, max_norm) for g in pick(g_leaves, streamed, False)]
-    counters = pick(s_whole, [not f for f in pick(s_param, s_streamed, False)], True)
-    new_p, new_s = update_part(g_whole, p_whole, s_whole, iter(counters), part=False)
-    new_p_whole = [_to_host(x) for x in select(new_p, p_whole)]
-    new_s_whole = [_to_host(x) for x in select(new_s, s_whole)]
+    # The leaves moved whole (norm scales, sharded tables) and the step counters.
+    p_whole = [_to_device(x) for x in pick(p_leaves, groups, WHOLE)]
+    s_whole = [_to_device(x) for x in pick(s_leaves, s_groups, WHOLE)]
+    counters = pick(s_whole, [not f for f in pick(s_param, s_groups, WHOLE)], True)
+    new_p, new_s = update_part([clip(g, g_norm, max_norm) for g in pick(g_leaves, groups, WHOLE)], p_whole,
+                               s_whole, WHOLE)
+    new_p_leaves = dict(zip(pick(range(len(p_leaves)), groups, WHOLE), map(_to_host, select(new_p, p_whole))))
+    new_s_leaves = dict(zip(pick(range(len(s_leaves)), s_groups, WHOLE), map(_to_host, select(new_s, s_whole))))
 
-    # Streamed: one layer's masters and moments on the device at a time, written back into the
-    # stacked host arrays in place (a loop carry, not scan outputs: no second host copy of them).
-    def layer_step(index, carry):
-        p_stack, s_stack = carry
-        p, s = [_to_device(_layer(x, index)) for x in p_stack], [_to_device(_layer(x, index)) for x in s_stack]
-        g = [clip(_layer(x, index), g_norm, max_norm) for x in g_stack]
-        new_p, new_s = update_part(g, p, s, iter(counters), part=True)
+    # The streamed groups: one slice of each member's master and moments on the device at a time.
+    for group in sorted(set(groups) - {WHOLE}):
+        plan = plans[groups.index(group)]
+        g_stack = pick(g_leaves, groups, group)
 
-        def put(stack, new, old):
-            return [jax.lax.dynamic_update_index_in_dim(x, _to_host(v), index, 0)
-                    for x, v in zip(stack, select(new, old), strict=True)]
+        def step(index, carry, plan=plan, group=group, g_stack=g_stack):
+            p_stack, s_stack = carry
+            p = [_to_device(plan.take(x, index)) for x in p_stack]
+            s = [_to_device(plan.take(x, index)) for x in s_stack]
+            new_p, new_s = update_part([clip(plan.take(x, index), g_norm, max_norm) for x in g_stack], p, s, group)
+            return ([plan.put(x, _to_host(v), index) for x, v in zip(p_stack, select(new_p, p), strict=True)],
+                    [plan.put(x, _to_host(v), index) for x, v in zip(s_stack, select(new_s, s), strict=True)])
 
-        return put(p_stack, new_p, p), put(s_stack, new_s, s)
-
-    g_stack = pick(g_leaves, streamed, True)
-    layers = g_stack[0].shape[0] if g_stack else 0
-    new_p_layers, new_s_layers = jax.lax.fori_loop(
-        0, layers, layer_step, (pick(p_leaves, streamed, True), pick(s_leaves, s_streamed, True)))
-    return (p_def.unflatten(fill(new_p_layers, streamed, True, new_p_whole)),
-            s_def.unflatten(fill(new_s_layers, s_streamed, True, new_s_whole)))
+        new_p, new_s = jax.lax.fori_loop(0, plan.count, step, (pick(p_leaves, groups, group),
+                                                               pick(s_leaves, s_groups, group)))
+        new_p_leaves.update(zip(pick(range(len(p_leaves)), groups, group), new_p))
+        new_s_leaves.update(zip(pick(range(len(s_leaves)), s_groups, group), new_s))
+    return (p_def.unflatten([new_p_leaves[i] for i in range(len(p_leaves))]),
+            s_def.unflatten([new_s_leaves[i] for i in range(len(s_leaves))]))

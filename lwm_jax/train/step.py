@@ -23,7 +23,15 @@ from lwm_jax.config import ModelConfig
 from lwm_jax.model.llama import Llama, seed_cotangent
 from lwm_jax.parallel.mesh import logical_to_spec, state_shardings
 from lwm_jax.train.loss import vocab_parallel_cross_entropy
-from lwm_jax.train.offload import HostOffload, check_host_memory, compute_weights, global_norm, on_host, streamed_update
+from lwm_jax.train.offload import (
+    HostOffload,
+    check_host_memory,
+    compute_weights,
+    global_norm,
+    on_host,
+    plan_streams,
+    streamed_update,
+)
 
 BATCH_KEYS = ("inputs", "positions", "segment_ids", "targets", "loss_weights")
 
@@ -98,6 +106,7 @@ def build_step(config: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh
     o_shardings = opt_state_shardings(tx, p_shardings, abstract_params, mesh)
     if offload is not None:
         check_host_memory(mesh.devices.flat)
+        streams = plan_streams(abstract_params, p_shardings)
         p_shardings, o_shardings = on_host(p_shardings), on_host(o_shardings)
     b_sharding = batch_sharding(mesh)
     replicated = NamedSharding(mesh, P())
@@ -116,7 +125,7 @@ def build_step(config: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh
     def train_step(params, opt_state, batch):
         masters = params
         if offload is not None:  # the weights the step computes with: device copies in the compute dtype
-            params = compute_weights(masters, jnp.dtype(config.dtype))
+            params = compute_weights(masters, streams, jnp.dtype(config.dtype))
         # The loss is normalised by the step's total weight up front (known from the batch), so the
         # gradients come out normalised and no pass over them divides or adds a zero-filled copy.
         weight = jnp.sum(batch["loss_weights"])
@@ -150,7 +159,8 @@ def build_step(config: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh
         grad_norm = optax.tree.norm(grads) if offload is None else global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         if offload is not None:
-            params, opt_state = streamed_update(offload.tx, grads, opt_state, masters, finite, offload.clip_norm)
+            params, opt_state = streamed_update(offload.tx, grads, opt_state, masters, streams, finite,
+                                                offload.clip_norm)
             return params, opt_state, {"loss": loss, "grad_norm": grad_norm, "tokens": weight, "finite": finite}
 
         def update(state):
