@@ -70,15 +70,24 @@ def layer_param_count(model: ModelConfig) -> int:
     return d * hd * (2 * model.num_heads + 2 * model.num_kv_heads) + 3 * d * model.intermediate_size + 2 * d
 
 
+def layer_bytes_per_device(model: ModelConfig, mesh: MeshConfig) -> int:
+    """Float32 bytes of one decoder layer's weights on one device."""
+    return param_bytes_per_device(model.replace(num_layers=2), mesh) - param_bytes_per_device(
+        model.replace(num_layers=1), mesh)
+
+
 def memory_per_device(model: ModelConfig, mesh: MeshConfig, seq_len: int, batch_size: int, grad_accum: int,
                       loss_chunk: int, activation_bytes: int | None = None,
-                      moment_bytes: int = 4, platform: str = "gpu") -> dict[str, int]:
+                      moment_bytes: int = 4, platform: str = "gpu", offload: bool = False,
+                      whole: bool = False) -> dict[str, int]:
     """Analytic device bytes per device by component (see the module docstring) and their `total`;
     the host's are `host_bytes_per_device`.
 
     `activation_bytes`: bytes per element of compute-dtype activations (default: the model dtype's;
     4 for XLA:CPU, which holds bf16 values as float32). `moment_bytes`: bytes per AdamW moment.
     `platform`: where the step runs (`gpu`, `tpu`, `cpu`), which picks the attention kernel.
+    `offload`: `optimizer.offload`, the float32 masters and moments in host memory (`train.offload`).
+    `whole`: the attention runs as one whole causal call (`whole_call`), not a ring.
     """
     dt = activation_bytes or np.dtype(model.dtype).itemsize
     d, hd, f, L, v = model.hidden_size, model.head_dim, model.intermediate_size, model.num_layers, model.vocab_size
@@ -109,6 +118,8 @@ def memory_per_device(model: ModelConfig, mesh: MeshConfig, seq_len: int, batch_
     ring_dkv = ring_tokens * hkv_ring * hd * 4 * 4
     ring_q = ring_tokens * hq_ring * (hd + 1) * 4
     exchange = ring_tokens * (2 * hq_ring + 2 * hkv_ring) * hd * dt if mesh.ulysses > 1 else 0
+    if whole:  # a fused kernel's whole call: nothing in flight, no float32 accumulators, its log-sum-exp
+        ring_kv, ring_dkv, ring_q = 0, 0, ring_tokens * hq_ring * 4
     # The pure-JAX kernel's float32 score blocks `[heads, tile, tile]` (scores and probabilities, or
     # their cotangents), two alive at once; the tile is the ring's block on an accelerator (XLA:TPU
     # compiles of the 8B recipe: +0.9 GiB at 65K and +1.9 GiB at 1048K going from tile 256 to 2048).
@@ -140,6 +151,7 @@ def memory_per_device(model: ModelConfig, mesh: MeshConfig, seq_len: int, batch_
     # peak (the layer backward, XLA:TPU) neither is alive, so neither is counted.
     out = {"params": params, "optimizer": 2 * params * moment_bytes // 4,
            "gradients": params, "weights_cast": weights_cast,
+           **(_offloaded_state(model, mesh, dt, moment_bytes) if offload else {}),
            "activations": 2 * tokens * d * dt if offload else saved,  # offload: two layers' inputs in flight
            "layer_recompute": attention_work + tile_work,
            "ring_kv": ring_kv, "ring_dkv": ring_dkv, "ring_q": ring_q, "ulysses_exchange": exchange,
@@ -147,6 +159,22 @@ def memory_per_device(model: ModelConfig, mesh: MeshConfig, seq_len: int, batch_
            "batch": 5 * grad_accum * tokens * 4}
     out["total"] = sum(out.values())
     return out
+
+
+def whole_call(model: ModelConfig, mesh: MeshConfig, packing: str) -> bool:
+    """Whether a stage's attention runs as one whole causal call (`train.step`, natural positions):
+    the ring on a mesh without sequence shards, over continuously packed sequences."""
+    return model.attention == "ring" and mesh.sp * mesh.ulysses == 1 and packing == "continuous"
+
+
+def _offloaded_state(model: ModelConfig, mesh: MeshConfig, dt: int, moment_bytes: int) -> dict[str, int]:
+    """The device's share of weights and optimizer state with `optimizer.offload`: the compute-dtype
+    copy of every weight and its gradient, and the update's one slice at a time: a layer's float32
+    masters, moments, clipped gradient and new masters (the embedding and head go in chunks no
+    larger than a layer's largest weight, so a layer bounds them)."""
+    weights = param_bytes_per_device(model, mesh) * dt // 4
+    return {"params": weights, "gradients": weights, "weights_cast": 0,
+            "optimizer": layer_bytes_per_device(model, mesh) * (12 + 2 * moment_bytes) // 4}
 
 
 def _score_blocks(model: ModelConfig, platform: str) -> bool:
@@ -160,19 +188,30 @@ def _score_blocks(model: ModelConfig, platform: str) -> bool:
 
 
 def host_bytes_per_device(model: ModelConfig, mesh: MeshConfig, seq_len: int, batch_size: int,
-                          activation_bytes: int | None = None) -> int:
-    """Host memory per device: the layer inputs the `offload` remat policy keeps there (else 0)."""
+                          activation_bytes: int | None = None, offload: bool = False, moment_bytes: int = 4) -> int:
+    """Host memory per device: the layer inputs the `offload` remat policy keeps there, and with
+    `optimizer.offload` the float32 masters and the moments."""
+    state = param_bytes_per_device(model, mesh) * (4 + 2 * moment_bytes) // 4 if offload else 0
     if model.remat != "offload":
-        return 0
+        return state
     dt = activation_bytes or np.dtype(model.dtype).itemsize
     b = max(batch_size // (mesh.dp * mesh.fsdp), 1)
-    return model.num_layers * b * (seq_len // (mesh.sp * mesh.ulysses)) * model.hidden_size * dt
+    return state + model.num_layers * b * (seq_len // (mesh.sp * mesh.ulysses)) * model.hidden_size * dt
+
+
+def host_link_seconds(model: ModelConfig, mesh: MeshConfig, hw: Hardware, moment_bytes: int = 4) -> float:
+    """Seconds per step on the host link with `optimizer.offload`: every float32 master read once for
+    the compute weights, and masters and moments read and written back by the update. The update runs
+    after the backward pass, so this adds to the step rather than overlapping it."""
+    params = param_bytes_per_device(model, mesh) // 4
+    return params * (4 + 2 * (4 + 2 * moment_bytes)) / (hw.host_gbps * 1e9)
 
 
 def step_seconds(model: ModelConfig, mesh: MeshConfig, seq_len: int, batch_size: int, grad_accum: int,
-                 hw: Hardware) -> dict[str, Any]:
+                 hw: Hardware, offload: bool = False, moment_bytes: int = 4) -> dict[str, Any]:
     """Estimated seconds per optimizer step: compute vs. ring, Ulysses and FSDP communication
-    (`traffic`: bytes, link and seconds per sequence axis)."""
+    (`traffic`: bytes, link and seconds per sequence axis), plus with `offload` the optimizer
+    state's trips over the host link (`host_link_seconds`)."""
     devices = math.prod(mesh.shape)
     tokens = seq_len * batch_size * grad_accum
     recompute = 8 / 6 if model.remat in ("full", "offload") else 1.0
@@ -199,23 +238,25 @@ def step_seconds(model: ModelConfig, mesh: MeshConfig, seq_len: int, batch_size:
     fsdp_bytes = 3 * weights * (shards - 1) / shards * grad_accum  # gather fwd, gather bwd, reduce-scatter
     fsdp_link = hw.inter_node_gbps if shards > hw.devices_per_node else hw.intra_node_gbps
     fsdp = fsdp_bytes / (fsdp_link * 1e9) if shards > 1 else 0.0
-    return {"compute_s": compute, "ring_s": ring, "ulysses_s": ulysses, "fsdp_s": fsdp,
-            "step_s": max(compute, ring + ulysses + fsdp), "flops": flops, "traffic": per_axis}
+    host = host_link_seconds(model, mesh, hw, moment_bytes) if offload else 0.0
+    return {"compute_s": compute, "ring_s": ring, "ulysses_s": ulysses, "fsdp_s": fsdp, "host_link_s": host,
+            "step_s": max(compute, ring + ulysses + fsdp) + host, "flops": flops, "traffic": per_axis}
 
 
 def plan_stage(model: ModelConfig, mesh: MeshConfig, seq_len: int, batch_size: int, grad_accum: int, steps: int,
-               loss_chunk: int, hw: Hardware, moment_bytes: int = 4) -> dict[str, Any]:
+               loss_chunk: int, hw: Hardware, moment_bytes: int = 4, offload: bool = False,
+               whole: bool = False) -> dict[str, Any]:
     """The plan of one stage: memory by component (device and host apart), whether it fits, time."""
     memory = memory_per_device(model, mesh, seq_len, batch_size, grad_accum, loss_chunk, moment_bytes=moment_bytes,
-                               platform=hw.platform)
+                               platform=hw.platform, offload=offload, whole=whole)
     xla_cpu = memory_per_device(model, mesh, seq_len, batch_size, grad_accum, loss_chunk, activation_bytes=4,
-                                moment_bytes=moment_bytes, platform="cpu")
-    time = step_seconds(model, mesh, seq_len, batch_size, grad_accum, hw)
-    host = host_bytes_per_device(model, mesh, seq_len, batch_size)
+                                moment_bytes=moment_bytes, platform="cpu", offload=offload, whole=whole)
+    time = step_seconds(model, mesh, seq_len, batch_size, grad_accum, hw, offload, moment_bytes)
+    host = host_bytes_per_device(model, mesh, seq_len, batch_size, offload=offload, moment_bytes=moment_bytes)
     # XLA:CPU keeps host-offloaded buffers in ordinary memory, so its figure holds both.
     return {"memory": memory, "memory_bytes_per_device": memory["total"], "host_bytes_per_device": host,
-            "memory_bytes_per_device_xla_cpu": xla_cpu["total"] + host_bytes_per_device(model, mesh, seq_len,
-                                                                                         batch_size, 4),
+            "memory_bytes_per_device_xla_cpu": xla_cpu["total"] + host_bytes_per_device(
+                model, mesh, seq_len, batch_size, 4, offload, moment_bytes),
             "fits": memory["total"] <= hw.memory_gib * GIB, "step_s": time["step_s"], "time": time,
             "estimated_minutes": time["step_s"] * steps / 60}
 
@@ -231,14 +272,15 @@ def length_unit(model: ModelConfig, mesh: MeshConfig) -> int:
 
 
 def longest_fitting(model: ModelConfig, mesh: MeshConfig, batch_size: int, grad_accum: int, loss_chunk: int,
-                    hw: Hardware, moment_bytes: int = 4) -> int:
+                    hw: Hardware, moment_bytes: int = 4, offload: bool = False, whole: bool = False) -> int:
     """The longest `seq_len`, a multiple of `length_unit`, whose device memory fits `hw` (0: none)."""
     unit = length_unit(model, mesh)
     limit = hw.memory_gib * GIB
 
     def fits(n: int) -> bool:
         return memory_per_device(model, mesh, n * unit, batch_size, grad_accum, loss_chunk,
-                                 moment_bytes=moment_bytes, platform=hw.platform)["total"] <= limit
+                                 moment_bytes=moment_bytes, platform=hw.platform, offload=offload,
+                                 whole=whole)["total"] <= limit
 
     if not fits(1):
         return 0
@@ -263,11 +305,13 @@ def plan_recipe(recipe: RecipeConfig, hw: Hardware, devices: int | None = None,
     for plan in schedule_recipe(recipe, devices, check_sources=False, only_stage=only_stage):
         stage = plan.stage
         moment_bytes = np.dtype(stage.optimizer_config.moment_dtype).itemsize
+        offload = stage.optimizer_config.offload
+        whole = whole_call(plan.model, plan.mesh, recipe.data.packing if recipe.data else "continuous")
         result = plan_stage(plan.model, plan.mesh, stage.seq_len, stage.batch_size, stage.grad_accum, stage.steps,
-                            recipe.loss_chunk, hw, moment_bytes)
+                            recipe.loss_chunk, hw, moment_bytes, offload, whole)
         out.append({"name": plan.name, "seq_len": stage.seq_len, "devices": math.prod(plan.mesh.shape),
                     "mesh": plan.mesh.spec(), "remat": plan.model.remat, **result})
         if max_seq_len:
             out[-1]["max_seq_len"] = longest_fitting(plan.model, plan.mesh, stage.batch_size, stage.grad_accum,
-                                                     recipe.loss_chunk, hw, moment_bytes)
+                                                     recipe.loss_chunk, hw, moment_bytes, offload, whole)
     return out

@@ -35,7 +35,8 @@ def _lowered_step(recipe: RecipeConfig, plan, mesh):
     stage = plan.stage
     tx = make_optimizer(stage.optimizer_config, stage.steps)
     fns = build_step(plan.model, tx, mesh, recipe.loss_chunk, document_mask=recipe.data.document_mask,
-                     offload=make_offload(stage.optimizer_config, stage.steps))
+                     offload=make_offload(stage.optimizer_config, stage.steps),
+                     natural_positions=recipe.data.packing == "continuous")
     p_abs, o_abs = fns.state_targets(plan.model, tx)
     shape = (stage.grad_accum, stage.batch_size, stage.seq_len)
     b_abs = {k: jax.ShapeDtypeStruct(shape, np.float32 if k == "loss_weights" else np.int32,

@@ -204,7 +204,7 @@ def run_stage(plan: ScheduledStage, recipe: RecipeConfig, workdir: Path, writer:
     try:
         with jax.set_mesh(mesh):
             fns = build_step(plan.model, tx, mesh, recipe.loss_chunk, document_mask=recipe.data.document_mask,
-                             offload=offload)
+                             offload=offload, natural_positions=recipe.data.packing == "continuous")
             shape = (stage.grad_accum, stage.batch_size, stage.seq_len)
             share, shares = data_share(fns.batch_sharding, shape, 1)
             data_iter = build_iterator(recipe.data, seq_len=stage.seq_len, seed=recipe.seed,

@@ -21,7 +21,7 @@ from jax.sharding import PartitionSpec as P
 
 from lwm_jax.config import ModelConfig
 from lwm_jax.model.llama import Llama, seed_cotangent
-from lwm_jax.parallel.mesh import logical_to_spec, state_shardings
+from lwm_jax.parallel.mesh import logical_to_spec, seq_shards, state_shardings
 from lwm_jax.train.loss import vocab_parallel_cross_entropy
 from lwm_jax.train.offload import (
     HostOffload,
@@ -92,13 +92,16 @@ class StepFunctions:
 
 def build_step(config: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh,
                loss_chunk: int = 2048, document_mask: bool = False,
-               offload: HostOffload | None = None) -> StepFunctions:
+               offload: HostOffload | None = None, natural_positions: bool = False) -> StepFunctions:
     """Jitted `init_opt_state(params)` and `train_step(params, opt_state, batch)` for one stage.
 
     `train_step` returns `(params, opt_state, metrics)` with metrics `loss`, `grad_norm`, `tokens`
     (summed loss weights) and `finite` (False when the update was skipped). With `offload`, params
     and optimizer state live in host memory (`params_shardings`, `opt_shardings`) and the step
     runs on their compute-dtype copies, updating them layer by layer (`train.offload`).
+    `natural_positions`: every sequence's positions are 0..seq_len-1 (continuous packing); on a mesh
+    without sequence shards the attention then runs as one whole causal call (a fused kernel's own
+    backward, with no ring accumulators), which is the same computation.
     """
     graphdef, abstract = abstract_model(config)
     abstract_params = nnx.to_pure_dict(abstract)
@@ -110,6 +113,7 @@ def build_step(config: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh
         p_shardings, o_shardings = on_host(p_shardings), on_host(o_shardings)
     b_sharding = batch_sharding(mesh)
     replicated = NamedSharding(mesh, P())
+    whole_sequence = natural_positions and seq_shards(mesh) == 1
 
     def nll_sum(params, micro, layer_grad_acc=None):
         """(nll sum, weight sum), and with `layer_grad_acc` the accumulator carried out of the layers."""
@@ -117,7 +121,8 @@ def build_step(config: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh
         nnx.replace_by_pure_dict(state, params)
         model = nnx.merge(graphdef, state)
         segment_ids = micro["segment_ids"] if document_mask else None
-        out = model.forward(micro["inputs"], micro["positions"], segment_ids, layer_grad_acc=layer_grad_acc)
+        out = model.forward(micro["inputs"], None if whole_sequence else micro["positions"], segment_ids,
+                            layer_grad_acc=layer_grad_acc)  # None: 0..seq_len-1, which the attention can rely on
         nll = vocab_parallel_cross_entropy(out[0], model.output_weights(), micro["targets"],
                                            micro["loss_weights"], loss_chunk)
         return nll if layer_grad_acc is None else (*nll, out[2])
@@ -156,12 +161,8 @@ def build_step(config: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh
                 return (total + value, acc), None
 
             (loss, grads), _ = jax.lax.scan(micro_step, (loss, grads), jax.tree.map(lambda x: x[1:], batch))
-        grad_norm = optax.tree.norm(grads) if offload is None else global_norm(grads)
+        grad_norm = global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        if offload is not None:
-            params, opt_state = streamed_update(offload.tx, grads, opt_state, masters, streams, finite,
-                                                offload.clip_norm)
-            return params, opt_state, {"loss": loss, "grad_norm": grad_norm, "tokens": weight, "finite": finite}
 
         def update(state):
             params, opt_state = state
@@ -170,7 +171,12 @@ def build_step(config: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh
 
         # A non-finite step is skipped. A `cond` rather than a select of new against old state: the
         # update can then run in place in the donated buffers, without a copy of params and moments.
-        params, opt_state = jax.lax.cond(finite, update, lambda state: state, (params, opt_state))
+        # Offloaded, the update selects slice by slice as it streams.
+        if offload is not None:
+            params, opt_state = streamed_update(offload.tx, grads, opt_state, masters, streams, finite,
+                                                offload.clip_norm)
+        else:
+            params, opt_state = jax.lax.cond(finite, update, lambda state: state, (params, opt_state))
         return params, opt_state, {"loss": loss, "grad_norm": grad_norm, "tokens": weight, "finite": finite}
 
     batch_shardings = {k: b_sharding for k in BATCH_KEYS}
