@@ -56,8 +56,9 @@ JSON_KEYS = {
              "the planner's intra- or inter-node bandwidth for that axis (null without a table entry)",
     "memory": "{free_bytes, bytes_limit (smallest over this process's devices), per_device, reason}; "
               "null figures with a reason where the backend reports no memory_stats()",
-    "plan": "with --recipe: per stage {name, seq_len, mesh, memory_bytes_per_device, "
-            "device_memory_bytes, memory_source, fits, step_s} on these devices; else null",
+    "plan": "with --recipe: per stage {name, seq_len, mesh, memory_bytes_per_device, device_memory_bytes, "
+            "memory_source, fits, step_s, host_bytes_per_process, host_memory_bytes, host_fits} on these "
+            "devices; else null",
 }
 
 
@@ -211,9 +212,14 @@ def memory_report() -> dict:
             "bytes_limit": min(d["bytes_limit"] for d in per_device), "per_device": per_device, "reason": None}
 
 
+def _host_memory() -> int:
+    """The host's physical RAM in bytes."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def _host_memory_per_device() -> int:
     """The host's RAM divided over its local devices (what a simulated CPU device can hold)."""
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // jax.local_device_count()
+    return _host_memory() // jax.local_device_count()
 
 
 def stage_plans(recipe: RecipeConfig, stage: str | None, hw: Hardware | None, memory: dict) -> list[dict]:
@@ -227,11 +233,16 @@ def stage_plans(recipe: RecipeConfig, stage: str | None, hw: Hardware | None, me
     base = hw or HARDWARE["L40S"]  # the planner's default device, for the step-time estimate
     planned_hw = dataclasses.replace(base, memory_gib=device_memory / GIB)
     out = []
+    host_ram = _host_memory()
     for plan in plan_recipe(recipe, planned_hw, jax.device_count(), stage):
+        # What this process keeps in host memory (offloaded optimizer state and layer inputs of its
+        # local devices) against the machine's RAM.
+        host = plan["host_bytes_per_device"] * jax.local_device_count()
         out.append({"name": plan["name"], "seq_len": plan["seq_len"], "mesh": plan["mesh"],
                     "memory_bytes_per_device": plan["memory_bytes_per_device"], "device_memory_bytes": device_memory,
                     "memory_source": source, "fits": plan["fits"], "step_s": plan["step_s"],
-                    "step_s_hardware": base.name})
+                    "step_s_hardware": base.name, "host_bytes_per_process": host, "host_memory_bytes": host_ram,
+                    "host_fits": host <= host_ram})
     return out
 
 

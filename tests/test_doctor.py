@@ -178,3 +178,21 @@ def test_device_check_tiny(tmp_path):
     table = (out / "device_check.md").read_text().splitlines()
     assert table[:2] == ["| measure | value |", "|---|---|"] and len(table) == 2 + 8
     assert not any("failed" in row for row in table)
+
+
+def test_doctor_warns_when_host_memory_is_short(monkeypatch):
+    """With optimizer.offload the masters and moments of this process's devices live in its RAM:
+    the plan says how much, against the machine's, and warns when it is short."""
+    from lwm_jax import doctor
+    from lwm_jax.cli.doctor import plan_lines
+    from lwm_jax.config import load_recipe
+
+    recipe = load_recipe(DEMO, ["stages.base.optimizer.offload=true"])
+    memory = {"free_bytes": None, "bytes_limit": None, "per_device": [], "reason": "none"}
+    (roomy,) = doctor.stage_plans(recipe, "base", None, memory)
+    assert roomy["host_fits"] and 0 < roomy["host_bytes_per_process"] <= roomy["host_memory_bytes"]
+    monkeypatch.setattr(doctor, "_host_memory", lambda: roomy["host_bytes_per_process"] - 1)
+    (short,) = doctor.stage_plans(recipe, "base", None, memory)
+    assert not short["host_fits"]
+    assert "WARNING: host memory is short" in plan_lines(short)[-1]
+    assert plan_lines(roomy)[-1].endswith("fits")

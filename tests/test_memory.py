@@ -100,8 +100,7 @@ def test_bfloat16_moments_are_stored_in_bfloat16():
     assert floats and all(d.name == "bfloat16" for d in floats)
 
 
-def _plan(*args):
-    recipe = ROOT / "configs/recipes/gradient_1048k_one_node.yaml"
+def _plan(*args, recipe=ROOT / "configs/recipes/gradient_1048k_one_node.yaml"):
     proc = subprocess.run([sys.executable, "-m", "lwm_jax.cli", "plan", str(recipe), *args, "--json"],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
@@ -129,3 +128,19 @@ def test_planner_agrees_with_xla_at_1m_on_8_devices():
     (stage,) = _plan("--stage", "1048K", "--aot")["stages"]
     ratio = stage["memory_bytes_per_device_xla_cpu"] / stage["aot_memory_bytes_per_device"]
     assert 0.8 <= ratio <= 1.2, ratio
+
+
+def test_one_gpu_recipe_fits_every_stage_on_one_h100_past_half_a_million_tokens():
+    """configs/recipes/gradient_1048k_one_gpu.yaml: masters and moments offloaded, every stage fits
+    one 80 GB GPU, the longest sequence is at least ALST's 500K, and the host memory it needs is
+    the state (8B params x (4 + 2 x 2) bytes) plus the offloaded layer inputs."""
+    stages = _plan("--hardware", "H100", "--max-seq-len",
+                   recipe=ROOT / "configs/recipes/gradient_1048k_one_gpu.yaml")["stages"]
+    assert [s["name"] for s in stages] == ["65K", "262K", "524K", "1048K"]
+    assert all(s["devices"] == 1 and s["fits"] for s in stages)
+    longest = stages[-1]["max_seq_len"]
+    assert longest >= 524_288 and stages[-1]["seq_len"] == 524_288
+    params = 8_030_261_248  # Llama-3-8B
+    layer_inputs = 32 * longest * 4096 * 2
+    assert stages[-1]["max_seq_len_host_bytes_per_device"] == params * 8 + layer_inputs
+    assert stages[-1]["memory"]["optimizer"] < stages[-1]["memory"]["params"] / 4  # one layer's state on the device

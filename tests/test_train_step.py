@@ -57,12 +57,12 @@ def test_chunked_loss_equals_plain_loss():
         assert np.abs(np.asarray(a) - np.asarray(b_)).max() <= LOSS_TOL
 
 
-def _run_step(mesh_spec, batch, accum_split=None, config=TINY):
+def _run_step(mesh_spec, batch, accum_split=None, config=TINY, natural_positions=False):
     devices = jax.devices()[:1] if mesh_spec is None else None
     mesh = make_mesh(MeshConfig.parse(mesh_spec or ""), devices=devices)
     tx = make_optimizer(OptimizerConfig(lr=1e-2, weight_decay=0.1, clip_norm=1.0, eps=STEP_EPS), total_steps=10)
     with jax.set_mesh(mesh):
-        fns = build_step(config, tx, mesh)
+        fns = build_step(config, tx, mesh, natural_positions=natural_positions)
         params = init_params(config, 0, mesh)
         opt_state = fns.init_opt_state(params)
         if accum_split:
@@ -85,6 +85,17 @@ def test_sharded_step_equals_single_device(mesh, sp):
     p8, m8 = _run_step(mesh, zigzag, config=TINY.replace(attention="ring", attention_block_size=4))
     assert abs(float(m1["loss"]) - float(m8["loss"])) <= STEP_TOL
     assert _max_diff(p1, p8) <= STEP_TOL
+
+
+def test_whole_call_step_equals_the_ring_on_one_device():
+    """Continuously packed sequences on a mesh without sequence shards: the attention's whole causal
+    call (natural positions) against the ring's masking by the batch's positions."""
+    batch = _batch(1, 4, 32)
+    ring = TINY.replace(attention="ring", attention_block_size=4)
+    p1, m1 = _run_step(None, batch, config=ring)
+    p2, m2 = _run_step(None, batch, config=ring, natural_positions=True)
+    assert abs(float(m1["loss"]) - float(m2["loss"])) <= STEP_TOL
+    assert _max_diff(p1, p2) <= STEP_TOL
 
 
 def test_fsdp_tp_step_equals_single_device():

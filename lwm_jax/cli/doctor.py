@@ -45,9 +45,19 @@ def doctor_lines(r: dict) -> list[str]:
                                    f"{mem['free_bytes'] / GIB:.2f} GiB free of {mem['bytes_limit'] / GIB:.2f} GiB "
                                    "(smallest device of this process)"))
     for s in r["plan"] or []:
-        lines.append(f"plan        stage {s['name']}: seq {s['seq_len']:,} on {s['mesh']}: "
-                     f"{s['memory_bytes_per_device'] / GIB:.2f} GiB of {s['device_memory_bytes'] / GIB:.2f} GiB "
-                     f"({s['memory_source']}) per device: {'fits' if s['fits'] else 'DOES NOT FIT'}")
+        lines += plan_lines(s)
+    return lines
+
+
+def plan_lines(s: dict) -> list[str]:
+    """A stage's plan on these devices: device memory, and host memory where the stage keeps any there."""
+    lines = [f"plan        stage {s['name']}: seq {s['seq_len']:,} on {s['mesh']}: "
+             f"{s['memory_bytes_per_device'] / GIB:.2f} GiB of {s['device_memory_bytes'] / GIB:.2f} GiB "
+             f"({s['memory_source']}) per device: {'fits' if s['fits'] else 'DOES NOT FIT'}"]
+    if s["host_bytes_per_process"]:
+        lines.append(f"            host memory {s['host_bytes_per_process'] / GIB:.2f} GiB of "
+                     f"{s['host_memory_bytes'] / GIB:.2f} GiB RAM for this process's devices: "
+                     + ("fits" if s["host_fits"] else "WARNING: host memory is short"))
     return lines
 
 

@@ -110,7 +110,7 @@ def plan_lines(result: dict, aot: bool) -> list[str]:
              f"{'stage':>7} {'seq_len':>10} {'devices':>7} {'GiB/device':>10} {'host GiB':>8} {'fits':>5} "
              f"{'step s':>8} {'minutes':>8}" + (f" {'paper@cpu':>9} {'aot GiB':>8}" if cpu_aot else "")
              + (f" {'xla GiB':>8} {'xla host':>8} {'ratio':>6} {'xla fits':>8} {'compile s':>9}" if target else "")
-             + (f" {'max seq_len':>12}" if longest else "")]
+             + (f" {'max seq_len':>12} {'its host GiB':>12}" if longest else "")]
     for s in result["stages"]:
         extra = (f" {s['memory_bytes_per_device_xla_cpu'] / GIB:>9.2f} {s['aot_memory_bytes_per_device'] / GIB:>8.2f}"
                  if cpu_aot else "")
@@ -123,7 +123,8 @@ def plan_lines(result: dict, aot: bool) -> list[str]:
         lines.append(f"{s['name']:>7} {s['seq_len']:>10,} {s['devices']:>7} "
                      f"{s['memory_bytes_per_device'] / GIB:>10.2f} {s['host_bytes_per_device'] / GIB:>8.2f} "
                      f"{'yes' if s['fits'] else 'NO':>5} {s['step_s']:>8.1f} {s['estimated_minutes']:>8.1f}"
-                     f"{extra}" + (f" {s['max_seq_len']:>12,}" if longest else ""))
+                     f"{extra}" + (f" {s['max_seq_len']:>12,} {s['max_seq_len_host_bytes_per_device'] / GIB:>12.2f}"
+                                   if longest else ""))
     lines += [f"{s['name']}: XLA:TPU refused it: {s['aot_refusal']}" for s in result["stages"]
               if target and not s["aot_fits"]]
     if longest:

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from lwm_jax.attention.kernels import select_kernel
+from lwm_jax.attention.kernels import Kernel, select_kernel
 from lwm_jax.config import MeshConfig, ModelConfig, RecipeConfig
 from lwm_jax.errors import UserError
 from lwm_jax.hardware import Hardware
@@ -161,10 +161,18 @@ def memory_per_device(model: ModelConfig, mesh: MeshConfig, seq_len: int, batch_
     return out
 
 
-def whole_call(model: ModelConfig, mesh: MeshConfig, packing: str) -> bool:
-    """Whether a stage's attention runs as one whole causal call (`train.step`, natural positions):
-    the ring on a mesh without sequence shards, over continuously packed sequences."""
-    return model.attention == "ring" and mesh.sp * mesh.ulysses == 1 and packing == "continuous"
+def whole_call(model: ModelConfig, mesh: MeshConfig, packing: str, platform: str) -> bool:
+    """Whether a stage's attention runs as one whole causal call on `platform` (`train.step`, natural
+    positions): the ring on a mesh without sequence shards, over continuously packed sequences, with
+    a kernel that has such a call (cuDNN's on GPU; TPU's Pallas kernel runs it as the one-device ring)."""
+    if model.attention != "ring" or mesh.sp * mesh.ulysses != 1 or packing != "continuous":
+        return False
+    try:
+        kernel = select_kernel(model.attention_kernel, dtype=np.dtype(model.dtype), head_dim=model.head_dim,
+                               segments=False, whole=True, platform=platform)
+    except UserError:
+        return False
+    return type(kernel).attention is not Kernel.attention
 
 
 def _offloaded_state(model: ModelConfig, mesh: MeshConfig, dt: int, moment_bytes: int) -> dict[str, int]:
@@ -250,7 +258,7 @@ def plan_stage(model: ModelConfig, mesh: MeshConfig, seq_len: int, batch_size: i
     memory = memory_per_device(model, mesh, seq_len, batch_size, grad_accum, loss_chunk, moment_bytes=moment_bytes,
                                platform=hw.platform, offload=offload, whole=whole)
     xla_cpu = memory_per_device(model, mesh, seq_len, batch_size, grad_accum, loss_chunk, activation_bytes=4,
-                                moment_bytes=moment_bytes, platform="cpu", offload=offload, whole=whole)
+                                moment_bytes=moment_bytes, platform="cpu", offload=offload)  # no whole call on XLA:CPU
     time = step_seconds(model, mesh, seq_len, batch_size, grad_accum, hw, offload, moment_bytes)
     host = host_bytes_per_device(model, mesh, seq_len, batch_size, offload=offload, moment_bytes=moment_bytes)
     # XLA:CPU keeps host-offloaded buffers in ordinary memory, so its figure holds both.
@@ -298,7 +306,8 @@ def plan_recipe(recipe: RecipeConfig, hw: Hardware, devices: int | None = None,
                        only_stage: str | None = None, max_seq_len: bool = False) -> list[dict[str, Any]]:
     """One analytic plan per stage, each on its own mesh (or all on `devices`); with `only_stage`,
     that stage's alone (the other stages' meshes are not checked); with `max_seq_len`, each entry
-    also gives the longest sequence that fits the stage's devices (`longest_fitting`)."""
+    also gives the longest sequence that fits the stage's devices (`longest_fitting`) and the host
+    memory per device it needs."""
     if only_stage is not None:
         recipe.stage(only_stage)  # an unknown name is an error, not an empty plan
     out = []
@@ -306,12 +315,14 @@ def plan_recipe(recipe: RecipeConfig, hw: Hardware, devices: int | None = None,
         stage = plan.stage
         moment_bytes = np.dtype(stage.optimizer_config.moment_dtype).itemsize
         offload = stage.optimizer_config.offload
-        whole = whole_call(plan.model, plan.mesh, recipe.data.packing if recipe.data else "continuous")
+        whole = whole_call(plan.model, plan.mesh, recipe.data.packing if recipe.data else "continuous", hw.platform)
         result = plan_stage(plan.model, plan.mesh, stage.seq_len, stage.batch_size, stage.grad_accum, stage.steps,
                             recipe.loss_chunk, hw, moment_bytes, offload, whole)
         out.append({"name": plan.name, "seq_len": stage.seq_len, "devices": math.prod(plan.mesh.shape),
                     "mesh": plan.mesh.spec(), "remat": plan.model.remat, **result})
         if max_seq_len:
-            out[-1]["max_seq_len"] = longest_fitting(plan.model, plan.mesh, stage.batch_size, stage.grad_accum,
-                                                     recipe.loss_chunk, hw, moment_bytes, offload, whole)
+            longest = longest_fitting(plan.model, plan.mesh, stage.batch_size, stage.grad_accum,
+                                      recipe.loss_chunk, hw, moment_bytes, offload, whole)
+            out[-1].update(max_seq_len=longest, max_seq_len_host_bytes_per_device=host_bytes_per_device(
+                plan.model, plan.mesh, longest, stage.batch_size, offload=offload, moment_bytes=moment_bytes))
     return out

@@ -90,6 +90,19 @@ class StepFunctions:
                 place(jax.eval_shape(tx.init, abstract_params), self.opt_shardings))
 
 
+def _state_placement(config: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh,
+                     offload: HostOffload | None):
+    """(params shardings, optimizer-state shardings, streams): on the devices, or with `offload` in
+    host memory with the `plan_streams` the step moves them by (else None)."""
+    abstract_params = nnx.to_pure_dict(abstract_model(config)[1])
+    p_shardings = param_shardings(config, mesh)
+    o_shardings = opt_state_shardings(tx, p_shardings, abstract_params, mesh)
+    if offload is None:
+        return p_shardings, o_shardings, None
+    check_host_memory(mesh.devices.flat)
+    return on_host(p_shardings), on_host(o_shardings), plan_streams(abstract_params, p_shardings)
+
+
 def build_step(config: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh,
                loss_chunk: int = 2048, document_mask: bool = False,
                offload: HostOffload | None = None, natural_positions: bool = False) -> StepFunctions:
@@ -104,13 +117,7 @@ def build_step(config: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh
     backward, with no ring accumulators), which is the same computation.
     """
     graphdef, abstract = abstract_model(config)
-    abstract_params = nnx.to_pure_dict(abstract)
-    p_shardings = param_shardings(config, mesh)
-    o_shardings = opt_state_shardings(tx, p_shardings, abstract_params, mesh)
-    if offload is not None:
-        check_host_memory(mesh.devices.flat)
-        streams = plan_streams(abstract_params, p_shardings)
-        p_shardings, o_shardings = on_host(p_shardings), on_host(o_shardings)
+    p_shardings, o_shardings, streams = _state_placement(config, tx, mesh, offload)
     b_sharding = batch_sharding(mesh)
     replicated = NamedSharding(mesh, P())
     whole_sequence = natural_positions and seq_shards(mesh) == 1
