@@ -27,9 +27,16 @@ sys.path.insert(0, str(ROOT))
 
 from lwm_jax.config import MeshConfig, load_recipe  # noqa: E402
 from lwm_jax.hardware import HARDWARE  # noqa: E402
-from lwm_jax.planner import GIB, host_bytes_per_device, longest_fitting, memory_per_device  # noqa: E402
+from lwm_jax.planner import (  # noqa: E402
+    GIB,
+    host_bytes_per_device,
+    longest_fitting,
+    memory_per_device,
+    plan_recipe,
+)
 
 RECIPE = ROOT / "configs/recipes/gradient_1048k_one_node.yaml"
+ONE_GPU = ROOT / "configs/recipes/gradient_1048k_one_gpu.yaml"
 CLUSTERS = [  # (label, hardware, mesh)
     ("1 x H100", "H100", MeshConfig(sp=1)),
     ("8 x H100 (one node)", "H100", MeshConfig(sp=8)),
@@ -52,6 +59,15 @@ def longest_table(stage, model, loss_chunk) -> list[dict]:
                      "device_gib": mem["total"] / GIB,
                      "host_gib": host_bytes_per_device(model, mesh, n, batch) / GIB})
     return rows
+
+
+def one_gpu_row() -> dict:
+    """1 x H100 with the float32 masters and AdamW moments in host memory: the 1048K stage of
+    configs/recipes/gradient_1048k_one_gpu.yaml (sp=1, whole-call attention, loss chunks of 2,048)."""
+    (plan,) = plan_recipe(load_recipe(ONE_GPU), HARDWARE["H100"], only_stage="1048K", max_seq_len=True)
+    n = plan["max_seq_len"]
+    return {"cluster": "1 x H100, optimizer offload", "hardware": "H100", "mesh": plan["mesh"], "max_seq_len": n,
+            "device_gib": None, "host_gib": plan["max_seq_len_host_bytes_per_device"] / GIB}
 
 
 def savings(stage, model, loss_chunk) -> list[dict]:
@@ -106,7 +122,7 @@ def tpu_longest(recipe, stage_name: str = "1048K", target_name: str = "v5p-8", m
         stages = tuple(dataclasses.replace(s, seq_len=seq) if s.name == stage_name else s for s in recipe.stages)
         mem = target_memory(dataclasses.replace(recipe, stages=stages), stage_name, target)
         tries.append({"seq_len": seq, **mem})
-        print(f"  {target_name} at {seq:,} tokens: " + (f"fits, XLA:TPU peak {mem['peak'] / GIB:.2f} GiB"
+        print(f"  {target_name} at {seq:,} tokens: " + (f"fits, XLA:TPU {mem['device'] / GIB:.2f} GiB"
               if mem["fits"] else f"refused ({mem['refusal']})") + f", compile {mem['compile_s']:.0f} s", flush=True)
         if mem["fits"]:
             break
@@ -126,11 +142,11 @@ def main() -> None:
     recipe = load_recipe(RECIPE)
     stage = recipe.stage("1048K")
     model = recipe.model.replace(max_position_embeddings=stage.seq_len)
-    rows = longest_table(stage, model, recipe.loss_chunk)
+    rows = longest_table(stage, model, recipe.loss_chunk) + [one_gpu_row()]
     print(f"{'cluster':>32} {'mesh':>26} {'longest seq_len':>16} {'GiB/device':>10} {'host GiB':>9}")
     for r in rows:
-        print(f"{r['cluster']:>32} {r['mesh']:>26} {r['max_seq_len']:>16,} {r['device_gib']:>10.1f} "
-              f"{r['host_gib']:>9.1f}")
+        device = "-" if r["device_gib"] is None else f"{r['device_gib']:.1f}"
+        print(f"{r['cluster']:>32} {r['mesh']:>26} {r['max_seq_len']:>16,} {device:>10} {r['host_gib']:>9.1f}")
     saved = savings(stage, model, recipe.loss_chunk)
     print("\nAt 1,048,576 tokens on 8 devices (sp=8), GiB per device without each technique:")
     for r in saved:

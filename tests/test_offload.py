@@ -71,6 +71,12 @@ def test_offloaded_step_equals_plain_on_the_ring():
     _assert_same(_train("dp=2,sp=4", True, config, batch), _train("dp=2,sp=4", False, config, batch))
 
 
+def test_offloaded_step_equals_plain_with_sharded_weights():
+    """fsdp x sp x tp: every weight sharded, the embedding and head by vocabulary (moved whole per
+    device, not in row chunks), accumulation over two micro-batches."""
+    _assert_same(_train("fsdp=2,sp=2,tp=2", True, accum=2), _train("fsdp=2,sp=2,tp=2", False, accum=2))
+
+
 def _moves_in_scans(jaxpr, inside: bool = False):
     """(operand type, result type) of every `device_put` inside a loop body (`scan`, `while`)."""
     for eqn in jaxpr.eqns:

@@ -118,3 +118,27 @@ def test_plan_cli_takes_a_ulysses_mesh(capsys):
     stage = json.loads(capsys.readouterr().out.splitlines()[-1])["stages"][0]
     assert stage["mesh"] == "dp=1,fsdp=1,sp=2,ulysses=4,tp=1" and stage["devices"] == 8
     assert set(stage["time"]["traffic"]) == {"sp", "ulysses"}
+
+
+def test_optimizer_offload_moves_masters_and_moments_to_the_host():
+    """Llama-3-8B on one device: with optimizer.offload the device keeps bf16 weights and gradients
+    and one layer's update; the host gains the float32 masters and both moments. Layer inputs on the
+    host (remat offload) are a separate switch and change neither."""
+    from lwm_jax.planner import host_bytes_per_device, param_bytes_per_device
+    from lwm_jax.planner.analytic import layer_bytes_per_device
+
+    model = load_recipe(ROOT / "configs/recipes/gradient_1048k_one_node.yaml").model  # remat: offload
+    mesh = MeshConfig()
+    f32 = param_bytes_per_device(model, mesh)
+    plain = memory_per_device(model, mesh, 65_536, 1, 1, 2048, moment_bytes=2)
+    moved = memory_per_device(model, mesh, 65_536, 1, 1, 2048, moment_bytes=2, offload=True)
+    assert plain["params"] == plain["gradients"] == f32 and plain["optimizer"] == f32
+    assert moved["params"] == moved["gradients"] == f32 // 2 and moved["weights_cast"] == 0
+    assert moved["optimizer"] == layer_bytes_per_device(model, mesh) * (12 + 2 * 2) // 4
+    assert moved["activations"] == plain["activations"]
+    host = host_bytes_per_device(model, mesh, 65_536, 1, moment_bytes=2)
+    assert host_bytes_per_device(model, mesh, 65_536, 1, offload=True, moment_bytes=2) - host == f32 * 2
+    slow, fast = (step_seconds(model, mesh, 65_536, 1, 1, HARDWARE["H100"], offload=on, moment_bytes=2)
+                  for on in (True, False))
+    assert slow["host_link_s"] == pytest.approx(f32 / 4 * (4 + 2 * (4 + 4)) / 64e9)
+    assert slow["step_s"] == pytest.approx(fast["step_s"] + slow["host_link_s"])

@@ -101,7 +101,7 @@ def memory_per_device(model: ModelConfig, mesh: MeshConfig, seq_len: int, batch_
                        "dots_no_batch": d + hd * (2 * hq + 2 * hkv) + 2 * f + d,
                        "none": 3 * d + hd * (3 * hq + 2 * hkv) + 4 * f}[model.remat]
     saved = L * tokens * saved_per_layer * dt
-    offload = model.remat == "offload"
+    inputs_on_host = model.remat == "offload"
     # One layer recomputed in the backward pass, values and cotangents: over the whole local sequence
     # only what the attention itself needs (the layer input, q/k/v and the output); the per-token work
     # around it (norm and projections before, projection, norm and MLP after) one tile at a time.
@@ -152,7 +152,7 @@ def memory_per_device(model: ModelConfig, mesh: MeshConfig, seq_len: int, batch_
     out = {"params": params, "optimizer": 2 * params * moment_bytes // 4,
            "gradients": params, "weights_cast": weights_cast,
            **(_offloaded_state(model, mesh, dt, moment_bytes) if offload else {}),
-           "activations": 2 * tokens * d * dt if offload else saved,  # offload: two layers' inputs in flight
+           "activations": 2 * tokens * d * dt if inputs_on_host else saved,  # two layers' inputs in flight
            "layer_recompute": attention_work + tile_work,
            "ring_kv": ring_kv, "ring_dkv": ring_dkv, "ring_q": ring_q, "ulysses_exchange": exchange,
            "attention_scores": scores, "loss_chunk": loss, "output_head": head,
