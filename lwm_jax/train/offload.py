@@ -1,11 +1,12 @@
 """Optimizer state in host memory (`optimizer.offload`): the float32 master weights and AdamW moments
-live in `pinned_host`; a step streams them through the device one layer at a time.
+live in `pinned_host`; a step streams them through the device a slice at a time.
 
-The device holds the compute weights (the masters cast to the model's dtype, fetched layer by layer)
-and their gradients. The update scans the stacked layer axis: bring one layer's masters and moments
-in, run the optimizer on them, write them back; so device memory holds one layer's optimizer state
-at a time. The update is the optimizer's own (`tx.update` on each slice of the tree), with the global
-gradient-norm clip applied first over every gradient, exactly as `optax.clip_by_global_norm` does.
+The device holds the compute weights (the masters cast to the model's dtype, fetched a slice at a
+time) and their gradients. The update loops over the slices (one layer of the stacked weights, one
+chunk of the embedding and head): bring a slice's masters and moments in, run the optimizer on
+them, write them back in place; so device memory holds one slice of optimizer state at a time. The
+update is the optimizer's own (`tx.update` on each slice of the tree), with the global gradient-norm
+clip applied exactly as `optax.clip_by_global_norm` does.
 """
 
 from __future__ import annotations
