@@ -78,7 +78,9 @@ def cmd_train(args) -> int:
     ones; a damaged newest checkpoint is skipped (with a warning naming its step) for the newest
     readable one. One run at a time holds WORKDIR (WORKDIR/train.lock). SIGTERM or Ctrl-C saves the
     current step and exits (143, 130). Writes WORKDIR/metrics.jsonl, loss.png (loss by global step
-    per stage), TensorBoard events and orbax checkpoints."""
+    per stage), TensorBoard events and orbax checkpoints. A stage with optimizer.offload=true keeps
+    its float32 master weights and AdamW moments in host memory (one accelerator for an 8B model:
+    configs/recipes/gradient_1048k_one_gpu.yaml)."""
     recipe = load_recipe(args.recipe, args.set or [])
     profile = _parse_profile(args.profile)
     workdir = Path(args.workdir or f"runs/{recipe.name}")
