@@ -4,11 +4,14 @@
 blockwise attention with kernel=auto) on one device at the longest power-of-two sequence the
 planner says fits that device (capped where the planner's step time passes --step-budget-s, so
 the whole check stays within 8 minutes): tokens/s, MFU, and the device's peak memory against the
-plan and XLA's compiled figure. `generate`: prefill and decode tokens/s from a 131,072-token prompt
-on the same model shape. `report OUT`: the parts' JSON files in OUT as one `device_check.json` and
-a markdown table (`device_check.md`) ready for the README. `--tiny`: toy sizes, for CPU.
+plan and XLA's compiled figure. With `--offload`, the settings of the first stage of
+configs/recipes/gradient_1048k_one_gpu.yaml instead: optimizer state in host memory (bf16
+moments), layer inputs offloaded, the one-device ring over natural positions. `generate`: prefill
+and decode tokens/s from a 131,072-token prompt on the same model shape. `report OUT`: the parts'
+JSON files in OUT as one `device_check.json` and a markdown table (`device_check.md`) ready for the
+README. `--tiny`: toy sizes, for CPU.
 
-Usage: python scripts/device_train_check.py train|generate|report [--tiny] [--out DIR]
+Usage: python scripts/device_train_check.py train|generate|report [--tiny] [--offload] [--out DIR]
 """
 
 from __future__ import annotations
@@ -35,8 +38,9 @@ from lwm_jax.hardware import HARDWARE, hardware_for_device  # noqa: E402
 from lwm_jax.model.llama import Llama  # noqa: E402
 from lwm_jax.parallel.mesh import make_mesh  # noqa: E402
 from lwm_jax.planner import GIB, plan_stage  # noqa: E402
+from lwm_jax.planner.analytic import whole_call  # noqa: E402
 from lwm_jax.train.metrics import device_peak_flops, flops_per_token  # noqa: E402
-from lwm_jax.train.optimizer import make_optimizer  # noqa: E402
+from lwm_jax.train.optimizer import make_offload, make_optimizer  # noqa: E402
 from lwm_jax.train.step import build_step, init_params  # noqa: E402
 
 # meta-llama/Llama-3.2-1B's shapes (tied embeddings, 16 layers, GQA 32:8, head_dim 64).
@@ -56,6 +60,8 @@ def _parse(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("part", choices=("train", "generate", "report"))
     p.add_argument("--tiny", action="store_true", help="toy sizes (CPU)")
+    p.add_argument("--offload", action="store_true",
+                   help="train with the one-GPU recipe's settings: optimizer.offload, remat offload, the ring")
     p.add_argument("--out", default="device_check_out", help="folder of the parts' JSON files (default %(default)s)")
     p.add_argument("--memory-gib", type=float, help="device memory to plan against (default: what the device "
                    "reports; --tiny: 0.0625)")
@@ -72,12 +78,16 @@ def _batch(seq: int, vocab: int) -> dict:
             "targets": tokens[..., 1:], "loss_weights": np.ones((1, 1, seq), np.float32)}
 
 
-def _longest(config: ModelConfig, hw, sizes: dict, budget_s: float) -> tuple[int, int, dict]:
+def _longest(config: ModelConfig, hw, sizes: dict, budget_s: float, optimizer: OptimizerConfig
+             ) -> tuple[int, int, dict]:
     """(the planner's longest fitting power-of-two sequence, the one to run, its plan)."""
     fitting = {}
     seq = sizes["min_seq"]
+    moment_bytes = np.dtype(optimizer.moment_dtype).itemsize
+    whole = whole_call(config, MeshConfig(), "continuous", hw.platform)
     while seq <= sizes["max_seq"]:
-        plan = plan_stage(config, MeshConfig(), seq, 1, 1, STEPS, sizes["loss_chunk"], hw)
+        plan = plan_stage(config, MeshConfig(), seq, 1, 1, STEPS, sizes["loss_chunk"], hw, moment_bytes,
+                          optimizer.offload, whole)
         if not plan["fits"]:
             break
         fitting[seq] = plan
@@ -102,13 +112,17 @@ def train_check(args, sizes: dict) -> dict:
     base = entry or HARDWARE["H100"]  # links and efficiency of a known GPU for a device the table lacks
     hw = dataclasses.replace(base, name=device.device_kind, memory_gib=memory / GIB,
                              peak_tflops=peak / 1e12 if peak else base.peak_tflops)
-    config = sizes["model"]
-    longest, seq, plan = _longest(config, hw, sizes, args.step_budget_s)
+    config, optimizer = sizes["model"], OptimizerConfig()
+    if args.offload:  # the one-GPU recipe's settings
+        config = config.replace(remat="offload", attention="ring")
+        optimizer = OptimizerConfig(moment_dtype="bfloat16", offload=True)
+    longest, seq, plan = _longest(config, hw, sizes, args.step_budget_s, optimizer)
     config = config.replace(max_position_embeddings=seq)
-    tx = make_optimizer(OptimizerConfig(), STEPS)
+    tx = make_optimizer(optimizer, STEPS)
     with jax.set_mesh(mesh):
-        fns = build_step(config, tx, mesh, loss_chunk=sizes["loss_chunk"])
-        params = init_params(config, 0, mesh)
+        fns = build_step(config, tx, mesh, loss_chunk=sizes["loss_chunk"], offload=make_offload(optimizer, STEPS),
+                         natural_positions=True)
+        params = jax.device_put(init_params(config, 0, mesh), fns.params_shardings)
         opt_state = fns.init_opt_state(params)
         batch = place(_batch(seq, config.vocab_size), config.attention, mesh, axis=2)
         start = time.perf_counter()
@@ -131,6 +145,8 @@ def train_check(args, sizes: dict) -> dict:
     return {
         "device": device.device_kind, "jax": jax.__version__, "params": config.num_params,
         "model": "Llama-3.2-1B shapes" if not args.tiny else "tiny", "dtype": config.dtype,
+        "optimizer_offload": optimizer.offload, "remat": config.remat, "attention": config.attention,
+        "planned_host_bytes": plan["host_bytes_per_device"],
         "device_memory_bytes": memory, "device_memory_source": "reported" if memory == reported else "given",
         "planner_longest_seq": longest, "seq_len": seq, "step_budget_s": args.step_budget_s,
         "planned_step_s": plan["step_s"], "planned_bytes": planned, "compiled_bytes": int(compiled),
@@ -249,7 +265,8 @@ def main(argv=None) -> int:
         return 0 if report(out)["complete"] else 1
     sizes = TOY if args.tiny else FULL
     result = (train_check if args.part == "train" else generate_check)(args, sizes)
-    (out / f"{args.part}.json").write_text(json.dumps(result) + "\n")
+    name = "train_offload" if args.part == "train" and args.offload else args.part
+    (out / f"{name}.json").write_text(json.dumps(result) + "\n")
     print(json.dumps(result))
     return 0
 
