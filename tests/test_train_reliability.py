@@ -133,15 +133,22 @@ def test_a_log_file_gets_plain_step_lines(reference):
 # A damaged newest checkpoint --------------------------------------------------------------------------
 
 
-def test_killed_run_with_corrupted_newest_checkpoint_resumes_from_the_last_good(tmp_path, reference):
-    recipe, _, expected = reference
-    work = tmp_path / "w"
+def _killed_after_two_checkpoints(recipe: Path, work: Path, log: Path) -> Path:
+    """Starts `train RECIPE` in WORK, kills it with -9 once two checkpoints are on disk (the stage
+    unfinished); returns the checkpoint folder."""
     ckpt = work / "stages/base/checkpoints"
-    proc = _start("train", str(recipe), "--workdir", str(work), log=tmp_path / "first.log")
+    proc = _start("train", str(recipe), "--workdir", str(work), log=log)
     _wait_for(lambda: len(_steps(ckpt)) >= 2, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=WAIT_S)
     assert not (work / "stages/base/final.json").exists()
+    return ckpt
+
+
+def test_killed_run_with_corrupted_newest_checkpoint_resumes_from_the_last_good(tmp_path, reference):
+    recipe, _, expected = reference
+    work = tmp_path / "w"
+    ckpt = _killed_after_two_checkpoints(recipe, work, tmp_path / "first.log")
     newest = _steps(ckpt)[-1]
     damage(ckpt / str(newest), "params")
     resumed = _cli("train", str(recipe), "--workdir", str(work))
@@ -330,12 +337,7 @@ def test_offloaded_run_killed_and_resumed_matches_the_plain_run(tmp_path, refere
     recipe["stages"][0]["optimizer"] = {"offload": True}
     (recipe_path := tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     work = tmp_path / "w"
-    ckpt = work / "stages/base/checkpoints"
-    proc = _start("train", str(recipe_path), "--workdir", str(work), log=tmp_path / "first.log")
-    _wait_for(lambda: len(_steps(ckpt)) >= 2, proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=WAIT_S)
-    assert not (work / "stages/base/final.json").exists()
+    _killed_after_two_checkpoints(recipe_path, work, tmp_path / "first.log")
     assert "optimizer state in host memory" in (tmp_path / "first.log").read_text()
     resumed = _cli("train", str(recipe_path), "--workdir", str(work))
     assert resumed.returncode == 0, resumed.stderr
