@@ -173,6 +173,41 @@ def test_pair_matches_xla_blocks_and_reference_gradients(case):
         _assert_within(f"{name} vs reference", g, w, F32_ATOL)
 
 
+@functools.partial(jax.jit, static_argnames=("kernel", "tiling", "causal", "starts", "sizes"))
+def _backward_into(q, k, v, dout, lse, delta, meta, dq_acc, *, kernel, tiling, causal, starts, sizes):
+    return kernel.backward_into(q, k, v, dout, lse, delta, meta, tiling, dq_acc, causal=causal, q_start=starts[0],
+                                k_start=starts[1], n_rows=sizes[0], n_keys=sizes[1])
+
+
+@pytest.mark.parametrize("case", list(PAIRS))
+def test_backward_into_reads_the_pair_in_place_and_adds_into_the_accumulator(case):
+    """The ring's backward of the second half of the rows against the second (diagonal) or first
+    half of the keys, read at block offsets in the whole arrays, its dQ added into a random
+    accumulator in place: equal to the pure-JAX blocks' `backward_into` (dynamic slices), the
+    accumulator's other rows untouched."""
+    kernel, tiling, causal, _, _, _ = _pair_case(case)
+    _, q_heads, kv_heads, head_dim, _, _ = PAIRS[case]
+    q, k, v, dout = _inputs(BATCH, 2 * SEQ, q_heads, kv_heads, head_dim, seed=5)
+    seg, pos = packed_documents(BATCH, 2 * SEQ, seed=4)
+    qr, kr, vr, dr, meta, group = _rows(q, k, v, dout, seg, pos)
+    n_rows, n_keys = SEQ * group, SEQ
+    starts, sizes = (n_rows, n_keys if causal else 0), (n_rows, n_keys)
+    pair = meta.slice(starts[0], n_rows, starts[1], n_keys)
+    out, lse_pair = xla.chunk_forward(qr[:, n_rows:], kr[:, starts[1]:starts[1] + n_keys],
+                                      vr[:, starts[1]:starts[1] + n_keys], pair, tiling, causal=causal)
+    rng = np.random.default_rng(6)
+    lse = jnp.concatenate([jnp.asarray(rng.standard_normal(lse_pair.shape), jnp.float32),
+                           xla.backward_lse(lse_pair)], axis=1)
+    delta = jnp.concatenate([jnp.zeros_like(lse_pair), jnp.sum(dr[:, n_rows:] * out, axis=-1)], axis=1)
+    acc = jnp.asarray(rng.standard_normal(qr.shape), jnp.float32)
+    static = dict(tiling=tiling, causal=causal, starts=starts, sizes=sizes)
+    got = _backward_into(qr, kr, vr, dr, lse, delta, meta, acc, kernel=kernel, **static)
+    want = _backward_into(qr, kr, vr, dr, lse, delta, meta, acc, kernel=K.XLA, **static)
+    assert np.array_equal(np.asarray(got[0][:, :n_rows]), np.asarray(acc[:, :n_rows]))
+    for name, g, w in zip(("dq_acc", "dk", "dv"), got, want):
+        _assert_within(f"{name} vs xla", g, w, F32_ATOL)
+
+
 @pytest.mark.parametrize("case", ["offdiagonal-gqa4-d128-triton", "offdiagonal-gqa2-d64-mosaic"])
 def test_fully_masked_rows_get_lse_empty_zero_output_and_no_gradient(case):
     """An off-diagonal pair where documents of some query rows have no key here (row 0), and a
@@ -280,9 +315,10 @@ def test_ring_with_the_pallas_kernel_matches_reference(case):
 
 # What the lowered ring holds per platform: its custom call, and how many kernel launches. Each
 # chunk pair is its own call: step 0's diagonal pair and a later step's two pairs (the step loop's
-# body appears once), forward; the same three pairs backward, a dQ and a dK/dV kernel each.
+# body appears once), forward; backward, a dQ and a dK/dV kernel per pair, the later step's second
+# pair once per branch of its traced slot (the backward reads pairs at static offsets).
 TARGETS = {"cuda": "__gpu$xla.gpu.triton", "tpu": "tpu_custom_call"}
-LAUNCHES = {"lwm_flash_forward": 3, "lwm_flash_dq": 3, "lwm_flash_dkv": 3}
+LAUNCHES = {"lwm_flash_forward": 3, "lwm_flash_dq": 4, "lwm_flash_dkv": 4}
 RING_LOOPS = 2  # the ring's forward and backward step loops; an interpreted kernel adds a grid loop
 
 

@@ -238,6 +238,17 @@ def _local_forward(q, k, v, ids, *, cfg: _Ring):
     return K.rows_to_q(out.astype(q.dtype), batch, q_heads), lse
 
 
+def _static_slots(pair: _Pair, run, acc):
+    """`run(q_slot, kv_slot, acc)` with Python-int slots, for kernels whose offsets are static: a
+    later step's second pair, whose one slot is traced (the same for queries and keys), runs
+    through `lax.cond` on it."""
+    if isinstance(pair.q_slot, int) and isinstance(pair.kv_slot, int):
+        return run(pair.q_slot, pair.kv_slot, acc)
+    if pair.q_slot is not pair.kv_slot:
+        raise ValueError("a traced chunk pair has one slot for its queries and keys")
+    return lax.cond(pair.q_slot == 1, lambda a: run(1, 1, a), lambda a: run(0, 0, a), acc)
+
+
 def _add(acc, x, start):
     return lax.dynamic_update_slice_in_dim(acc, _rows(acc, start, x.shape[1]) + x, start, 1)
 
@@ -265,12 +276,17 @@ def _local_backward(q, k, v, ids, out, lse, dout, *, cfg: _Ring):
         k_t, v_t, k_pos, k_seg = kv_t
         meta = K.Meta(*q_ids, K.ids_to_kv(k_pos, kv_heads), K.ids_to_kv(k_seg, kv_heads))
         for pair in _pairs(0 if isinstance(t, int) and t == 0 else None, (rank - t) % cfg.sp, rank, cfg.causal):
-            q0, k0 = pair.q_slot * chunk * group, pair.kv_slot * chunk
-            n_rows, n_keys = pair.span * chunk * group, pair.span * chunk
-            dq, dk_p, dv_p = cfg.kernel.backward_into(
-                q_rows, k_t, v_t, do_rows, lse_b, delta, meta, cfg.tiling, dq, causal=pair.diagonal,
-                q_start=q0, k_start=k0, n_rows=n_rows, n_keys=n_keys)
-            dk, dv = _add(dk, dk_p, k0), _add(dv, dv_p, k0)
+            def run(q_slot, kv_slot, acc, pair=pair):
+                q0, k0 = q_slot * chunk * group, kv_slot * chunk
+                n_rows, n_keys = pair.span * chunk * group, pair.span * chunk
+                dq, dk, dv = acc
+                dq, dk_p, dv_p = cfg.kernel.backward_into(
+                    q_rows, k_t, v_t, do_rows, lse_b, delta, meta, cfg.tiling, dq, causal=pair.diagonal,
+                    q_start=q0, k_start=k0, n_rows=n_rows, n_keys=n_keys)
+                return dq, _add(dk, dk_p, k0), _add(dv, dv_p, k0)
+
+            dq, dk, dv = _static_slots(pair, run, (dq, dk, dv)) if cfg.kernel.static_offsets else \
+                run(pair.q_slot, pair.kv_slot, (dq, dk, dv))
         return dq, dk, dv
 
     zeros_kv = jnp.zeros(kv[0].shape, jnp.float32)

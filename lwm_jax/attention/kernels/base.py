@@ -24,6 +24,9 @@ class Kernel:
 
     name: str = "base"
     platforms: tuple[str, ...] = ()
+    # Whether `backward_into` needs Python-int starts (block offsets in a fused kernel's index maps);
+    # the ring then resolves a traced chunk slot with `lax.cond` before calling it.
+    static_offsets: bool = False
 
     def supports(self, *, dtype, head_dim: int, segments: bool) -> str | None:
         """None when this kernel can run the call, else why not (one line)."""
@@ -62,7 +65,7 @@ class Kernel:
         rows `[q_start, +n_rows)` of `q, dout` and of the *global* `lse` (from `backward_lse`) and
         `delta` against keys `[k_start, +n_keys)` of `k, v`; returns `(dq_acc, dk, dv)`, the pair's
         dQ added into those rows of the float32 accumulator `dq_acc`, its dK, dV `[bk, n_keys, d]`
-        float32. Default: the pure-JAX blocks."""
+        float32. Starts are multiples of `n_rows` and `n_keys`. Default: the pure-JAX blocks."""
         return chunk_backward_into(q, k, v, dout, lse, delta, meta, tiling, dq_acc, causal=causal,
                                    q_start=q_start, k_start=k_start, n_rows=n_rows, n_keys=n_keys)
 

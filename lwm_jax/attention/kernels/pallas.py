@@ -79,26 +79,29 @@ class _Target:
     blocks: Blocks | None
     interpret: bool
 
-    def plan(self, q, k, tiling: Tiling, causal: bool, backward: bool) -> Plan:
+    def plan(self, rows: int, keys: int, q, tiling: Tiling, causal: bool, backward: bool) -> Plan:
         if self.blocks is None:
             cap_q, cap_kv = tiling.block * tiling.group, tiling.block
         elif backward:
             cap_q, cap_kv = self.blocks.q_bwd, self.blocks.kv_bwd
         else:
             cap_q, cap_kv = self.blocks.q, self.blocks.kv
-        return make_plan(DRIVERS[self.driver], self.interpret, cap_q, cap_kv, q.shape[1], k.shape[1], q.shape[2],
+        return make_plan(DRIVERS[self.driver], self.interpret, cap_q, cap_kv, rows, keys, q.shape[2],
                          tiling, causal, q.dtype)
 
 
 # Launchers: operands, block specs and the pallas_call of each kernel ----------------------------
 
 
-def _call(target: _Target, plan: Plan, kernel, name: str, grid_blocks, inputs, outputs, carry_shapes):
+def _call(target: _Target, plan: Plan, kernel, name: str, grid_blocks, inputs, outputs, carry_shapes,
+          aliases=None):
     """`pallas_call` of `kernel(driver, plan, *refs)`; `inputs` and `outputs` are `(array, spec)`
-    and `(ShapeDtypeStruct, spec)` pairs, None for an absent optional operand (its ref is None)."""
+    and `(ShapeDtypeStruct, spec)` pairs, None for an absent optional operand (its ref is None);
+    `aliases`: `{input position in inputs: output}` written in place."""
     driver = DRIVERS[target.driver]
     present = [x for x in inputs if x is not None]
     where = [x is not None for x in inputs]
+    aliases = {sum(where[:i]): o for i, o in (aliases or {}).items() if where[i]}
 
     def body(*refs):
         it = iter(refs[:len(present)])
@@ -109,7 +112,7 @@ def _call(target: _Target, plan: Plan, kernel, name: str, grid_blocks, inputs, o
         out_specs=[spec for _, spec in outputs], out_shape=[shape for shape, _ in outputs],
         scratch_shapes=driver.scratch(carry_shapes), interpret=target.interpret,
         compiler_params=None if target.interpret else driver.params(plan.head_dim),
-        name=name)(*[x for x, _ in present])
+        input_output_aliases=aliases, name=name)(*[x for x, _ in present])
 
 
 def _ids(driver, meta: Meta, causal: bool):
@@ -129,7 +132,7 @@ def _with(array, spec):
 def _forward(target: _Target, q, k, v, meta: Meta, *, tiling: Tiling, causal: bool):
     driver = DRIVERS[target.driver]
     (bk, rows, d), keys = q.shape, k.shape[1]
-    plan = target.plan(q, k, tiling, causal, backward=False)
+    plan = target.plan(rows, keys, q, tiling, causal, backward=False)
     clamp = (lambda i, j: jnp.minimum(j, plan.last_kv(i))) if causal else (lambda i, j: j)
     q_pos, q_seg, k_pos, k_seg = _ids(driver, meta, causal)
     kv_spec, k_ids = driver.other_block(plan.bkv, keys, d, clamp), driver.other_row(plan.bkv, keys, clamp)
@@ -139,37 +142,47 @@ def _forward(target: _Target, q, k, v, meta: Meta, *, tiling: Tiling, causal: bo
          _with(q_pos, driver.fixed_stat(plan.bq)), _with(q_seg, driver.fixed_stat(plan.bq)),
          _with(k_pos, k_ids), _with(k_seg, k_ids)],
         [(jax.ShapeDtypeStruct((bk, rows, d), jnp.float32), driver.fixed_block(plan.bq, d)),
-         (jax.ShapeDtypeStruct((bk, *driver.stat_shape(rows)), jnp.float32), driver.fixed_stat(plan.bq))],
+         (jax.ShapeDtypeStruct((bk, *driver.vector_shape(rows)), jnp.float32), driver.fixed_stat(plan.bq))],
         [driver.stat_shape(plan.bq), driver.stat_shape(plan.bq), (plan.bq, d)])
     return out, driver.unstat(lse)
 
 
-def _backward(target: _Target, q, k, v, dout, lse, delta, meta: Meta, *, tiling: Tiling, causal: bool):
+def _backward(target: _Target, q, k, v, dout, lse, delta, meta: Meta, dq_acc, *, tiling: Tiling, causal: bool,
+              q_start: int = 0, k_start: int = 0, n_rows: int | None = None, n_keys: int | None = None):
+    """`(dq, dk, dv)` of query rows `[q_start, +n_rows)` against keys `[k_start, +n_keys)` (default:
+    all), read in place from the whole arrays. With `dq_acc` (float32, `q`'s shape) the pair's dQ is
+    added into its rows in place and the whole accumulator returned; else the pair's dQ."""
     driver = DRIVERS[target.driver]
-    (bk, rows, d), keys = q.shape, k.shape[1]
-    plan = target.plan(q, k, tiling, causal, backward=True)
+    bk, d = q.shape[0], q.shape[2]
+    rows, keys = n_rows or q.shape[1], n_keys or k.shape[1]
+    plan = target.plan(rows, keys, q, tiling, causal, backward=True)
     q_pos, q_seg, k_pos, k_seg = _ids(driver, meta, causal)
     lse, delta, dout = driver.stat_array(lse), driver.stat_array(delta), dout.astype(q.dtype)
 
     # dQ: one query block per program, looping over the key blocks it can see.
     clamp = (lambda i, j: jnp.minimum(j, plan.last_kv(i))) if causal else (lambda i, j: j)
-    kv_spec, k_ids = driver.other_block(plan.bkv, keys, d, clamp), driver.other_row(plan.bkv, keys, clamp)
-    q_spec, q_vec = driver.fixed_block(plan.bq, d), driver.fixed_stat(plan.bq)
+    kv_spec = driver.other_block(plan.bkv, keys, d, clamp, k_start)
+    k_ids = driver.other_row(plan.bkv, keys, clamp, k_start)
+    q_spec, q_vec = driver.fixed_block(plan.bq, d, q_start), driver.fixed_stat(plan.bq, q_start)
+    dq_rows = q.shape[1] if dq_acc is not None else rows
+    dq_spec = q_spec if dq_acc is not None else driver.fixed_block(plan.bq, d)
     (dq,) = _call(
         target, plan, dq_kernel, "lwm_flash_dq", (bk, plan.nq, plan.nkv),
         [(q, q_spec), (dout, q_spec), (lse, q_vec), (delta, q_vec), (k, kv_spec), (v, kv_spec),
-         _with(q_pos, q_vec), _with(q_seg, q_vec), _with(k_pos, k_ids), _with(k_seg, k_ids)],
-        [(jax.ShapeDtypeStruct((bk, rows, d), jnp.float32), q_spec)], [(plan.bq, d)])
+         _with(q_pos, q_vec), _with(q_seg, q_vec), _with(k_pos, k_ids), _with(k_seg, k_ids), _with(dq_acc, dq_spec)],
+        [(jax.ShapeDtypeStruct((bk, dq_rows, d), jnp.float32), dq_spec)], [(plan.bq, d)], aliases={10: 0})
 
     # dK, dV: one key block per program, looping over the query blocks that can see it.
     clamp = (lambda j, i: jnp.maximum(i, plan.first_q(j))) if causal else (lambda j, i: i)
-    q_spec, q_vec = driver.other_block(plan.bq, rows, d, clamp), driver.other_stat(plan.bq, rows, clamp)
-    kv_spec, k_ids = driver.fixed_block(plan.bkv, d), driver.fixed_row(plan.bkv)
+    q_spec = driver.other_block(plan.bq, rows, d, clamp, q_start)
+    q_vec = driver.other_stat(plan.bq, rows, clamp, q_start)
+    kv_spec, k_ids = driver.fixed_block(plan.bkv, d, k_start), driver.fixed_row(plan.bkv, k_start)
+    out_spec = driver.fixed_block(plan.bkv, d)
     dk, dv = _call(
         target, plan, dkv_kernel, "lwm_flash_dkv", (bk, plan.nkv, plan.nq),
         [(k, kv_spec), (v, kv_spec), (q, q_spec), (dout, q_spec), (lse, q_vec), (delta, q_vec),
          _with(q_pos, q_vec), _with(q_seg, q_vec), _with(k_pos, k_ids), _with(k_seg, k_ids)],
-        [(jax.ShapeDtypeStruct((bk, keys, d), jnp.float32), kv_spec)] * 2, [(plan.bkv, d)] * 2)
+        [(jax.ShapeDtypeStruct((bk, keys, d), jnp.float32), out_spec)] * 2, [(plan.bkv, d)] * 2)
     return dq, dk, dv
 
 
@@ -189,6 +202,7 @@ class PallasKernel(Kernel):
     interpret_as: str = "triton"
     name: str = "pallas"
     platforms: tuple[str, ...] = ()
+    static_offsets: bool = True
 
     def __post_init__(self):
         if self.interpret_as not in DRIVERS:
@@ -210,32 +224,31 @@ class PallasKernel(Kernel):
                                       default=interpreted)
 
     def forward(self, q, k, v, meta: Meta, tiling: Tiling, *, causal: bool):
-        _check(q, k, tiling, causal)
+        _check(q.shape[1], k.shape[1], tiling, causal)
         return self._switch(functools.partial(_forward, tiling=tiling, causal=causal), q, k, v, meta)
 
     def backward(self, q, k, v, out, dout, lse, meta: Meta, tiling: Tiling, *, causal: bool):
-        _check(q, k, tiling, causal)
+        _check(q.shape[1], k.shape[1], tiling, causal)
         delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
         return self._switch(functools.partial(_backward, tiling=tiling, causal=causal),
-                            q, k, v, dout, backward_lse(lse), delta, meta)
+                            q, k, v, dout, backward_lse(lse), delta, meta, None)
 
     def backward_into(self, q, k, v, dout, lse, delta, meta: Meta, tiling: Tiling, dq_acc, *, causal: bool,
                       q_start, k_start, n_rows: int, n_keys: int):
-        """The ring's backward of one chunk pair (see `Kernel.backward_into`): the pair's rows and keys
-        sliced out for the fused kernels, its dQ added into the accumulator's rows."""
-        rows = lambda x, s, n: None if x is None else lax.dynamic_slice_in_dim(x, s, n, 1)
-        q_p, k_p = rows(q, q_start, n_rows), rows(k, k_start, n_keys)
-        _check(q_p, k_p, tiling, causal)
-        dq, dk, dv = self._switch(functools.partial(_backward, tiling=tiling, causal=causal), q_p, k_p,
-                                  rows(v, k_start, n_keys), rows(dout, q_start, n_rows), rows(lse, q_start, n_rows),
-                                  rows(delta, q_start, n_rows), meta.slice(q_start, n_rows, k_start, n_keys))
-        dq_acc = lax.dynamic_update_slice_in_dim(dq_acc, rows(dq_acc, q_start, n_rows) + dq, q_start, 1)
-        return dq_acc, dk, dv
+        """The ring's backward of one chunk pair (see `Kernel.backward_into`): both kernels read the
+        pair's rows and keys in place (block offsets in their index maps) and the dQ kernel adds
+        into the accumulator's rows in place, so no pair-sized copy or float32 dQ exists."""
+        if not (isinstance(q_start, int) and isinstance(k_start, int)):
+            raise TypeError("the Pallas kernel's backward_into takes static starts (static_offsets)")
+        _check(n_rows, n_keys, tiling, causal)
+        return self._switch(functools.partial(_backward, tiling=tiling, causal=causal, q_start=q_start,
+                                              k_start=k_start, n_rows=n_rows, n_keys=n_keys),
+                            q, k, v, dout, lse, delta, meta, dq_acc)
 
 
-def _check(q, k, tiling: Tiling, causal: bool) -> None:
-    if causal and q.shape[1] != k.shape[1] * tiling.group:
-        raise ValueError(f"a diagonal pair needs rows = keys * group; got q {q.shape}, k {k.shape}, "
+def _check(rows: int, keys: int, tiling: Tiling, causal: bool) -> None:
+    if causal and rows != keys * tiling.group:
+        raise ValueError(f"a diagonal pair needs rows = keys * group; got {rows} rows, {keys} keys, "
                          f"group={tiling.group}")
 
 

@@ -4,7 +4,8 @@
 The bodies (`forward_kernel`, `dq_kernel`, `dkv_kernel`) hold the math once. A driver supplies the
 loop over the other operand's blocks (inside the kernel on Triton; the last, sequential grid axis
 with VMEM scratch on Mosaic), the block specs, and the layout of per-row vectors (1-D on Triton;
-query-side `[rows, 128]` lanes and key-side `[8, keys]` sublanes on Mosaic, as splash does).
+on Mosaic compact `[1, rows]` lane vectors in HBM, read into `[bq, 1]` columns, key-side ids
+`[8, keys]` sublanes, and the forward's running statistics `[bq, 128]` in VMEM).
 """
 
 from __future__ import annotations
@@ -80,6 +81,14 @@ def pow2(n: int) -> bool:
     return n & (n - 1) == 0
 
 
+def block_index(start: int, size: int) -> int:
+    """The block index of element `start` in blocks of `size`: a pair read in place from the whole
+    local arrays starts on a block boundary."""
+    if start % size:
+        raise ValueError(f"a pair starting at row or key {start} is not on a block of {size}")
+    return start // size
+
+
 # Drivers: what differs between Triton and Mosaic -------------------------------------------------
 
 
@@ -109,22 +118,28 @@ class _Triton:
     def stat_shape(self, n):
         return (n,)
 
+    vector_shape = stat_shape
+
     def unstat(self, x):
         return x
 
-    def fixed_block(self, size, d):
-        return pl.BlockSpec((None, size, d), lambda b, f: (b, f, 0))
+    def fixed_block(self, size, d, start=0):
+        o = block_index(start, size)
+        return pl.BlockSpec((None, size, d), lambda b, f: (b, f + o, 0))
 
-    def fixed_stat(self, size):
-        return pl.BlockSpec((None, size), lambda b, f: (b, f))
+    def fixed_stat(self, size, start=0):
+        o = block_index(start, size)
+        return pl.BlockSpec((None, size), lambda b, f: (b, f + o))
 
     fixed_row = fixed_stat
 
-    def other_block(self, size, length, d, clamp):
-        return pl.BlockSpec((None, length, d), lambda b, f: (b, 0, 0))
+    def other_block(self, size, length, d, clamp, start=0):
+        o = block_index(start, length)
+        return pl.BlockSpec((None, length, d), lambda b, f: (b, o, 0))
 
-    def other_stat(self, size, length, clamp):
-        return pl.BlockSpec((None, length), lambda b, f: (b, 0))
+    def other_stat(self, size, length, clamp, start=0):
+        o = block_index(start, length)
+        return pl.BlockSpec((None, length), lambda b, f: (b, o))
 
     other_row = other_stat
 
@@ -134,6 +149,12 @@ class _Triton:
 
     def load_stat(self, ref, t, size):
         return ref[pl.ds(t * size, size)]
+
+    def fixed_stat_value(self, ref):
+        return ref[...]
+
+    def store_stat(self, ref, x):
+        ref[...] = x
 
     def load_row(self, ref, t, size):
         return ref[pl.ds(t * size, size)][None, :]
@@ -156,11 +177,14 @@ class _Triton:
 
 class _Mosaic:
     """The loop over the other operand is the last grid axis; its carry lives in VMEM scratch.
-    Query-side vectors are `[rows, 128]` (lanes), key-side ids `[8, keys]` (sublanes): 512 and
-    32 bytes of HBM per row or key and vector, the price splash and the TPU flash kernel pay."""
+    Query-side vectors (log-sum-exp, delta, query ids) are compact `[1, rows]` lane vectors in HBM,
+    4 bytes per row, turned into `[bq, 1]` columns in the kernel (as splash's dQ kernel reads its
+    log-sum-exp); `[rows, 128]` would cost 512 bytes per row, 3 GiB per chip in the 524K step's
+    backward. Key-side ids are `[8, keys]` sublanes (32 bytes per key); the forward's running max
+    and sum are `[bq, 128]` VMEM scratch."""
 
     name = "mosaic"
-    ok_q = staticmethod(lambda n: n % _SUBLANES == 0)  # second-minor block dim: a multiple of 8
+    ok_q = staticmethod(lambda n: n % _LANES == 0)  # rows are the lanes of the `[1, bq]` vector blocks
     ok_kv = staticmethod(lambda n: n % _LANES == 0)  # keys are the lanes of every score tile
 
     def grid(self, bk, n_fixed, n_other):
@@ -173,7 +197,7 @@ class _Mosaic:
         return pltpu.CompilerParams(dimension_semantics=(pltpu.PARALLEL, pltpu.PARALLEL, pltpu.ARBITRARY))
 
     def stat_array(self, x):
-        return jnp.broadcast_to(x[:, :, None], (*x.shape, _LANES))
+        return x[:, None, :]
 
     def row_array(self, x):
         return jnp.broadcast_to(x[:, None, :], (x.shape[0], _SUBLANES, x.shape[1]))
@@ -181,31 +205,47 @@ class _Mosaic:
     def stat_shape(self, n):
         return (n, _LANES)
 
+    def vector_shape(self, n):
+        return (1, n)
+
     def unstat(self, x):
-        return x[..., 0]
+        return x[:, 0, :]
 
-    def fixed_block(self, size, d):
-        return pl.BlockSpec((None, size, d), lambda b, f, t: (b, f, 0))
+    def fixed_block(self, size, d, start=0):
+        o = block_index(start, size)
+        return pl.BlockSpec((None, size, d), lambda b, f, t: (b, f + o, 0))
 
-    def fixed_stat(self, size):
-        return pl.BlockSpec((None, size, _LANES), lambda b, f, t: (b, f, 0))
+    def fixed_stat(self, size, start=0):
+        o = block_index(start, size)
+        return pl.BlockSpec((None, 1, size), lambda b, f, t: (b, 0, f + o))
 
-    def fixed_row(self, size):
-        return pl.BlockSpec((None, _SUBLANES, size), lambda b, f, t: (b, 0, f))
+    def fixed_row(self, size, start=0):
+        o = block_index(start, size)
+        return pl.BlockSpec((None, _SUBLANES, size), lambda b, f, t: (b, 0, f + o))
 
-    def other_block(self, size, length, d, clamp):
-        return pl.BlockSpec((None, size, d), lambda b, f, t: (b, clamp(f, t), 0))
+    def other_block(self, size, length, d, clamp, start=0):
+        o = block_index(start, size)
+        return pl.BlockSpec((None, size, d), lambda b, f, t: (b, o + clamp(f, t), 0))
 
-    def other_stat(self, size, length, clamp):
-        return pl.BlockSpec((None, size, _LANES), lambda b, f, t: (b, clamp(f, t), 0))
+    def other_stat(self, size, length, clamp, start=0):
+        o = block_index(start, size)
+        return pl.BlockSpec((None, 1, size), lambda b, f, t: (b, 0, o + clamp(f, t)))
 
-    def other_row(self, size, length, clamp):
-        return pl.BlockSpec((None, _SUBLANES, size), lambda b, f, t: (b, 0, clamp(f, t)))
+    def other_row(self, size, length, clamp, start=0):
+        o = block_index(start, size)
+        return pl.BlockSpec((None, _SUBLANES, size), lambda b, f, t: (b, 0, o + clamp(f, t)))
 
     def load_block(self, ref, t, size):
         return ref[...]
 
-    load_stat = load_block
+    def load_stat(self, ref, t, size):
+        return ref[0][:, None]
+
+    def fixed_stat_value(self, ref):
+        return ref[0][:, None]
+
+    def store_stat(self, ref, x):
+        ref[0] = x[:, 0]
 
     def load_row(self, ref, t, size):
         return ref[:1, :]
@@ -214,7 +254,9 @@ class _Mosaic:
         return ref[:1, :]
 
     def col(self, x, n):
-        """A `[rows, 128]` per-row vector widened (or cut) to `[rows, n]`."""
+        """A `[rows, 1]` column or `[rows, 128]` per-row vector widened (or cut) to `[rows, n]`."""
+        if x.shape[1] == 1:
+            return jnp.broadcast_to(x, (x.shape[0], n))
         reps = pl.cdiv(n, _LANES)
         x = jnp.tile(x, (1, reps)) if reps > 1 else x
         return x if x.shape[1] == n else x[:, :n]
@@ -281,8 +323,8 @@ def forward_kernel(driver, plan: Plan, q_ref, k_ref, v_ref, q_pos_ref, q_seg_ref
                     o_ref, lse_ref, *scratch):
     i = pl.program_id(1)
     q = q_ref[...]
-    q_pos = None if q_pos_ref is None else q_pos_ref[...]
-    q_seg = None if q_seg_ref is None else q_seg_ref[...]
+    q_pos = None if q_pos_ref is None else driver.fixed_stat_value(q_pos_ref)
+    q_seg = None if q_seg_ref is None else driver.fixed_stat_value(q_seg_ref)
     stat = driver.stat_shape(plan.bq)
 
     def init():
@@ -307,18 +349,19 @@ def forward_kernel(driver, plan: Plan, q_ref, k_ref, v_ref, q_pos_ref, q_seg_ref
         seen = l > 0
         safe = jnp.where(seen, l, 1.0)
         o_ref[...] = acc / driver.col(safe, plan.head_dim)
-        lse_ref[...] = jnp.where(seen, m + jnp.log(safe), LSE_EMPTY)
+        driver.store_stat(lse_ref, jnp.where(seen, m + jnp.log(safe), LSE_EMPTY))
 
     hi = plan.last_kv(i) + 1 if plan.causal else plan.nkv
     driver.loop(0, hi, plan.nkv, init, step, finish, scratch)
 
 
 def dq_kernel(driver, plan: Plan, q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, q_pos_ref, q_seg_ref,
-               k_pos_ref, k_seg_ref, dq_ref, *scratch):
+               k_pos_ref, k_seg_ref, dq_in_ref, dq_ref, *scratch):
     i = pl.program_id(1)
-    q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
-    q_pos = None if q_pos_ref is None else q_pos_ref[...]
-    q_seg = None if q_seg_ref is None else q_seg_ref[...]
+    q, do = q_ref[...], do_ref[...]
+    lse, delta = driver.fixed_stat_value(lse_ref), driver.fixed_stat_value(delta_ref)
+    q_pos = None if q_pos_ref is None else driver.fixed_stat_value(q_pos_ref)
+    q_seg = None if q_seg_ref is None else driver.fixed_stat_value(q_seg_ref)
 
     def step(j, carry):
         (dq,) = carry
@@ -329,8 +372,9 @@ def dq_kernel(driver, plan: Plan, q_ref, do_ref, lse_ref, delta_ref, k_ref, v_re
         _, ds = _probs(driver, plan, s, v, do, lse, delta)
         return (dq + _dot(ds.astype(k.dtype), k, plan),)
 
-    def finish(carry):
-        dq_ref[...] = carry[0] * plan.scale
+    def finish(carry):  # added into the accumulator's block in place when given one (aliased)
+        dq = carry[0] * plan.scale
+        dq_ref[...] = dq if dq_in_ref is None else dq_in_ref[...] + dq
 
     hi = plan.last_kv(i) + 1 if plan.causal else plan.nkv
     init = lambda: (jnp.zeros((plan.bq, plan.head_dim), jnp.float32),)
