@@ -11,6 +11,8 @@ drivers live in `pallas_flash`; this module launches them and is the `Kernel`.
 - Backward: `delta = sum(dout * out)` in XLA, then a dK/dV kernel gridded over key blocks (looping
   over query blocks) and a dQ kernel gridded over query blocks (looping over key blocks); both
   recompute `p = exp(scale * s - lse)` from the global lse (rows with `LSE_EMPTY` give p = 0).
+  In the ring (`backward_into`) both read the chunk pair at block offsets in the whole local
+  arrays, and the dQ kernel adds into the float32 accumulator's rows in place (aliased).
 - Masking: inside a block by positions (diagonal pairs) and segment ids, masked scores at -inf, so
   a row that sees no key ends with `LSE_EMPTY` and a zero output. A diagonal pair visits only the
   blocks that hold a query row at or after a key (rows `s*group + g` against keys `t <= s`): the
