@@ -82,8 +82,7 @@ def pow2(n: int) -> bool:
 
 
 def block_index(start: int, size: int) -> int:
-    """The block index of element `start` in blocks of `size`: a pair read in place from the whole
-    local arrays starts on a block boundary."""
+    """The index of the block of `size` that starts at element `start` (a pair read in place)."""
     if start % size:
         raise ValueError(f"a pair starting at row or key {start} is not on a block of {size}")
     return start // size
@@ -124,22 +123,18 @@ class _Triton:
         return x
 
     def fixed_block(self, size, d, start=0):
-        o = block_index(start, size)
-        return pl.BlockSpec((None, size, d), lambda b, f: (b, f + o, 0))
+        return pl.BlockSpec((None, size, d), lambda b, f: (b, f + block_index(start, size), 0))
 
     def fixed_stat(self, size, start=0):
-        o = block_index(start, size)
-        return pl.BlockSpec((None, size), lambda b, f: (b, f + o))
+        return pl.BlockSpec((None, size), lambda b, f: (b, f + block_index(start, size)))
 
     fixed_row = fixed_stat
 
     def other_block(self, size, length, d, clamp, start=0):
-        o = block_index(start, length)
-        return pl.BlockSpec((None, length, d), lambda b, f: (b, o, 0))
+        return pl.BlockSpec((None, length, d), lambda b, f: (b, block_index(start, length), 0))
 
     def other_stat(self, size, length, clamp, start=0):
-        o = block_index(start, length)
-        return pl.BlockSpec((None, length), lambda b, f: (b, o))
+        return pl.BlockSpec((None, length), lambda b, f: (b, block_index(start, length)))
 
     other_row = other_stat
 
@@ -149,9 +144,6 @@ class _Triton:
 
     def load_stat(self, ref, t, size):
         return ref[pl.ds(t * size, size)]
-
-    def fixed_stat_value(self, ref):
-        return ref[...]
 
     def store_stat(self, ref, x):
         ref[...] = x
@@ -212,36 +204,27 @@ class _Mosaic:
         return x[:, 0, :]
 
     def fixed_block(self, size, d, start=0):
-        o = block_index(start, size)
-        return pl.BlockSpec((None, size, d), lambda b, f, t: (b, f + o, 0))
+        return pl.BlockSpec((None, size, d), lambda b, f, t: (b, f + block_index(start, size), 0))
 
     def fixed_stat(self, size, start=0):
-        o = block_index(start, size)
-        return pl.BlockSpec((None, 1, size), lambda b, f, t: (b, 0, f + o))
+        return pl.BlockSpec((None, 1, size), lambda b, f, t: (b, 0, f + block_index(start, size)))
 
     def fixed_row(self, size, start=0):
-        o = block_index(start, size)
-        return pl.BlockSpec((None, _SUBLANES, size), lambda b, f, t: (b, 0, f + o))
+        return pl.BlockSpec((None, _SUBLANES, size), lambda b, f, t: (b, 0, f + block_index(start, size)))
 
     def other_block(self, size, length, d, clamp, start=0):
-        o = block_index(start, size)
-        return pl.BlockSpec((None, size, d), lambda b, f, t: (b, o + clamp(f, t), 0))
+        return pl.BlockSpec((None, size, d), lambda b, f, t: (b, block_index(start, size) + clamp(f, t), 0))
 
     def other_stat(self, size, length, clamp, start=0):
-        o = block_index(start, size)
-        return pl.BlockSpec((None, 1, size), lambda b, f, t: (b, 0, o + clamp(f, t)))
+        return pl.BlockSpec((None, 1, size), lambda b, f, t: (b, 0, block_index(start, size) + clamp(f, t)))
 
     def other_row(self, size, length, clamp, start=0):
-        o = block_index(start, size)
-        return pl.BlockSpec((None, _SUBLANES, size), lambda b, f, t: (b, 0, o + clamp(f, t)))
+        return pl.BlockSpec((None, _SUBLANES, size), lambda b, f, t: (b, 0, block_index(start, size) + clamp(f, t)))
 
     def load_block(self, ref, t, size):
         return ref[...]
 
     def load_stat(self, ref, t, size):
-        return ref[0][:, None]
-
-    def fixed_stat_value(self, ref):
         return ref[0][:, None]
 
     def store_stat(self, ref, x):
@@ -323,8 +306,8 @@ def forward_kernel(driver, plan: Plan, q_ref, k_ref, v_ref, q_pos_ref, q_seg_ref
                     o_ref, lse_ref, *scratch):
     i = pl.program_id(1)
     q = q_ref[...]
-    q_pos = None if q_pos_ref is None else driver.fixed_stat_value(q_pos_ref)
-    q_seg = None if q_seg_ref is None else driver.fixed_stat_value(q_seg_ref)
+    q_pos = None if q_pos_ref is None else driver.load_stat(q_pos_ref, 0, plan.bq)
+    q_seg = None if q_seg_ref is None else driver.load_stat(q_seg_ref, 0, plan.bq)
     stat = driver.stat_shape(plan.bq)
 
     def init():
@@ -359,9 +342,9 @@ def dq_kernel(driver, plan: Plan, q_ref, do_ref, lse_ref, delta_ref, k_ref, v_re
                k_pos_ref, k_seg_ref, dq_in_ref, dq_ref, *scratch):
     i = pl.program_id(1)
     q, do = q_ref[...], do_ref[...]
-    lse, delta = driver.fixed_stat_value(lse_ref), driver.fixed_stat_value(delta_ref)
-    q_pos = None if q_pos_ref is None else driver.fixed_stat_value(q_pos_ref)
-    q_seg = None if q_seg_ref is None else driver.fixed_stat_value(q_seg_ref)
+    lse, delta = driver.load_stat(lse_ref, 0, plan.bq), driver.load_stat(delta_ref, 0, plan.bq)
+    q_pos = None if q_pos_ref is None else driver.load_stat(q_pos_ref, 0, plan.bq)
+    q_seg = None if q_seg_ref is None else driver.load_stat(q_seg_ref, 0, plan.bq)
 
     def step(j, carry):
         (dq,) = carry
