@@ -33,8 +33,17 @@ def _local_lookup(table, tokens, *, vocab_axis, token_axes, dtype):
     if vocab_axis:
         x = lax.psum(x, vocab_axis)
     for axis, dim in reversed(token_axes):  # own tokens back; columns concatenate minor axis first
-        x = lax.all_to_all(x, axis, split_axis=dim, concat_axis=2, tiled=True)
+        x = _tokens_to_columns(x, axis, dim)
     return x
+
+
+def _tokens_to_columns(x, axis, dim):
+    n = lax.axis_size(axis)
+    b, s, d = x.shape
+    shape = (b, n, s // n, d) if dim == 1 else (n, b // n, s, d)
+    x = lax.all_to_all(x.reshape(shape), axis, split_axis=dim, concat_axis=dim, tiled=True)
+    x = jnp.moveaxis(x, dim, 2)
+    return x.reshape(x.shape[0], x.shape[1], -1)
 
 
 def embed_lookup(table: jax.Array, tokens: jax.Array, dtype) -> jax.Array:
