@@ -2,9 +2,10 @@
 what each memory technique saves at 1M tokens on one 8-GPU node; with --aot, XLA's compiled
 per-device memory of the one-node 1048K stage beside the planner's (8 simulated CPU devices); with
 --tpu, the longest sequence XLA:TPU compiles the same stage at on a v5p-8 slice (8 chips of 95 GiB),
-found by compiling at the planner's longest length for v5p and stepping down one layout quantum
+found by compiling at the planner's longest length for v5p (bounded by the chip's HBM and by its
+share of the host's RAM, where the offloaded layer inputs go) and stepping down one layout quantum
 (2 * sp * block tokens) at a time until the compiler accepts it (libtpu, no TPU needed; each
-compile takes minutes).
+compile takes about a minute on 2 cores).
 
 All figures are the planner's (`lwm_jax.plan`), for the 1048K stage of
 configs/recipes/gradient_1048k_one_node.yaml: batch 1, 16 micro-batches per step, bf16 compute,

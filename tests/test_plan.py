@@ -1,7 +1,9 @@
 """The planner: analytic per-device memory against XLA's compiled memory for the same train step,
 the stage table of gradient_1048k, and the CLI."""
 
+import dataclasses
 import json
+import math
 import subprocess
 import sys
 
@@ -142,3 +144,23 @@ def test_optimizer_offload_moves_masters_and_moments_to_the_host():
                   for on in (True, False))
     assert slow["host_link_s"] == pytest.approx(f32 / 4 * (4 + 2 * (4 + 4)) / 64e9)
     assert slow["step_s"] == pytest.approx(fast["step_s"] + slow["host_link_s"])
+
+
+def test_the_longest_sequence_fits_the_hosts_memory_too():
+    """remat offload keeps every layer's input in host RAM: on v5p (448 GB per 4 chips) the one-node
+    recipe's longest sequence is bounded by a chip's share of the host, not by its 95 GiB of HBM; one
+    layout quantum more needs more host memory than that, and a stage over it does not fit."""
+    from lwm_jax.planner import host_bytes_per_device, length_unit
+
+    recipe = load_recipe(ROOT / "configs/recipes/gradient_1048k_one_node.yaml")
+    v5p = HARDWARE["TPU v5p"]
+    (stage,) = plan_recipe(recipe, v5p, only_stage="1048K", max_seq_len=True)
+    (unbounded,) = plan_recipe(recipe, dataclasses.replace(v5p, host_memory_gib=math.inf), only_stage="1048K",
+                               max_seq_len=True)
+    longest, host_limit = stage["max_seq_len"], v5p.host_memory_gib * 2**30
+    assert stage["max_seq_len_host_bytes_per_device"] <= host_limit < unbounded["max_seq_len_host_bytes_per_device"]
+    model, mesh = recipe.model, MeshConfig(sp=8)
+    assert host_bytes_per_device(model, mesh, longest + length_unit(model, mesh), 1) > host_limit
+    assert stage["fits"] and stage["host_fits"]
+    (short,) = plan_recipe(recipe, dataclasses.replace(v5p, host_memory_gib=16.0), only_stage="1048K")
+    assert not short["fits"] and not short["host_fits"]  # 32 GiB of layer inputs per chip at 1048K

@@ -40,7 +40,8 @@ GIB = 2**30
 # What the planner's figures are held to: the compiler run whose peaks it was fitted against.
 CHECKED_AGAINST = ("checked against XLA:TPU (v5p-8 compiles of configs/recipes/gradient_1048k_one_node.yaml: "
                    "the compiler's device memory is 1.00, 0.96, 0.97 and 0.98 of the planner's at 65K, 262K, "
-                   "524K and 1048K tokens; docs/memory.md)")
+                   "524K and 1048K tokens, and 0.99 at the planner's longest for v5p, 3,407,872 tokens, which "
+                   "the compiler accepts; docs/memory.md)")
 
 
 def param_bytes_per_device(model: ModelConfig, mesh: MeshConfig) -> int:
@@ -254,7 +255,8 @@ def step_seconds(model: ModelConfig, mesh: MeshConfig, seq_len: int, batch_size:
 def plan_stage(model: ModelConfig, mesh: MeshConfig, seq_len: int, batch_size: int, grad_accum: int, steps: int,
                loss_chunk: int, hw: Hardware, moment_bytes: int = 4, offload: bool = False,
                whole: bool = False) -> dict[str, Any]:
-    """The plan of one stage: memory by component (device and host apart), whether it fits, time."""
+    """The plan of one stage: memory by component (device and host apart), whether it fits (the
+    device's memory and the host's share of RAM both), time."""
     memory = memory_per_device(model, mesh, seq_len, batch_size, grad_accum, loss_chunk, moment_bytes=moment_bytes,
                                platform=hw.platform, offload=offload, whole=whole)
     xla_cpu = memory_per_device(model, mesh, seq_len, batch_size, grad_accum, loss_chunk, activation_bytes=4,
@@ -265,7 +267,8 @@ def plan_stage(model: ModelConfig, mesh: MeshConfig, seq_len: int, batch_size: i
     return {"memory": memory, "memory_bytes_per_device": memory["total"], "host_bytes_per_device": host,
             "memory_bytes_per_device_xla_cpu": xla_cpu["total"] + host_bytes_per_device(
                 model, mesh, seq_len, batch_size, 4, offload, moment_bytes),
-            "fits": memory["total"] <= hw.memory_gib * GIB, "step_s": time["step_s"], "time": time,
+            "fits": memory["total"] <= hw.memory_gib * GIB and host <= hw.host_memory_gib * GIB,
+            "host_fits": host <= hw.host_memory_gib * GIB, "step_s": time["step_s"], "time": time,
             "estimated_minutes": time["step_s"] * steps / 60}
 
 
@@ -281,14 +284,17 @@ def length_unit(model: ModelConfig, mesh: MeshConfig) -> int:
 
 def longest_fitting(model: ModelConfig, mesh: MeshConfig, batch_size: int, grad_accum: int, loss_chunk: int,
                     hw: Hardware, moment_bytes: int = 4, offload: bool = False, whole: bool = False) -> int:
-    """The longest `seq_len`, a multiple of `length_unit`, whose device memory fits `hw` (0: none)."""
+    """The longest `seq_len`, a multiple of `length_unit`, whose device memory fits `hw` and whose
+    host memory (offloaded layer inputs, optimizer state) fits a device's share of the host's RAM
+    (0: none)."""
     unit = length_unit(model, mesh)
-    limit = hw.memory_gib * GIB
+    limit, host_limit = hw.memory_gib * GIB, hw.host_memory_gib * GIB
 
     def fits(n: int) -> bool:
-        return memory_per_device(model, mesh, n * unit, batch_size, grad_accum, loss_chunk,
-                                 moment_bytes=moment_bytes, platform=hw.platform, offload=offload,
-                                 whole=whole)["total"] <= limit
+        host = host_bytes_per_device(model, mesh, n * unit, batch_size, offload=offload, moment_bytes=moment_bytes)
+        return host <= host_limit and memory_per_device(
+            model, mesh, n * unit, batch_size, grad_accum, loss_chunk, moment_bytes=moment_bytes,
+            platform=hw.platform, offload=offload, whole=whole)["total"] <= limit
 
     if not fits(1):
         return 0

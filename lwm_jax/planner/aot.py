@@ -151,7 +151,7 @@ def target_compare(recipe_path: str, overrides: Sequence[str], stages: list[dict
     `aot_compile_s` and, where the compiler refused, `aot_refusal`; returns `stages`."""
     recipe = load_recipe(recipe_path, list(overrides))
     for stage in stages:
-        log(f"plan: compiling stage {stage['name']} for {target.name} (XLA:TPU, minutes for an 8B model)")
+        log(f"plan: compiling stage {stage['name']} for {target.name} (XLA:TPU, about a minute for an 8B model)")
         mem = target_memory(recipe, stage["name"], target)
         host = None if mem["host_temp"] is None else mem["host_temp"] + mem["host_arguments"]
         stage.update(aot_memory_bytes_per_device=mem["device"], aot_host_bytes_per_device=host,
