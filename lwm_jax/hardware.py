@@ -56,10 +56,10 @@ HARDWARE: dict[str, Hardware] = {h.name: h for h in (
     Hardware("A100", 80.0, 312.0, 300.0, 25.0, 32.0, 8, ("A100",), host_memory_gib=1360 / 8 * _GB),
     # L40S: no NVLink, PCIe 4.0 between GPUs. TPUs: ICI per chip over its ports.
     Hardware("L40S", 48.0, 362.0, 32.0, 50.0, 32.0, 8, ("L40S",), host_memory_gib=1536 / 8),
-    Hardware("TPU v4", 32.0, 275.0, 50.0, 50.0, 16.0, 4, ("TPU v4",), 0.45, 407 / 4 * _GB),  # 2,400 Gbps, 6
-    Hardware("TPU v5e", 16.0, 197.0, 100.0, 100.0, 32.0, 8, ("TPU v5 lite", "TPU v5e"), 0.45, 512 / 8),  # 400 GB/s, 4
-    Hardware("TPU v5p", 95.0, 459.0, 100.0, 100.0, 32.0, 4, ("TPU v5p", "TPU v5"), 0.45, 448 / 4 * _GB),  # 4,800 Gbps, 6
-    Hardware("TPU v6e", 31.25, 918.0, 200.0, 200.0, 64.0, 8, ("TPU v6 lite", "TPU v6e"), 0.45, 1536 / 8),  # 800 GB/s, 4
+    Hardware("TPU v4", 32.0, 275.0, 50.0, 50.0, 16.0, 4, ("TPU v4",), 0.45, 407 / 4 * _GB),  # 2,400 Gbps/6
+    Hardware("TPU v5e", 16.0, 197.0, 100.0, 100.0, 32.0, 8, ("TPU v5 lite", "TPU v5e"), 0.45, 512 / 8),  # 400 GB/s/4
+    Hardware("TPU v5p", 95.0, 459.0, 100.0, 100.0, 32.0, 4, ("TPU v5p", "TPU v5"), 0.45, 448 / 4 * _GB),  # 4,800 Gbps/6
+    Hardware("TPU v6e", 31.25, 918.0, 200.0, 200.0, 64.0, 8, ("TPU v6 lite", "TPU v6e"), 0.45, 1536 / 8),  # 800 GB/s/4
 )}
 
 
