@@ -13,7 +13,7 @@ from lwm_jax.cli import main
 from lwm_jax.config import MeshConfig, load_recipe
 from lwm_jax.hardware import HARDWARE
 from lwm_jax.planner import aot_memory, attention_bytes_per_device, memory_per_device, plan_recipe, step_seconds
-from tests.conftest import ROOT
+from tests.conftest import ROOT, cli_error
 
 AGREEMENT = 0.20  # analytic vs XLA per-device memory: -8% and +14% on the demo stages, +3% at 1048K (README's table)
 # `--aot` compiles for XLA:CPU, which holds bf16 values as float32, so it is compared with the analytic
@@ -164,3 +164,17 @@ def test_the_longest_sequence_fits_the_hosts_memory_too():
     assert stage["fits"] and stage["host_fits"]
     (short,) = plan_recipe(recipe, dataclasses.replace(v5p, host_memory_gib=16.0), only_stage="1048K")
     assert not short["fits"] and not short["host_fits"]  # 32 GiB of layer inputs per chip at 1048K
+
+
+def test_host_memory_flag(capsys):
+    """`--host-memory` replaces the entry's host RAM per device: the 1048K stage's 32 GiB of offloaded
+    layer inputs per GPU do not fit 16 GiB, and the table says so; a non-positive figure is an error."""
+    recipe = str(ROOT / "configs/recipes/gradient_1048k_one_node.yaml")
+    assert main(["plan", recipe, "--stage", "1048K", "--hardware", "H100", "--host-memory", "16", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.splitlines()[-1])
+    (stage,) = result["stages"]
+    assert result["hardware"]["host_memory_gib"] == 16 and not stage["fits"] and not stage["host_fits"]
+    assert main(["plan", recipe, "--stage", "1048K", "--hardware", "H100", "--host-memory", "16"]) == 0
+    table = capsys.readouterr().out
+    assert "1048K: its 32.00 GiB of host memory per device exceed the host's 16 GiB per device" in table
+    assert "--host-memory=0.0 must be > 0" in cli_error(capsys, ["plan", recipe, "--host-memory", "0"])

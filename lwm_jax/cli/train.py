@@ -108,7 +108,8 @@ def plan_lines(result: dict, aot: bool) -> list[str]:
     cpu_aot = aot and target is None
     longest = "max_seq_len" in result["stages"][0]
     lines = [f"{hw['name']}: {hw['memory_gib']:g} GiB, {hw['peak_tflops']:g} TFLOP/s at {hw['efficiency']:.0%} "
-             "efficiency" + (f"; compiled for {target['name']} ({target['topology']}) by XLA:TPU" if target else ""),
+             f"efficiency, {hw['host_memory_gib']:.0f} GiB of host RAM per device"
+             + (f"; compiled for {target['name']} ({target['topology']}) by XLA:TPU" if target else ""),
              f"{'stage':>7} {'seq_len':>10} {'devices':>7} {'GiB/device':>10} {'host GiB':>8} {'fits':>5} "
              f"{'step s':>8} {'minutes':>8}" + (f" {'paper@cpu':>9} {'aot GiB':>8}" if cpu_aot else "")
              + (f" {'xla GiB':>8} {'xla host':>8} {'ratio':>6} {'xla fits':>8} {'compile s':>9}" if target else "")
@@ -129,6 +130,8 @@ def plan_lines(result: dict, aot: bool) -> list[str]:
                                    if longest else ""))
     lines += [f"{s['name']}: XLA:TPU refused it: {s['aot_refusal']}" for s in result["stages"]
               if target and not s["aot_fits"]]
+    lines += [f"{s['name']}: its {s['host_bytes_per_device'] / GIB:.2f} GiB of host memory per device exceed the "
+              f"host's {hw['host_memory_gib']:.0f} GiB per device" for s in result["stages"] if not s["host_fits"]]
     if longest:
         lines.append(f"max seq_len: the planner's, {result['max_seq_len_checked_against']}")
     return lines
@@ -149,7 +152,8 @@ def cmd_plan(args) -> int:
         return 0
     result = plan_report(args.recipe, args.set or [], stage=args.stage, devices=args.devices,
                          hardware=args.hardware, memory_gib=args.device_memory, peak_tflops=args.peak_tflops,
-                         efficiency=args.efficiency, aot=args.aot, max_seq_len=args.max_seq_len, target=args.target)
+                         efficiency=args.efficiency, aot=args.aot, max_seq_len=args.max_seq_len, target=args.target,
+                         host_memory_gib=args.host_memory)
     print_result(args, result, plan_lines(result, args.aot))
     return 0
 
@@ -184,10 +188,13 @@ def _add_plan(sub) -> None:
     p.add_argument("--hardware", help="device kind from the hardware table: L40S (default), H100, H200, B200, A100, "
                    "'TPU v4', 'TPU v5e', 'TPU v5p', 'TPU v6e' (default with --target: the target's chips)")
     p.add_argument("--device-memory", type=float, metavar="GIB", help="override the device memory")
+    p.add_argument("--host-memory", type=float, metavar="GIB",
+                   help="override a device's share of its host's RAM, which holds what is offloaded")
     p.add_argument("--peak-tflops", type=float, metavar="F", help="override the dense bf16 peak per device")
     p.add_argument("--efficiency", type=float, metavar="X", help="fraction of peak reached (default 0.4)")
     p.add_argument("--max-seq-len", action="store_true",
-                   help="also search the longest seq_len each stage fits on its devices (JSON: max_seq_len)")
+                   help="also search the longest seq_len each stage fits on its devices and their share of the "
+                        "host's RAM (JSON: max_seq_len)")
     p.add_argument("--aot", action="store_true", help="also compile each stage with XLA (slow for large meshes)")
     p.add_argument("--target", metavar="SLICE", choices=tuple(TARGETS),
                    help="compile each stage for this TPU slice with XLA:TPU, on this host (needs the tpu extra): "
