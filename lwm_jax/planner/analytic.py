@@ -263,12 +263,13 @@ def plan_stage(model: ModelConfig, mesh: MeshConfig, seq_len: int, batch_size: i
                                 moment_bytes=moment_bytes, platform="cpu", offload=offload)  # no whole call on XLA:CPU
     time = step_seconds(model, mesh, seq_len, batch_size, grad_accum, hw, offload, moment_bytes)
     host = host_bytes_per_device(model, mesh, seq_len, batch_size, offload=offload, moment_bytes=moment_bytes)
+    host_fits = host <= hw.host_memory_gib * GIB
     # XLA:CPU keeps host-offloaded buffers in ordinary memory, so its figure holds both.
     return {"memory": memory, "memory_bytes_per_device": memory["total"], "host_bytes_per_device": host,
             "memory_bytes_per_device_xla_cpu": xla_cpu["total"] + host_bytes_per_device(
                 model, mesh, seq_len, batch_size, 4, offload, moment_bytes),
-            "fits": memory["total"] <= hw.memory_gib * GIB and host <= hw.host_memory_gib * GIB,
-            "host_fits": host <= hw.host_memory_gib * GIB, "step_s": time["step_s"], "time": time,
+            "fits": memory["total"] <= hw.memory_gib * GIB and host_fits, "host_fits": host_fits,
+            "step_s": time["step_s"], "time": time,
             "estimated_minutes": time["step_s"] * steps / 60}
 
 
